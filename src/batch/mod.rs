@@ -1,0 +1,218 @@
+//! Dynamic batching: [`BatchLayer`] and [`Batch`].
+//!
+//! [`Batch`] is a `Service<I, Response = O>` over any inner
+//! `Service<Vec<I>, Response = Vec<O>>`, such as a [`Pool`](crate::pool::Pool).
+//! Callers send single inputs; a background worker collects them into batches
+//! and hands each request exactly its own output.
+//!
+//! # How a batch is formed
+//!
+//! Batching here *pulls*: the worker forms a batch only once the inner service
+//! is ready (for a pool: once some replica is idle). While every replica is
+//! busy, requests accumulate, so the next free replica takes a full batch at
+//! once. Once the inner service is ready, the worker dispatches
+//!
+//! * at once, if the queue holds at least [`max_batch_size`] requests or at
+//!   least [`max_batch_cost`] of cost;
+//! * otherwise as soon as it fills, or [`max_wait`] after the oldest queued
+//!   request arrived, whichever comes first.
+//!
+//! A batch never holds more than [`max_batch_size`] requests nor, if set, more
+//! than [`max_batch_cost`] of cost. Several batches run at once when the inner
+//! service has room for several (a pool with several idle replicas).
+//!
+//! A request whose caller dropped its response future is removed before it
+//! reaches the model.
+//!
+//! # Admission
+//!
+//! The queue holds at most [`queue_capacity`] requests. Input validation and
+//! cost come from the model's [`Loader`](crate::Loader) (or from
+//! [`BatchLayer::validate`] and [`BatchLayer::cost`]) and run in the caller's
+//! task; an invalid input gets [`InvalidInput`](crate::error::InvalidInput) and
+//! never enters a batch. When the queue is full, [`Admission`] decides between
+//! rejecting at once with [`Overloaded`](crate::error::Overloaded) (carrying a
+//! Retry-After estimated from the measured service rate) and classic tower
+//! backpressure.
+//!
+//! # A note on choosing `max_wait`
+//!
+//! Under load `max_wait` hardly matters: batches form while the replicas are
+//! busy. It matters when traffic is light and a replica is idle: then it is
+//! the most latency the batcher adds to a request in exchange for a bigger
+//! batch. Batching only pays when a batch is cheaper per item than single
+//! calls, so keep it small against the model's batch time — a fraction of
+//! the time one batch takes. Zero dispatches whatever is queued as soon as a
+//! replica is free.
+//!
+//! # Examples
+//!
+//! ```
+//! use candlewick::BoxError;
+//! use candlewick::batch::{BatchConfig, BatchLayer};
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! // Any `Service<Vec<I>, Response = Vec<O>>` can be batched.
+//! let double_all = service_fn(|batch: Vec<u32>| async move {
+//!     Ok::<_, BoxError>(batch.into_iter().map(|x| x * 2).collect::<Vec<_>>())
+//! });
+//! let mut service = BatchLayer::new(BatchConfig::default()).layer(double_all);
+//! assert_eq!(service.ready().await?.call(21).await?, 42);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`max_batch_size`]: BatchConfig::max_batch_size
+//! [`max_batch_cost`]: BatchConfig::max_batch_cost
+//! [`max_wait`]: BatchConfig::max_wait
+//! [`queue_capacity`]: BatchConfig::queue_capacity
+
+pub mod future;
+mod layer;
+mod queue;
+mod service;
+mod worker;
+
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use layer::BatchLayer;
+pub use service::Batch;
+use service::Shared;
+
+use crate::BoxError;
+
+/// What to do with a request when the queue is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum Admission {
+    /// Reject it at once, in the caller's task, with
+    /// [`Overloaded`](crate::error::Overloaded). `poll_ready` is always ready.
+    #[default]
+    Shed,
+    /// Classic tower backpressure: `poll_ready` stays pending until a slot is
+    /// free.
+    Wait,
+}
+
+/// How the costs of a batch's inputs add up toward
+/// [`max_batch_cost`](BatchConfig::max_batch_cost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum CostMode {
+    /// The sum of the inputs' costs (e.g. real tokens).
+    #[default]
+    Sum,
+    /// The largest cost times the number of inputs (e.g. tokens once every
+    /// sequence is padded to the longest).
+    Padded,
+}
+
+/// How [`Batch`] forms batches and admits requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+#[non_exhaustive]
+pub struct BatchConfig {
+    /// The most requests in one batch. Default: 32.
+    pub max_batch_size: NonZeroUsize,
+    /// The longest the oldest queued request waits for its batch to fill once
+    /// the inner service is ready. Default: 2 ms.
+    pub max_wait: Duration,
+    /// The most cost in one batch, if any. Default: none.
+    pub max_batch_cost: Option<NonZeroUsize>,
+    /// How input costs add up toward `max_batch_cost`. Default: [`CostMode::Sum`].
+    pub cost_mode: CostMode,
+    /// The most requests waiting in the queue. Default: 1024.
+    pub queue_capacity: NonZeroUsize,
+    /// What happens when the queue is full. Default: [`Admission::Shed`].
+    pub admission: Admission,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch_size: NonZeroUsize::new(32).expect("nonzero"),
+            max_wait: Duration::from_millis(2),
+            max_batch_cost: None,
+            cost_mode: CostMode::Sum,
+            queue_capacity: NonZeroUsize::new(1024).expect("nonzero"),
+            admission: Admission::Shed,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// Sets [`max_batch_size`](Self::max_batch_size).
+    pub fn with_max_batch_size(mut self, size: NonZeroUsize) -> Self {
+        self.max_batch_size = size;
+        self
+    }
+
+    /// Sets [`max_wait`](Self::max_wait).
+    pub fn with_max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+
+    /// Sets [`max_batch_cost`](Self::max_batch_cost) and
+    /// [`cost_mode`](Self::cost_mode).
+    pub fn with_max_batch_cost(mut self, cost: Option<NonZeroUsize>, mode: CostMode) -> Self {
+        self.max_batch_cost = cost;
+        self.cost_mode = mode;
+        self
+    }
+
+    /// Sets [`queue_capacity`](Self::queue_capacity).
+    pub fn with_queue_capacity(mut self, capacity: NonZeroUsize) -> Self {
+        self.queue_capacity = capacity;
+        self
+    }
+
+    /// Sets [`admission`](Self::admission).
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = admission;
+        self
+    }
+}
+
+type CostFn<I> = dyn Fn(&I) -> usize + Send + Sync;
+type ValidateFn<I> = dyn Fn(&I) -> Result<(), BoxError> + Send + Sync;
+
+/// The per-input admission hooks.
+pub(crate) struct Hooks<I> {
+    cost: Arc<CostFn<I>>,
+    validate: Arc<ValidateFn<I>>,
+}
+
+impl<I> Default for Hooks<I> {
+    fn default() -> Self {
+        Self {
+            cost: Arc::new(|_| 1),
+            validate: Arc::new(|_| Ok(())),
+        }
+    }
+}
+
+impl<I> Clone for Hooks<I> {
+    fn clone(&self) -> Self {
+        Self {
+            cost: self.cost.clone(),
+            validate: self.validate.clone(),
+        }
+    }
+}
+
+impl<I> fmt::Debug for Hooks<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hooks").finish_non_exhaustive()
+    }
+}

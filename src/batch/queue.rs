@@ -1,0 +1,248 @@
+//! The bounded queue between callers and the batch worker.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
+use tokio::time::Instant;
+
+use super::{BatchConfig, CostMode};
+use crate::BoxError;
+use crate::error::Closed;
+
+pub(super) type Reply<O> = oneshot::Sender<Result<O, BoxError>>;
+
+/// One admitted request.
+pub(super) struct Entry<I, O> {
+    pub(super) input: I,
+    pub(super) cost: usize,
+    pub(super) arrived: Instant,
+    pub(super) reply: Reply<O>,
+    /// The queue slot this request occupies, freed when it leaves the queue.
+    pub(super) _slot: OwnedSemaphorePermit,
+    pub(super) span: tracing::Span,
+}
+
+impl<I, O> Entry<I, O> {
+    fn is_cancelled(&self) -> bool {
+        self.reply.is_closed()
+    }
+}
+
+/// Requests taken from the queue to run as one batch.
+pub(super) struct Taken<I, O> {
+    pub(super) inputs: Vec<I>,
+    pub(super) replies: Vec<Reply<O>>,
+    pub(super) spans: Vec<tracing::Span>,
+    pub(super) cost: usize,
+}
+
+/// What the worker should do next.
+pub(super) enum Next<I, O> {
+    /// Run this batch now.
+    Run(Taken<I, O>),
+    /// Nothing is due before this instant (unless more requests arrive).
+    WaitUntil(Instant),
+    /// The queue is empty.
+    Empty,
+}
+
+pub(super) struct Queue<I, O> {
+    state: Mutex<State<I, O>>,
+    /// Wakes the worker: a request arrived, or the last handle went away.
+    pub(super) wake: Notify,
+    /// Live service handles; the worker stops once this is 0 and the queue is
+    /// drained.
+    handles: AtomicUsize,
+}
+
+struct State<I, O> {
+    entries: VecDeque<Entry<I, O>>,
+    /// Sum of the costs of `entries`.
+    cost: usize,
+}
+
+impl<I, O> Queue<I, O> {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(State {
+                entries: VecDeque::with_capacity(capacity.min(4096)),
+                cost: 0,
+            }),
+            wake: Notify::new(),
+            handles: AtomicUsize::new(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<I, O>> {
+        self.state.lock().expect("batch queue lock")
+    }
+
+    pub(super) fn push(&self, entry: Entry<I, O>) {
+        let mut state = self.lock();
+        state.cost += entry.cost;
+        state.entries.push_back(entry);
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// The number of queued requests and their total cost.
+    pub(super) fn depth(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.entries.len(), state.cost)
+    }
+
+    pub(super) fn add_handle(&self) {
+        self.handles.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn remove_handle(&self) {
+        if self.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.wake.notify_one();
+        }
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.handles.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether no handle is left and the queue is empty: the worker may stop.
+    pub(super) fn is_finished(&self) -> bool {
+        self.is_abandoned() && self.lock().entries.is_empty()
+    }
+
+    /// Answers every queued request with [`Closed`].
+    pub(super) fn close(&self) {
+        let entries = {
+            let mut state = self.lock();
+            state.cost = 0;
+            std::mem::take(&mut state.entries)
+        };
+        for entry in entries {
+            let _ = entry.reply.send(Err(Closed::new().into()));
+        }
+    }
+
+    /// Drops every request whose caller went away, freeing their slots.
+    /// Returns how many were dropped.
+    pub(super) fn remove_cancelled(&self) -> usize {
+        let mut state = self.lock();
+        let before = state.entries.len();
+        state.entries.retain(|entry| !entry.is_cancelled());
+        state.cost = state.entries.iter().map(|entry| entry.cost).sum();
+        before - state.entries.len()
+    }
+
+    /// Takes a batch if one is due at `now`, following the rules of the
+    /// module docs.
+    pub(super) fn next(&self, now: Instant, config: &BatchConfig) -> Next<I, O> {
+        let mut state = self.lock();
+        // Skip requests cancelled at the head so that the oldest live request
+        // sets the deadline.
+        while state.entries.front().is_some_and(Entry::is_cancelled) {
+            let entry = state.entries.pop_front().expect("front exists");
+            state.cost -= entry.cost;
+        }
+        let Some(oldest) = state.entries.front() else {
+            return Next::Empty;
+        };
+        let due_at = oldest.arrived + config.max_wait;
+        let full = state.entries.len() >= config.max_batch_size.get()
+            || config
+                .max_batch_cost
+                .is_some_and(|budget| state.cost >= budget.get());
+        if !(full || now >= due_at || self.is_abandoned()) {
+            return Next::WaitUntil(due_at);
+        }
+        Next::Run(state.take(config))
+    }
+}
+
+impl<I, O> State<I, O> {
+    fn take(&mut self, config: &BatchConfig) -> Taken<I, O> {
+        let max = config.max_batch_size.get();
+        let mut taken = Taken {
+            inputs: Vec::with_capacity(max.min(self.entries.len())),
+            replies: Vec::with_capacity(max.min(self.entries.len())),
+            spans: Vec::with_capacity(max.min(self.entries.len())),
+            cost: 0,
+        };
+        let mut longest = 0;
+        while taken.inputs.len() < max {
+            let Some(entry) = self.entries.front() else {
+                break;
+            };
+            if let Some(budget) = config.max_batch_cost
+                && !entry.is_cancelled()
+                && !taken.inputs.is_empty()
+                && batch_cost(config.cost_mode, &taken, longest, entry.cost) > budget.get()
+            {
+                break;
+            }
+            let entry = self.entries.pop_front().expect("front exists");
+            self.cost -= entry.cost;
+            if entry.is_cancelled() {
+                continue;
+            }
+            longest = longest.max(entry.cost);
+            taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
+            taken.inputs.push(entry.input);
+            taken.replies.push(entry.reply);
+            taken.spans.push(entry.span);
+        }
+        taken
+    }
+}
+
+/// The cost of `taken` once `next` joins it.
+fn batch_cost<I, O>(mode: CostMode, taken: &Taken<I, O>, longest: usize, next: usize) -> usize {
+    match mode {
+        CostMode::Sum => taken.cost + next,
+        CostMode::Padded => longest.max(next) * (taken.inputs.len() + 1),
+    }
+}
+
+/// A running estimate of how fast the service works off queued cost.
+#[derive(Debug)]
+pub(super) struct ServiceRate {
+    /// Exponentially weighted cost per second of one batch slot.
+    per_slot: Option<f64>,
+    /// The most batches seen in flight at once: the service's parallelism.
+    parallelism: usize,
+}
+
+impl ServiceRate {
+    const WEIGHT: f64 = 0.2;
+
+    pub(super) fn new() -> Self {
+        Self {
+            per_slot: None,
+            parallelism: 1,
+        }
+    }
+
+    pub(super) fn record(&mut self, cost: usize, elapsed: Duration, in_flight: usize) {
+        self.parallelism = self.parallelism.max(in_flight);
+        let secs = elapsed.as_secs_f64().max(1e-6);
+        let sample = cost as f64 / secs;
+        self.per_slot = Some(match self.per_slot {
+            Some(rate) => rate + Self::WEIGHT * (sample - rate),
+            None => sample,
+        });
+    }
+
+    /// Cost units served per second with every slot busy, once measured.
+    pub(super) fn per_second(&self) -> Option<f64> {
+        self.per_slot.map(|rate| rate * self.parallelism as f64)
+    }
+
+    /// How long `cost` units of queued work take to serve, once measured.
+    pub(super) fn time_for(&self, cost: usize) -> Option<Duration> {
+        let rate = self.per_second()?;
+        Some(Duration::from_secs_f64(
+            cost as f64 / rate.max(f64::MIN_POSITIVE),
+        ))
+    }
+}

@@ -1,0 +1,276 @@
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::PollSemaphore;
+use tower::Service;
+
+use super::future::ResponseFuture;
+use super::queue::{Entry, Queue, ServiceRate};
+use super::{Admission, BatchConfig, Hooks, worker};
+use crate::BoxError;
+use crate::error::{Closed, InvalidInput, Overloaded};
+
+/// What the handles and the worker share.
+pub(super) struct Shared<I, O> {
+    pub(super) queue: Queue<I, O>,
+    pub(super) config: BatchConfig,
+    pub(super) hooks: Hooks<I>,
+    /// One permit per free queue slot.
+    slots: Arc<Semaphore>,
+    pub(super) rate: Mutex<ServiceRate>,
+    pub(super) in_flight: AtomicUsize,
+    /// Set when the worker has stopped for good.
+    closed: AtomicBool,
+}
+
+impl<I, O> Shared<I, O> {
+    /// Stops admitting requests and answers every queued one with [`Closed`].
+    pub(super) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.slots.close();
+        self.queue.close();
+    }
+}
+
+/// A `Service<I, Response = O>` that collects requests into batches for an
+/// inner `Service<Vec<I>, Response = Vec<O>>`. See the [module docs](super).
+///
+/// Clones are cheap and share one queue and worker. A clone holds no
+/// reservation.
+pub struct Batch<I, O> {
+    shared: Arc<Shared<I, O>>,
+    slots: PollSemaphore,
+    /// A queue slot reserved by `poll_ready` under [`Admission::Wait`].
+    reserved: Option<OwnedSemaphorePermit>,
+}
+
+impl<I, O> Batch<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    /// Wraps `inner`, spawning the batch worker on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn new<S>(inner: S, config: BatchConfig) -> Self
+    where
+        S: Service<Vec<I>, Response = Vec<O>> + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        Self::with_hooks(inner, config, Hooks::default())
+    }
+
+    pub(super) fn with_hooks<S>(inner: S, config: BatchConfig, hooks: Hooks<I>) -> Self
+    where
+        S: Service<Vec<I>, Response = Vec<O>> + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        let slots = Arc::new(Semaphore::new(config.queue_capacity.get()));
+        let shared = Arc::new(Shared {
+            queue: Queue::new(config.queue_capacity.get()),
+            config,
+            hooks,
+            slots: slots.clone(),
+            rate: Mutex::new(ServiceRate::new()),
+            in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(worker::run(inner, shared.clone()));
+        Self {
+            shared,
+            slots: PollSemaphore::new(slots),
+            reserved: None,
+        }
+    }
+}
+
+impl<I, O> Batch<I, O> {
+    /// The configuration this service runs with.
+    pub fn config(&self) -> &BatchConfig {
+        &self.shared.config
+    }
+
+    /// The number of queued requests and the sum of their costs.
+    pub fn queue_depth(&self) -> (usize, usize) {
+        self.shared.queue.depth()
+    }
+
+    /// The number of batches running in the inner service.
+    pub fn batches_in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The measured rate, in cost units per second, at which the inner
+    /// service works off queued requests; `None` before the first batch.
+    pub fn service_rate(&self) -> Option<f64> {
+        self.shared.rate.lock().expect("rate lock").per_second()
+    }
+
+    /// How long a request arriving now would wait for the work already queued,
+    /// as [`Overloaded::retry_after`] reports it.
+    pub fn estimated_wait(&self) -> Duration {
+        let (_, cost) = self.shared.queue.depth();
+        self.retry_after(cost)
+    }
+
+    fn retry_after(&self, queued_cost: usize) -> Duration {
+        let measured = self
+            .shared
+            .rate
+            .lock()
+            .expect("rate lock")
+            .time_for(queued_cost);
+        // Before anything was measured, a second is a modest, honest guess.
+        measured.unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Sends one request through the queue without going through
+    /// `poll_ready`: under [`Admission::Wait`] it waits for a queue slot.
+    ///
+    /// This is what [`Service::call`] does, for callers that share one
+    /// `&Batch` between tasks instead of cloning it.
+    pub async fn infer(&self, input: I) -> Result<O, BoxError> {
+        let slot = match self.shared.config.admission {
+            Admission::Shed => None,
+            Admission::Wait => Some(
+                self.shared
+                    .slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Closed::new())?,
+            ),
+        };
+        self.enqueue(input, slot).await
+    }
+
+    fn enqueue(&self, input: I, slot: Option<OwnedSemaphorePermit>) -> ResponseFuture<O> {
+        let (cost, slot) = match self.admit(&input, slot) {
+            Ok(admitted) => admitted,
+            Err(err) => return ResponseFuture::failed(err),
+        };
+        let (reply, rx) = oneshot::channel();
+        self.shared.queue.push(Entry {
+            input,
+            cost,
+            arrived: Instant::now(),
+            reply,
+            _slot: slot,
+            span: tracing::Span::current(),
+        });
+        ResponseFuture::new(rx)
+    }
+
+    /// Checks `input` and claims a queue slot for it.
+    fn admit(
+        &self,
+        input: &I,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<(usize, OwnedSemaphorePermit), BoxError> {
+        let shared = &self.shared;
+        if shared.closed.load(Ordering::Acquire) {
+            return Err(Closed::new().into());
+        }
+        (shared.hooks.validate)(input).map_err(InvalidInput::new)?;
+        let cost = (shared.hooks.cost)(input);
+        if let Some(budget) = shared.config.max_batch_cost
+            && cost > budget.get()
+        {
+            return Err(InvalidInput::new(format!(
+                "input cost {cost} exceeds the batch cost budget {budget}"
+            ))
+            .into());
+        }
+        let slot = match slot {
+            Some(slot) => slot,
+            None => self.try_claim_slot()?,
+        };
+        Ok((cost, slot))
+    }
+
+    fn try_claim_slot(&self) -> Result<OwnedSemaphorePermit, BoxError> {
+        let slots = &self.shared.slots;
+        match slots.clone().try_acquire_owned() {
+            Ok(slot) => return Ok(slot),
+            Err(TryAcquireError::Closed) => return Err(Closed::new().into()),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        // Requests whose callers went away still hold slots until the worker
+        // meets them; reclaim those before turning anyone away.
+        if self.shared.queue.remove_cancelled() > 0
+            && let Ok(slot) = slots.clone().try_acquire_owned()
+        {
+            return Ok(slot);
+        }
+        let (_, cost) = self.shared.queue.depth();
+        Err(Overloaded::new(self.retry_after(cost)).into())
+    }
+}
+
+impl<I, O> Clone for Batch<I, O> {
+    fn clone(&self) -> Self {
+        self.shared.queue.add_handle();
+        Self {
+            shared: self.shared.clone(),
+            slots: self.slots.clone(),
+            reserved: None,
+        }
+    }
+}
+
+impl<I, O> Drop for Batch<I, O> {
+    fn drop(&mut self) {
+        self.shared.queue.remove_handle();
+    }
+}
+
+impl<I, O> fmt::Debug for Batch<I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (depth, cost) = self.shared.queue.depth();
+        f.debug_struct("Batch")
+            .field("config", &self.shared.config)
+            .field("queued", &depth)
+            .field("queued_cost", &cost)
+            .field("batches_in_flight", &self.batches_in_flight())
+            .finish()
+    }
+}
+
+impl<I, O> Service<I> for Batch<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    type Response = O;
+    type Error = BoxError;
+    type Future = ResponseFuture<O>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self.shared.config.admission {
+            // Rejections happen in `call`, so that one refused request never
+            // looks like a failed service to the caller's stack.
+            Admission::Shed => Poll::Ready(Ok(())),
+            Admission::Wait => {
+                if self.reserved.is_none() {
+                    let slot = ready!(self.slots.poll_acquire(cx)).ok_or_else(Closed::new)?;
+                    self.reserved = Some(slot);
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    }
+
+    fn call(&mut self, input: I) -> Self::Future {
+        let slot = self.reserved.take();
+        self.enqueue(input, slot)
+    }
+}

@@ -1,0 +1,144 @@
+//! The task that forms batches and hands them to the inner service.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+use tower::Service;
+use tracing::Instrument;
+
+use super::Shared;
+use super::queue::{Next, Taken};
+use crate::BoxError;
+use crate::error::{Closed, FailureKind, ModelFailed};
+
+/// Runs until every handle is gone and the queue is drained, or the inner
+/// service fails.
+pub(super) async fn run<S, I, O>(mut inner: S, shared: Arc<Shared<I, O>>)
+where
+    S: Service<Vec<I>, Response = Vec<O>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    loop {
+        // Wait for work before reserving the inner service.
+        loop {
+            if shared.queue.is_finished() {
+                return;
+            }
+            if shared.queue.depth().0 > 0 {
+                break;
+            }
+            shared.queue.wake.notified().await;
+        }
+
+        // Pull: form a batch only once the inner service can take it, so that
+        // requests keep accumulating while every replica is busy.
+        if let Err(err) = poll_fn(|cx| inner.poll_ready(cx)).await {
+            let err: BoxError = err.into();
+            tracing::error!(%err, "inner service failed; the batch queue is closing");
+            shared.close();
+            return;
+        }
+
+        let batch = loop {
+            match shared.queue.next(Instant::now(), &shared.config) {
+                Next::Run(batch) => break Some(batch),
+                Next::WaitUntil(at) => {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(at) => {}
+                        () = shared.queue.wake.notified() => {}
+                    }
+                }
+                // Every queued request was cancelled; keep the reservation.
+                Next::Empty => break None,
+            }
+        };
+        let Some(batch) = batch.filter(|batch| !batch.inputs.is_empty()) else {
+            continue;
+        };
+        dispatch(&mut inner, &shared, batch);
+    }
+}
+
+fn dispatch<S, I, O>(inner: &mut S, shared: &Arc<Shared<I, O>>, batch: Taken<I, O>)
+where
+    S: Service<Vec<I>, Response = Vec<O>>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    let Taken {
+        inputs,
+        replies,
+        spans,
+        cost,
+    } = batch;
+    let span = tracing::debug_span!("batch", size = inputs.len(), cost);
+    for request in &spans {
+        span.follows_from(request);
+    }
+    let future = span.in_scope(|| inner.call(inputs));
+    let in_flight = shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    let shared = shared.clone();
+    let started = Instant::now();
+    tokio::spawn(
+        async move {
+            let result = future.await.map_err(Into::into);
+            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
+            shared
+                .rate
+                .lock()
+                .expect("rate lock")
+                .record(cost, started.elapsed(), in_flight);
+            answer(replies, result);
+        }
+        .instrument(span),
+    );
+}
+
+/// Sends every request of a batch its own answer.
+fn answer<O>(replies: Vec<super::queue::Reply<O>>, result: Result<Vec<O>, BoxError>) {
+    match result {
+        Ok(outputs) if outputs.len() == replies.len() => {
+            for (reply, output) in replies.into_iter().zip(outputs) {
+                let _ = reply.send(Ok(output));
+            }
+        }
+        Ok(outputs) => {
+            let kind = FailureKind::OutputCount {
+                expected: replies.len(),
+                actual: outputs.len(),
+            };
+            let err = ModelFailed::new(kind, "wrong number of outputs");
+            for reply in replies {
+                let _ = reply.send(Err(err.clone().into()));
+            }
+        }
+        Err(err) => {
+            for (reply, err) in replies.into_iter().zip(fan_out(err)) {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// One error per request of a failed batch: clones of the crate's own error
+/// types, or the foreign error shared inside a [`ModelFailed`].
+fn fan_out(err: BoxError) -> impl Iterator<Item = BoxError> {
+    let shared: Box<dyn Fn() -> BoxError + Send> =
+        if let Some(err) = err.downcast_ref::<ModelFailed>() {
+            let err = err.clone();
+            Box::new(move || err.clone().into())
+        } else if err.is::<Closed>() {
+            Box::new(|| Closed::new().into())
+        } else {
+            let err = ModelFailed::new(FailureKind::Error, err);
+            Box::new(move || err.clone().into())
+        };
+    std::iter::repeat_with(shared)
+}

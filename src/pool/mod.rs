@@ -1,0 +1,192 @@
+//! A pool of model replicas over a list of candle devices.
+//!
+//! [`Pool`] starts `replicas_per_device` replicas on every device of a
+//! [`PoolConfig`]. Each replica is a dedicated OS thread that loads its own
+//! model through the [`Loader`] (all replicas load in parallel), warms it up,
+//! and then runs one batch at a time. Model compute never runs on a tokio
+//! worker thread.
+//!
+//! The pool is a `tower::Service<Vec<I>, Response = Vec<O>>`. Its `poll_ready`
+//! is `Ready` exactly when some replica is idle, and reserves that replica for
+//! the following `call`, so a batching layer above it forms a batch only when
+//! there is a replica to run it.
+//!
+//! # Failures
+//!
+//! * A model error fails that batch's requests with [`ModelFailed`], and the
+//!   replica goes on serving.
+//! * A model that returns the wrong number of outputs fails that batch with
+//!   [`FailureKind::OutputCount`]; outputs are never silently matched up.
+//! * A panic in `forward` fails that batch with [`FailureKind::Panic`]; the
+//!   replica drops its model and reloads it while the others keep serving.
+//! * A failed or panicking `load` is retried with exponential [`Backoff`].
+//!
+//! # Examples
+//!
+//! ```
+//! use candle_core::{Device, DeviceLocation};
+//! use candlewick::BoxError;
+//! use candlewick::pool::{Pool, PoolConfig};
+//! use tower::{Service, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let loader = |_: &Device| -> Result<_, BoxError> {
+//!     Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> { Ok(batch.iter().map(|x| x * 2).collect()) })
+//! };
+//! let config = PoolConfig::default().with_devices(vec![DeviceLocation::Cpu]);
+//! let mut pool = Pool::new(loader, config)?;
+//! let outputs = pool.ready().await?.call(vec![1, 2, 3]).await?;
+//! assert_eq!(outputs, vec![2, 4, 6]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`ModelFailed`]: crate::error::ModelFailed
+//! [`FailureKind::OutputCount`]: crate::error::FailureKind::OutputCount
+//! [`FailureKind::Panic`]: crate::error::FailureKind::Panic
+//! [`Loader`]: crate::Loader
+
+mod replica;
+mod service;
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use candle_core::DeviceLocation;
+
+pub use replica::Backoff;
+pub use service::{Pool, ResponseFuture};
+
+/// Where and how many replicas a [`Pool`] runs.
+#[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+pub struct PoolConfig {
+    /// The devices to place replicas on. Default: the CPU.
+    #[cfg_attr(feature = "serde", serde(with = "crate::device::serde_locations"))]
+    pub devices: Vec<DeviceLocation>,
+    /// Replicas on each device. Default: 1.
+    pub replicas_per_device: NonZeroUsize,
+    /// For replicas on the CPU: the number of threads candle's kernels may use
+    /// in each replica, on a rayon pool of the replica's own. `None` shares
+    /// rayon's global pool between all replicas. Default: `None`.
+    ///
+    /// On a machine with N cores, N replicas of one thread each usually serve
+    /// more than one replica of N threads, because small kernels scale poorly
+    /// across threads and replicas no longer contend for one pool.
+    pub cpu_threads_per_replica: Option<NonZeroUsize>,
+    /// Delay between reload attempts of a failed replica.
+    pub restart_backoff: Backoff,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            devices: vec![DeviceLocation::Cpu],
+            replicas_per_device: NonZeroUsize::MIN,
+            cpu_threads_per_replica: None,
+            restart_backoff: Backoff::default(),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// Sets [`devices`](Self::devices).
+    pub fn with_devices(mut self, devices: Vec<DeviceLocation>) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// Sets [`replicas_per_device`](Self::replicas_per_device).
+    pub fn with_replicas_per_device(mut self, replicas: NonZeroUsize) -> Self {
+        self.replicas_per_device = replicas;
+        self
+    }
+
+    /// Sets [`cpu_threads_per_replica`](Self::cpu_threads_per_replica).
+    pub fn with_cpu_threads_per_replica(mut self, threads: Option<NonZeroUsize>) -> Self {
+        self.cpu_threads_per_replica = threads;
+        self
+    }
+
+    /// Sets [`restart_backoff`](Self::restart_backoff).
+    pub fn with_restart_backoff(mut self, backoff: Backoff) -> Self {
+        self.restart_backoff = backoff;
+        self
+    }
+
+    /// The total number of replicas: devices × replicas per device.
+    pub fn replicas(&self) -> usize {
+        self.devices.len() * self.replicas_per_device.get()
+    }
+}
+
+/// What a replica is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReplicaState {
+    /// Loading its model.
+    Loading,
+    /// Running the model's warm-up inputs.
+    WarmingUp,
+    /// Waiting for a batch.
+    Idle,
+    /// Running a batch.
+    Busy,
+    /// The last load failed; it will be retried.
+    Failed,
+    /// Waiting out the back-off before reloading.
+    Restarting,
+}
+
+/// A snapshot of one replica.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ReplicaStatus {
+    /// The device the replica runs on.
+    pub device: DeviceLocation,
+    /// What it is doing now.
+    pub state: ReplicaState,
+    /// How often its model was reloaded after a panic.
+    pub restarts: u64,
+    /// How long its last successful load took.
+    pub load_time: Option<Duration>,
+    /// How long its last warm-up took.
+    pub warmup_time: Option<Duration>,
+}
+
+/// Errors building a [`Pool`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The configuration names no device.
+    NoDevices,
+    /// A replica thread could not be started.
+    Spawn {
+        /// The index of the replica.
+        replica: usize,
+        /// The error from the operating system.
+        source: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoDevices => f.write_str("the pool configuration names no device"),
+            Self::Spawn { replica, .. } => {
+                write!(f, "cannot start the thread of replica {replica}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PoolError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::NoDevices => None,
+            Self::Spawn { source, .. } => Some(source),
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The standard stack in one call: a [`Pool`] of replicas behind a [`Batch`].
+//!
+//! # Examples
+//!
+//! ```
+//! use candle_core::Device;
+//! use candlewick::{BoxError, Serving, ServingConfig};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let loader = |_: &Device| -> Result<_, BoxError> {
+//!     Ok(|batch: &[String]| -> Result<Vec<usize>, BoxError> {
+//!         Ok(batch.iter().map(|text| text.len()).collect())
+//!     })
+//! };
+//! let serving = Serving::start(loader, ServingConfig::default())?;
+//!
+//! // A cheap handle: clone it into every task that needs the model.
+//! let handle = serving.clone();
+//! let n = tokio::spawn(async move { handle.infer("hello".to_owned()).await }).await??;
+//! assert_eq!(n, 5);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::Service;
+
+use crate::BoxError;
+use crate::batch::future::ResponseFuture;
+use crate::batch::{Batch, BatchConfig, BatchLayer};
+use crate::model::{Loader, Model};
+use crate::pool::{Pool, PoolConfig, PoolError, ReplicaStatus};
+use tower::Layer;
+
+/// Everything the standard stack runs with.
+#[derive(Debug, Clone, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+#[non_exhaustive]
+pub struct ServingConfig {
+    /// Where the replicas run.
+    pub pool: PoolConfig,
+    /// How requests are batched and admitted.
+    pub batch: BatchConfig,
+}
+
+impl ServingConfig {
+    /// A configuration from its two parts.
+    pub fn new(pool: PoolConfig, batch: BatchConfig) -> Self {
+        Self { pool, batch }
+    }
+}
+
+/// A running model: replicas on devices behind a batching queue.
+///
+/// Cheap to clone; all clones share the replicas and the queue. The replicas
+/// stop once the last clone is dropped and the queued requests are answered.
+/// Also a `Service<I, Response = O>` for use inside tower stacks.
+#[derive(Debug)]
+pub struct Serving<I, O> {
+    batch: Batch<I, O>,
+    pool: Pool<I, O>,
+}
+
+impl<I, O> Clone for Serving<I, O> {
+    fn clone(&self) -> Self {
+        Self {
+            batch: self.batch.clone(),
+            pool: self.pool.clone(),
+        }
+    }
+}
+
+impl<I, O> Serving<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    /// Starts the replicas of `config.pool`, each loading a model with
+    /// `loader`, and the batch worker on the current tokio runtime.
+    ///
+    /// Returns at once; the replicas load in the background.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn start<L>(loader: L, config: ServingConfig) -> Result<Self, PoolError>
+    where
+        L: Loader<I>,
+        L::Model: Model<I, Output = O>,
+    {
+        let loader = Arc::new(loader);
+        let pool = Pool::from_arc(loader.clone(), config.pool)?;
+        let batch = BatchLayer::new(config.batch)
+            .hooks_from(loader)
+            .layer(pool.clone());
+        Ok(Self { batch, pool })
+    }
+
+    /// Runs the model on one input. See [`Batch::infer`].
+    pub async fn infer(&self, input: I) -> Result<O, BoxError> {
+        self.batch.infer(input).await
+    }
+}
+
+impl<I, O> Serving<I, O> {
+    /// The batching service.
+    pub fn batch(&self) -> &Batch<I, O> {
+        &self.batch
+    }
+
+    /// A snapshot of every replica.
+    pub fn replicas(&self) -> Vec<ReplicaStatus> {
+        self.pool.replicas()
+    }
+}
+
+impl<I, O> Service<I> for Serving<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    type Response = O;
+    type Error = BoxError;
+    type Future = ResponseFuture<O>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.batch.poll_ready(cx)
+    }
+
+    fn call(&mut self, input: I) -> Self::Future {
+        self.batch.call(input)
+    }
+}

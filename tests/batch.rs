@@ -1,0 +1,367 @@
+//! The batching layer, driven deterministically: paused tokio time and a
+//! `tower-test` mock standing in for the replicas.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use candlewick::BoxError;
+use candlewick::batch::{Admission, Batch, BatchConfig, BatchLayer, CostMode};
+use candlewick::error::{InvalidInput, Overloaded};
+use tokio::time::Instant;
+use tower::{Layer, Service, ServiceExt};
+use tower_test::mock;
+
+type Mock = mock::Mock<Vec<u32>, Vec<u32>>;
+type Handle = mock::Handle<Vec<u32>, Vec<u32>>;
+
+fn nz(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap()
+}
+
+fn config(max_batch: usize, max_wait_ms: u64) -> BatchConfig {
+    BatchConfig::default()
+        .with_max_batch_size(nz(max_batch))
+        .with_max_wait(Duration::from_millis(max_wait_ms))
+}
+
+fn batched(config: BatchConfig) -> (Batch<u32, u32>, Handle) {
+    let (inner, handle): (Mock, Handle) = mock::pair();
+    (Batch::new(inner, config), handle)
+}
+
+/// Sends `input` through a clone of `service` on its own task.
+fn send(service: &Batch<u32, u32>, input: u32) -> tokio::task::JoinHandle<Result<u32, BoxError>> {
+    let service = service.clone();
+    tokio::spawn(async move { service.oneshot(input).await })
+}
+
+/// Lets spawned tasks run without moving the paused clock.
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_dispatches_without_waiting() {
+    let (service, mut handle) = batched(config(4, 1_000));
+    handle.allow(0);
+    let requests: Vec<_> = (0..4).map(|i| send(&service, i)).collect();
+    settle().await;
+    let start = Instant::now();
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0, 1, 2, 3]);
+    assert_eq!(start.elapsed(), Duration::ZERO, "the batcher waited");
+    reply.send_response(batch.iter().map(|x| x + 100).collect());
+    for (i, request) in requests.into_iter().enumerate() {
+        assert_eq!(request.await.unwrap().unwrap(), i as u32 + 100);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn light_load_dispatches_after_max_wait() {
+    let (service, mut handle) = batched(config(8, 5));
+    handle.allow(1);
+    let start = Instant::now();
+    let request = send(&service, 7);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [7]);
+    assert_eq!(start.elapsed(), Duration::from_millis(5));
+    reply.send_response(vec![8]);
+    assert_eq!(request.await.unwrap().unwrap(), 8);
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_wait_counts_from_the_oldest_request() {
+    let (service, mut handle) = batched(config(8, 10));
+    handle.allow(1);
+    let start = Instant::now();
+    let _first = send(&service, 1);
+    tokio::time::sleep(Duration::from_millis(6)).await;
+    let _second = send(&service, 2);
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [1, 2]);
+    assert_eq!(start.elapsed(), Duration::from_millis(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_batch_is_formed_while_the_inner_service_is_busy() {
+    let (service, mut handle) = batched(config(4, 1));
+    handle.allow(0);
+    let _requests: Vec<_> = (0..10).map(|i| send(&service, i)).collect();
+    // Far past max_wait, and still nothing reaches the inner service.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+            .await
+            .is_err()
+    );
+    assert_eq!(service.queue_depth().0, 10);
+    // Once a replica frees, it takes a full batch at once.
+    handle.allow(1);
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0, 1, 2, 3]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_free_replicas_run_two_batches_at_once() {
+    let (service, mut handle) = batched(config(4, 1));
+    handle.allow(0);
+    let requests: Vec<_> = (0..8).map(|i| send(&service, i)).collect();
+    settle().await;
+    handle.allow(2);
+    let (first, first_reply) = handle.next_request().await.unwrap();
+    // The second batch is dispatched while the first is still running.
+    let (second, second_reply) = handle.next_request().await.unwrap();
+    assert_eq!((first.len(), second.len()), (4, 4));
+    assert_eq!(service.batches_in_flight(), 2);
+    second_reply.send_response(second.clone());
+    first_reply.send_response(first.clone());
+    for (i, request) in requests.into_iter().enumerate() {
+        assert_eq!(request.await.unwrap().unwrap(), i as u32);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_cost_budget_is_respected() {
+    let config = config(16, 1).with_max_batch_cost(Some(nz(10)), CostMode::Sum);
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    let service = BatchLayer::new(config)
+        .cost(|x: &u32| *x as usize)
+        .layer(inner);
+    handle.allow(0);
+    let _requests: Vec<_> = [4, 4, 4, 4, 9]
+        .into_iter()
+        .map(|i| send(&service, i))
+        .collect();
+    settle().await;
+    handle.allow(3);
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        let (batch, reply) = handle.next_request().await.unwrap();
+        reply.send_response(batch.clone());
+        batches.push(batch);
+    }
+    assert_eq!(batches, [vec![4, 4], vec![4, 4], vec![9]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_padded_budget_counts_the_longest_input_for_every_row() {
+    let config = config(16, 1).with_max_batch_cost(Some(nz(12)), CostMode::Padded);
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    let service = BatchLayer::new(config)
+        .cost(|x: &u32| *x as usize)
+        .layer(inner);
+    handle.allow(0);
+    let _requests: Vec<_> = [2, 6, 1, 3]
+        .into_iter()
+        .map(|i| send(&service, i))
+        .collect();
+    settle().await;
+    handle.allow(2);
+    let (first, reply) = handle.next_request().await.unwrap();
+    reply.send_response(first.clone());
+    let (second, _reply) = handle.next_request().await.unwrap();
+    // [2, 6] pads to 2 × 6 = 12; adding 1 would pad to 18.
+    assert_eq!((first, second), (vec![2, 6], vec![1, 3]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_input_over_the_budget_is_rejected_at_admission() {
+    let config = config(16, 1).with_max_batch_cost(Some(nz(10)), CostMode::Sum);
+    let (inner, _handle): (Mock, Handle) = mock::pair();
+    let service = BatchLayer::new(config)
+        .cost(|x: &u32| *x as usize)
+        .layer(inner);
+    let err = service.oneshot(11).await.unwrap_err();
+    assert!(err.is::<InvalidInput>(), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancelled_requests_never_reach_the_model() {
+    let (service, mut handle) = batched(config(8, 1));
+    handle.allow(0);
+    let kept = send(&service, 1);
+    let cancelled = send(&service, 2);
+    let also_kept = send(&service, 3);
+    settle().await;
+    cancelled.abort();
+    settle().await;
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [1, 3]);
+    reply.send_response(vec![10, 30]);
+    assert_eq!(kept.await.unwrap().unwrap(), 10);
+    assert_eq!(also_kept.await.unwrap().unwrap(), 30);
+}
+
+#[tokio::test(start_paused = true)]
+async fn invalid_input_is_rejected_in_the_callers_task() {
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    let service = BatchLayer::new(config(8, 1))
+        .validate(|x: &u32| {
+            if *x == 0 {
+                Err("zero is not allowed".into())
+            } else {
+                Ok(())
+            }
+        })
+        .layer(inner);
+    handle.allow(1);
+    let err = service.clone().oneshot(0).await.unwrap_err();
+    let invalid = err.downcast_ref::<InvalidInput>().expect("typed error");
+    assert_eq!(invalid.reason().to_string(), "zero is not allowed");
+    // The valid request behind it is batched alone.
+    let ok = send(&service, 5);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [5]);
+    reply.send_response(vec![6]);
+    assert_eq!(ok.await.unwrap().unwrap(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_sheds_at_once_without_awaiting_the_model() {
+    let config = config(4, 1).with_queue_capacity(nz(2));
+    let (service, mut handle) = batched(config);
+    handle.allow(0);
+    let _queued: Vec<_> = (0..2).map(|i| send(&service, i)).collect();
+    settle().await;
+    // The model is never ready, yet the rejection comes at once.
+    let start = Instant::now();
+    let err = service.clone().oneshot(9).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let overloaded = err.downcast_ref::<Overloaded>().expect("typed error");
+    assert!(overloaded.retry_after() > Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_request_frees_its_slot() {
+    let config = config(4, 1).with_queue_capacity(nz(1));
+    let (service, mut handle) = batched(config);
+    handle.allow(0);
+    let cancelled = send(&service, 1);
+    settle().await;
+    cancelled.abort();
+    settle().await;
+    let admitted = send(&service, 2);
+    settle().await;
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [2]);
+    reply.send_response(vec![3]);
+    assert_eq!(admitted.await.unwrap().unwrap(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_admission_holds_callers_in_poll_ready() {
+    let config = config(4, 1)
+        .with_queue_capacity(nz(1))
+        .with_admission(Admission::Wait);
+    let (mut service, mut handle) = batched(config);
+    handle.allow(0);
+    service.ready().await.unwrap();
+    let first = service.call(1);
+    let mut second = service.clone();
+    let mut ready = tokio_test_ready(&mut second);
+    assert!(!ready(), "poll_ready was ready with a full queue");
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [1]);
+    // The slot is free once the request left the queue.
+    assert!(ready());
+    reply.send_response(vec![2]);
+    assert_eq!(first.await.unwrap(), 2);
+}
+
+/// Polls `poll_ready` once per call, with a no-op waker.
+fn tokio_test_ready(service: &mut Batch<u32, u32>) -> impl FnMut() -> bool + '_ {
+    move || {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        matches!(service.poll_ready(&mut cx), std::task::Poll::Ready(Ok(())))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_batch_fails_only_its_own_requests() {
+    let (service, mut handle) = batched(config(2, 1));
+    handle.allow(0);
+    let requests: Vec<_> = (0..4).map(|i| send(&service, i)).collect();
+    settle().await;
+    handle.allow(2);
+    let (first, first_reply) = handle.next_request().await.unwrap();
+    let (second, second_reply) = handle.next_request().await.unwrap();
+    assert_eq!((first, second.clone()), (vec![0, 1], vec![2, 3]));
+    first_reply.send_error("out of memory");
+    second_reply.send_response(second);
+    let results: Vec<_> = futures_join(requests).await;
+    assert!(results[0].is_err() && results[1].is_err());
+    assert_eq!(results[2].as_ref().unwrap(), &2);
+    assert_eq!(results[3].as_ref().unwrap(), &3);
+    assert!(
+        results[0]
+            .as_ref()
+            .unwrap_err()
+            .to_string()
+            .contains("out of memory")
+    );
+}
+
+async fn futures_join(
+    handles: Vec<tokio::task::JoinHandle<Result<u32, BoxError>>>,
+) -> Vec<Result<u32, BoxError>> {
+    let mut results = Vec::new();
+    for handle in handles {
+        results.push(handle.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_after_grows_with_the_queued_work() {
+    let config = config(4, 1).with_queue_capacity(nz(64));
+    let (service, mut handle) = batched(config);
+    // Measure the service rate: one batch of 4 takes 100 ms.
+    handle.allow(1);
+    let warm: Vec<_> = (0..4).map(|i| send(&service, i)).collect();
+    let (batch, reply) = handle.next_request().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    reply.send_response(batch);
+    futures_join(warm).await;
+    handle.allow(0);
+    let _few: Vec<_> = (0..8).map(|i| send(&service, i)).collect();
+    settle().await;
+    let after_few = service.estimated_wait();
+    let _more: Vec<_> = (0..32).map(|i| send(&service, i)).collect();
+    settle().await;
+    let after_more = service.estimated_wait();
+    // 40 requests/s: 8 queued wait 200 ms, 40 queued wait a second.
+    assert_eq!(after_few, Duration::from_millis(200));
+    assert_eq!(after_more, Duration::from_secs(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_handle_drains_the_queue_then_stops() {
+    let (service, mut handle) = batched(config(8, 1_000));
+    handle.allow(1);
+    let request = send(&service, 4);
+    settle().await;
+    drop(service);
+    // The last handle is gone: the queued request goes out without max_wait.
+    let start = Instant::now();
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    reply.send_response(batch);
+    assert_eq!(request.await.unwrap().unwrap(), 4);
+}
+
+#[test]
+fn public_types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Batch<u32, u32>>();
+    assert_send_sync::<BatchLayer<u32>>();
+    assert_send_sync::<candlewick::batch::future::ResponseFuture<u32>>();
+    assert_send_sync::<candlewick::Serving<u32, u32>>();
+    assert_send_sync::<candlewick::pool::Pool<u32, u32>>();
+}

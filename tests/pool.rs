@@ -1,0 +1,273 @@
+//! The device pool on real replica threads with closure models on the CPU.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use candle_core::{Device, DeviceLocation};
+use candlewick::error::{FailureKind, ModelFailed};
+use candlewick::pool::{Backoff, Pool, PoolConfig, PoolError, ReplicaState};
+use candlewick::{BoxError, Serving, ServingConfig};
+use tower::{Service, ServiceExt};
+
+fn quick_restarts(replicas: usize) -> PoolConfig {
+    PoolConfig::default()
+        .with_replicas_per_device(NonZeroUsize::new(replicas).unwrap())
+        .with_restart_backoff(Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(10),
+        })
+}
+
+fn model_failure(err: &BoxError) -> FailureKind {
+    err.downcast_ref::<ModelFailed>()
+        .unwrap_or_else(|| panic!("not a ModelFailed: {err}"))
+        .kind()
+}
+
+/// A model that doubles its inputs, fails batches holding 1000, returns one
+/// output too few for batches holding 2000 and panics on batches holding 3000.
+fn troubled(_: &Device) -> Result<impl Fn(&[u32]) -> Result<Vec<u32>, BoxError> + use<>, BoxError> {
+    Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+        if batch.contains(&1000) {
+            return Err("bad batch".into());
+        }
+        if batch.contains(&3000) {
+            panic!("kernel crashed");
+        }
+        let mut out: Vec<u32> = batch.iter().map(|x| x * 2).collect();
+        if batch.contains(&2000) {
+            out.pop();
+        }
+        Ok(out)
+    })
+}
+
+#[tokio::test]
+async fn a_model_error_fails_only_that_batch() {
+    let mut pool = Pool::new(troubled, quick_restarts(1)).unwrap();
+    let err = pool
+        .ready()
+        .await
+        .unwrap()
+        .call(vec![1, 1000])
+        .await
+        .unwrap_err();
+    assert_eq!(model_failure(&err), FailureKind::Error);
+    assert!(err.to_string().contains("bad batch"));
+    let ok = pool.ready().await.unwrap().call(vec![1, 2]).await.unwrap();
+    assert_eq!(ok, [2, 4]);
+    assert_eq!(pool.replicas()[0].restarts, 0);
+}
+
+#[tokio::test]
+async fn a_wrong_output_count_fails_only_that_batch() {
+    let mut pool = Pool::new(troubled, quick_restarts(1)).unwrap();
+    let err = pool
+        .ready()
+        .await
+        .unwrap()
+        .call(vec![1, 2000, 3])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        model_failure(&err),
+        FailureKind::OutputCount {
+            expected: 3,
+            actual: 2
+        }
+    );
+    let ok = pool.ready().await.unwrap().call(vec![5]).await.unwrap();
+    assert_eq!(ok, [10]);
+}
+
+#[tokio::test]
+async fn a_panic_in_forward_reloads_the_replica_and_later_requests_succeed() {
+    let loads = Arc::new(AtomicUsize::new(0));
+    let counted = loads.clone();
+    let loader = move |device: &Device| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        troubled(device)
+    };
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let err = pool
+        .ready()
+        .await
+        .unwrap()
+        .call(vec![3000])
+        .await
+        .unwrap_err();
+    assert_eq!(model_failure(&err), FailureKind::Panic);
+    assert!(err.to_string().contains("kernel crashed"));
+    let ok = pool.ready().await.unwrap().call(vec![21]).await.unwrap();
+    assert_eq!(ok, [42]);
+    assert_eq!(loads.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.replicas()[0].restarts, 1);
+}
+
+#[tokio::test]
+async fn a_failing_load_is_retried_with_backoff() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let loader = move |device: &Device| {
+        if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+            return Err("weights not there yet".into());
+        }
+        troubled(device)
+    };
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let ok = pool.ready().await.unwrap().call(vec![1]).await.unwrap();
+    assert_eq!(ok, [2]);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_panicking_load_is_caught_and_retried() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    let loader = move |device: &Device| {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("corrupt checkpoint");
+        }
+        troubled(device)
+    };
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let ok = pool.ready().await.unwrap().call(vec![4]).await.unwrap();
+    assert_eq!(ok, [8]);
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+}
+
+/// Blocks until `parties` threads have arrived, or fails after a timeout.
+struct Rendezvous {
+    arrived: Mutex<usize>,
+    all_here: Condvar,
+    parties: usize,
+}
+
+impl Rendezvous {
+    fn wait(&self) -> Result<(), BoxError> {
+        let mut arrived = self.arrived.lock().unwrap();
+        *arrived += 1;
+        self.all_here.notify_all();
+        let (arrived, timeout) = self
+            .all_here
+            .wait_timeout_while(arrived, Duration::from_secs(10), |n| *n < self.parties)
+            .unwrap();
+        drop(arrived);
+        if timeout.timed_out() {
+            return Err("the other batch never ran at the same time".into());
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_run_two_batches_at_the_same_time() {
+    let meeting = Arc::new(Rendezvous {
+        arrived: Mutex::new(0),
+        all_here: Condvar::new(),
+        parties: 2,
+    });
+    let loader = move |_: &Device| {
+        let meeting = meeting.clone();
+        Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            meeting.wait()?;
+            Ok(batch.to_vec())
+        })
+    };
+    let pool = Pool::new(loader, quick_restarts(2)).unwrap();
+    let (mut a, mut b) = (pool.clone(), pool.clone());
+    let first = tokio::spawn(async move { a.ready().await?.call(vec![1]).await });
+    let second = tokio::spawn(async move { b.ready().await?.call(vec![2]).await });
+    assert_eq!(first.await.unwrap().unwrap(), [1]);
+    assert_eq!(second.await.unwrap().unwrap(), [2]);
+}
+
+#[tokio::test]
+async fn poll_ready_waits_until_a_replica_has_loaded() {
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Mutex::new(gate);
+    let loader = move |device: &Device| {
+        gate.lock().unwrap().recv().map_err(|_| "gate dropped")?;
+        troubled(device)
+    };
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    assert!(pool.poll_ready(&mut cx).is_pending());
+    assert_eq!(pool.replicas()[0].state, ReplicaState::Loading);
+    release.send(()).unwrap();
+    let ok = pool.ready().await.unwrap().call(vec![3]).await.unwrap();
+    assert_eq!(ok, [6]);
+    assert!(pool.replicas()[0].load_time.is_some());
+}
+
+#[tokio::test]
+async fn warmup_runs_before_the_replica_takes_traffic() {
+    struct Warm(Arc<Mutex<Vec<Vec<u32>>>>);
+    impl candlewick::Model<u32> for Warm {
+        type Output = u32;
+        fn forward(&self, batch: &[u32]) -> Result<Vec<u32>, BoxError> {
+            self.0.lock().unwrap().push(batch.to_vec());
+            Ok(batch.to_vec())
+        }
+        fn warmup_inputs(&self) -> Vec<u32> {
+            vec![0, 0]
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let loader = move |_: &Device| Ok(Warm(log.clone()));
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    pool.ready().await.unwrap().call(vec![7]).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [vec![0, 0], vec![7]]);
+    assert!(pool.replicas()[0].warmup_time.is_some());
+}
+
+#[test]
+fn a_pool_without_devices_is_refused() {
+    let err = Pool::new(troubled, PoolConfig::default().with_devices(vec![])).unwrap_err();
+    assert!(matches!(err, PoolError::NoDevices));
+}
+
+#[tokio::test]
+async fn replicas_confined_to_their_own_cpu_threads_serve_candle_models() {
+    let config = quick_restarts(2)
+        .with_devices(vec![DeviceLocation::Cpu])
+        .with_cpu_threads_per_replica(NonZeroUsize::new(1));
+    let loader = |device: &Device| {
+        let device = device.clone();
+        Ok(move |batch: &[Vec<f32>]| -> Result<Vec<f32>, BoxError> {
+            let rows = candlewick::collate::split_rows(&candle_core::Tensor::new(
+                batch.to_vec(),
+                &device,
+            )?)?;
+            rows.iter()
+                .map(|row| {
+                    Ok(row.sum_all()?.to_scalar::<f32>()? * rayon::current_num_threads() as f32)
+                })
+                .collect()
+        })
+    };
+    let serving = Serving::start(loader, ServingConfig::new(config, Default::default())).unwrap();
+    // Each replica sees a rayon pool of exactly one thread.
+    assert_eq!(serving.infer(vec![1.0, 2.0, 3.0]).await.unwrap(), 6.0);
+    assert_eq!(serving.replicas().len(), 2);
+}
+
+#[tokio::test]
+async fn the_serving_stack_answers_each_request_with_its_own_output() {
+    let config = ServingConfig::new(quick_restarts(2), Default::default());
+    let serving = Serving::start(troubled, config).unwrap();
+    let tasks: Vec<_> = (0..200u32)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move { (i, serving.infer(i).await) })
+        })
+        .collect();
+    for task in tasks {
+        let (i, result) = task.await.unwrap();
+        assert_eq!(result.unwrap(), i * 2);
+    }
+}
