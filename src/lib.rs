@@ -64,6 +64,11 @@ pub mod pool;
 mod serving;
 
 pub use model::{Loader, Model};
+
+// Compiles and runs the README's examples as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 pub use serving::{Serving, ServingConfig};
 
 /// The error type of every service in this crate: inspect it with

@@ -1,0 +1,3 @@
+//! The example embedding server (being built).
+
+fn main() {}
