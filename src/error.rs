@@ -58,6 +58,27 @@ impl fmt::Display for Overloaded {
 
 impl Error for Overloaded {}
 
+/// The request's deadline passed before it was served; if it was still queued,
+/// it never reached the model. HTTP 504.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadlineExceeded;
+
+impl DeadlineExceeded {
+    /// A new `DeadlineExceeded` error.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl fmt::Display for DeadlineExceeded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("request deadline exceeded")
+    }
+}
+
+impl Error for DeadlineExceeded {}
+
 /// The service has shut down, or its worker is gone. HTTP 503.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -119,6 +140,8 @@ pub enum FailureKind {
     Error,
     /// `forward` panicked; the replica is being reloaded.
     Panic,
+    /// The batch ran longer than the stall timeout; the replica was replaced.
+    Stalled,
     /// `forward` returned a different number of outputs than it was given inputs.
     OutputCount {
         /// The number of inputs in the batch.
@@ -152,11 +175,21 @@ impl ModelFailed {
     }
 }
 
+/// Equal when of the same kind with the same message.
+impl PartialEq for ModelFailed {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind
+            && (Arc::ptr_eq(&self.source, &other.source)
+                || self.source.to_string() == other.source.to_string())
+    }
+}
+
 impl fmt::Display for ModelFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.kind {
             FailureKind::Error => write!(f, "model failed: {}", self.source),
             FailureKind::Panic => write!(f, "model panicked: {}", self.source),
+            FailureKind::Stalled => write!(f, "model stalled: {}", self.source),
             FailureKind::OutputCount { expected, actual } => write!(
                 f,
                 "model returned {actual} outputs for a batch of {expected} inputs"
@@ -172,7 +205,7 @@ impl Error for ModelFailed {
 }
 
 /// The HTTP status code an application should answer `err` with: 429, 422,
-/// 503, 500 for the errors of this crate (looking through `source()` chains),
+/// 504, 503, 500 for the errors of this crate (looking through `source()` chains),
 /// 500 for anything else.
 pub fn status_code(err: &(dyn Error + 'static)) -> u16 {
     let mut next = Some(err);
@@ -182,6 +215,9 @@ pub fn status_code(err: &(dyn Error + 'static)) -> u16 {
         }
         if err.is::<InvalidInput>() {
             return 422;
+        }
+        if err.is::<DeadlineExceeded>() {
+            return 504;
         }
         if err.is::<Closed>() {
             return 503;

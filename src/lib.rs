@@ -69,7 +69,7 @@ pub use model::{Loader, Model};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-pub use serving::{Serving, ServingConfig};
+pub use serving::{ResponseFuture, Serving, ServingConfig};
 
 /// The error type of every service in this crate: inspect it with
 /// `downcast_ref` for the types in [`error`].

@@ -23,17 +23,19 @@
 //! # }
 //! ```
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
-use tower::Service;
+use pin_project::pin_project;
+use tower::{Layer, Service};
 
 use crate::BoxError;
-use crate::batch::future::ResponseFuture;
-use crate::batch::{Batch, BatchConfig, BatchLayer};
+use crate::batch::{self, Batch, BatchConfig, BatchLayer, RequestOptions};
+use crate::error::ModelFailed;
 use crate::model::{Loader, Model};
 use crate::pool::{Pool, PoolConfig, PoolError, ReplicaStatus};
-use tower::Layer;
 
 /// Everything the standard stack runs with.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -61,7 +63,7 @@ impl ServingConfig {
 /// Also a `Service<I, Response = O>` for use inside tower stacks.
 #[derive(Debug)]
 pub struct Serving<I, O> {
-    batch: Batch<I, O>,
+    batch: Batch<I, Result<O, ModelFailed>>,
     pool: Pool<I, O>,
 }
 
@@ -102,13 +104,19 @@ where
 
     /// Runs the model on one input. See [`Batch::infer`].
     pub async fn infer(&self, input: I) -> Result<O, BoxError> {
-        self.batch.infer(input).await
+        Ok(self.batch.infer(input).await??)
+    }
+
+    /// Like [`infer`](Self::infer), with a deadline and priority of its own.
+    pub async fn infer_with(&self, input: I, options: RequestOptions) -> Result<O, BoxError> {
+        Ok(self.batch.infer_with(input, options).await??)
     }
 }
 
 impl<I, O> Serving<I, O> {
-    /// The batching service.
-    pub fn batch(&self) -> &Batch<I, O> {
+    /// The batching service, which answers each input with the outcome of the
+    /// model for it.
+    pub fn batch(&self) -> &Batch<I, Result<O, ModelFailed>> {
         &self.batch
     }
 
@@ -132,6 +140,24 @@ where
     }
 
     fn call(&mut self, input: I) -> Self::Future {
-        self.batch.call(input)
+        ResponseFuture {
+            inner: self.batch.call(input),
+        }
+    }
+}
+
+/// The answer of a [`Serving`] to one request.
+#[pin_project]
+#[derive(Debug)]
+pub struct ResponseFuture<O> {
+    #[pin]
+    inner: batch::future::ResponseFuture<Result<O, ModelFailed>>,
+}
+
+impl<O> Future for ResponseFuture<O> {
+    type Output = Result<O, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(ready!(self.project().inner.poll(cx))??))
     }
 }

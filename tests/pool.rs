@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::{Device, DeviceLocation};
 use candlewick::error::{FailureKind, ModelFailed};
-use candlewick::pool::{Backoff, Pool, PoolConfig, PoolError, ReplicaState};
+use candlewick::pool::{Backoff, FailurePolicy, Pool, PoolConfig, PoolError, ReplicaState};
 use candlewick::{BoxError, Serving, ServingConfig};
 use tower::{Service, ServiceExt};
 
@@ -20,10 +20,20 @@ fn quick_restarts(replicas: usize) -> PoolConfig {
         })
 }
 
-fn model_failure(err: &BoxError) -> FailureKind {
-    err.downcast_ref::<ModelFailed>()
-        .unwrap_or_else(|| panic!("not a ModelFailed: {err}"))
-        .kind()
+/// Runs one batch on `pool`; every input must fail alike, and this is how.
+async fn failed_batch(pool: &mut Pool<u32, u32>, batch: Vec<u32>) -> ModelFailed {
+    let outcomes = pool.ready().await.unwrap().call(batch).await.unwrap();
+    let first = outcomes[0].clone().unwrap_err();
+    for outcome in outcomes {
+        assert_eq!(outcome.unwrap_err().kind(), first.kind());
+    }
+    first
+}
+
+/// Runs one batch on `pool`, which must succeed for every input.
+async fn good_batch(pool: &mut Pool<u32, u32>, batch: Vec<u32>) -> Vec<u32> {
+    let outcomes = pool.ready().await.unwrap().call(batch).await.unwrap();
+    outcomes.into_iter().map(Result::unwrap).collect()
 }
 
 /// A model that doubles its inputs, fails batches holding 1000, returns one
@@ -46,40 +56,27 @@ fn troubled(_: &Device) -> Result<impl Fn(&[u32]) -> Result<Vec<u32>, BoxError> 
 
 #[tokio::test]
 async fn a_model_error_fails_only_that_batch() {
-    let mut pool = Pool::new(troubled, quick_restarts(1)).unwrap();
-    let err = pool
-        .ready()
-        .await
-        .unwrap()
-        .call(vec![1, 1000])
-        .await
-        .unwrap_err();
-    assert_eq!(model_failure(&err), FailureKind::Error);
+    let config = quick_restarts(1).with_failure_policy(FailurePolicy::FailBatch);
+    let mut pool = Pool::new(troubled, config).unwrap();
+    let err = failed_batch(&mut pool, vec![1, 1000]).await;
+    assert_eq!(err.kind(), FailureKind::Error);
     assert!(err.to_string().contains("bad batch"));
-    let ok = pool.ready().await.unwrap().call(vec![1, 2]).await.unwrap();
-    assert_eq!(ok, [2, 4]);
+    assert_eq!(good_batch(&mut pool, vec![1, 2]).await, [2, 4]);
     assert_eq!(pool.replicas()[0].restarts, 0);
 }
 
 #[tokio::test]
 async fn a_wrong_output_count_fails_only_that_batch() {
     let mut pool = Pool::new(troubled, quick_restarts(1)).unwrap();
-    let err = pool
-        .ready()
-        .await
-        .unwrap()
-        .call(vec![1, 2000, 3])
-        .await
-        .unwrap_err();
+    let err = failed_batch(&mut pool, vec![1, 2000, 3]).await;
     assert_eq!(
-        model_failure(&err),
+        err.kind(),
         FailureKind::OutputCount {
             expected: 3,
             actual: 2
         }
     );
-    let ok = pool.ready().await.unwrap().call(vec![5]).await.unwrap();
-    assert_eq!(ok, [10]);
+    assert_eq!(good_batch(&mut pool, vec![5]).await, [10]);
 }
 
 #[tokio::test]
@@ -91,17 +88,10 @@ async fn a_panic_in_forward_reloads_the_replica_and_later_requests_succeed() {
         troubled(device)
     };
     let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
-    let err = pool
-        .ready()
-        .await
-        .unwrap()
-        .call(vec![3000])
-        .await
-        .unwrap_err();
-    assert_eq!(model_failure(&err), FailureKind::Panic);
+    let err = failed_batch(&mut pool, vec![3000, 1]).await;
+    assert_eq!(err.kind(), FailureKind::Panic);
     assert!(err.to_string().contains("kernel crashed"));
-    let ok = pool.ready().await.unwrap().call(vec![21]).await.unwrap();
-    assert_eq!(ok, [42]);
+    assert_eq!(good_batch(&mut pool, vec![21]).await, [42]);
     assert_eq!(loads.load(Ordering::SeqCst), 2);
     assert_eq!(pool.replicas()[0].restarts, 1);
 }
@@ -117,8 +107,7 @@ async fn a_failing_load_is_retried_with_backoff() {
         troubled(device)
     };
     let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
-    let ok = pool.ready().await.unwrap().call(vec![1]).await.unwrap();
-    assert_eq!(ok, [2]);
+    assert_eq!(good_batch(&mut pool, vec![1]).await, [2]);
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
 }
 
@@ -133,8 +122,7 @@ async fn a_panicking_load_is_caught_and_retried() {
         troubled(device)
     };
     let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
-    let ok = pool.ready().await.unwrap().call(vec![4]).await.unwrap();
-    assert_eq!(ok, [8]);
+    assert_eq!(good_batch(&mut pool, vec![4]).await, [8]);
     assert_eq!(attempts.load(Ordering::SeqCst), 2);
 }
 
@@ -180,8 +168,8 @@ async fn two_replicas_run_two_batches_at_the_same_time() {
     let (mut a, mut b) = (pool.clone(), pool.clone());
     let first = tokio::spawn(async move { a.ready().await?.call(vec![1]).await });
     let second = tokio::spawn(async move { b.ready().await?.call(vec![2]).await });
-    assert_eq!(first.await.unwrap().unwrap(), [1]);
-    assert_eq!(second.await.unwrap().unwrap(), [2]);
+    assert_eq!(first.await.unwrap().unwrap(), [Ok(1)]);
+    assert_eq!(second.await.unwrap().unwrap(), [Ok(2)]);
 }
 
 #[tokio::test]
@@ -198,8 +186,7 @@ async fn poll_ready_waits_until_a_replica_has_loaded() {
     assert!(pool.poll_ready(&mut cx).is_pending());
     assert_eq!(pool.replicas()[0].state, ReplicaState::Loading);
     release.send(()).unwrap();
-    let ok = pool.ready().await.unwrap().call(vec![3]).await.unwrap();
-    assert_eq!(ok, [6]);
+    assert_eq!(good_batch(&mut pool, vec![3]).await, [6]);
     assert!(pool.replicas()[0].load_time.is_some());
 }
 
@@ -270,4 +257,85 @@ async fn the_serving_stack_answers_each_request_with_its_own_output() {
         let (i, result) = task.await.unwrap();
         assert_eq!(result.unwrap(), i * 2);
     }
+}
+
+#[tokio::test]
+async fn one_poisoned_input_among_63_good_ones_fails_alone_under_bisect() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let loader = move |device: &Device| {
+        let model = troubled(device)?;
+        let counted = counted.clone();
+        Ok(move |batch: &[u32]| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            model(batch)
+        })
+    };
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let mut batch: Vec<u32> = (0..64).collect();
+    batch[37] = 1000;
+    let outcomes = pool
+        .ready()
+        .await
+        .unwrap()
+        .call(batch.clone())
+        .await
+        .unwrap();
+    for (input, outcome) in batch.iter().zip(&outcomes) {
+        match outcome {
+            Ok(output) => assert_eq!(*output, input * 2),
+            Err(err) => {
+                assert_eq!(*input, 1000, "a good input failed: {err}");
+                assert_eq!(err.kind(), FailureKind::Error);
+            }
+        }
+    }
+    assert_eq!(outcomes.iter().filter(|o| o.is_err()).count(), 1);
+    // The failed batch, then both halves at each of 6 levels.
+    assert_eq!(runs.load(Ordering::SeqCst), 1 + 2 * 6);
+}
+
+#[tokio::test]
+async fn bisect_stops_at_its_depth_bound() {
+    let config = quick_restarts(1).with_failure_policy(FailurePolicy::Bisect { max_depth: 1 });
+    let mut pool = Pool::new(troubled, config).unwrap();
+    let outcomes = pool
+        .ready()
+        .await
+        .unwrap()
+        .call(vec![1, 1000, 3, 4])
+        .await
+        .unwrap();
+    // One split: the half holding the poisoned input fails whole.
+    assert!(outcomes[0].is_err() && outcomes[1].is_err());
+    assert_eq!(outcomes[2..], [Ok(6), Ok(8)]);
+}
+
+#[tokio::test]
+async fn a_stalled_batch_is_answered_and_its_replica_replaced() {
+    let (unstick, stuck) = std::sync::mpsc::channel::<()>();
+    let stuck = Arc::new(Mutex::new(stuck));
+    let loader = move |device: &Device| {
+        let model = troubled(device)?;
+        let stuck = stuck.clone();
+        Ok(move |batch: &[u32]| {
+            if batch.contains(&7777) {
+                let _ = stuck.lock().unwrap().recv();
+            }
+            model(batch)
+        })
+    };
+    let config = quick_restarts(1).with_stall_timeout(Some(Duration::from_millis(50)));
+    let mut pool = Pool::new(loader, config).unwrap();
+    let err = failed_batch(&mut pool, vec![1, 7777]).await;
+    assert_eq!(err.kind(), FailureKind::Stalled);
+    // The replacement serves while the stuck thread is still stuck.
+    assert_eq!(good_batch(&mut pool, vec![5]).await, [10]);
+    let status = &pool.replicas()[0];
+    assert_eq!(status.stalls, 1);
+    assert_ne!(status.state, ReplicaState::Stalled);
+    unstick.send(()).unwrap();
+    // The stuck thread retires without adding a replica: still one at a time.
+    assert_eq!(good_batch(&mut pool, vec![6]).await, [12]);
+    assert_eq!(pool.len(), 1);
 }

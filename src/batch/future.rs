@@ -6,15 +6,17 @@ use std::task::{Context, Poll, ready};
 
 use pin_project::pin_project;
 use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
 
 use crate::BoxError;
-use crate::error::Closed;
+use crate::error::{Closed, DeadlineExceeded};
 
 /// The answer to one request sent through a [`Batch`](super::Batch): its own
 /// output, or a typed error.
 ///
 /// Dropping it cancels the request: if it has not been batched yet, it never
-/// reaches the model.
+/// reaches the model. The same happens at the request's deadline, which
+/// answers [`DeadlineExceeded`].
 #[pin_project]
 #[derive(Debug)]
 pub struct ResponseFuture<O> {
@@ -26,13 +28,24 @@ pub struct ResponseFuture<O> {
 #[derive(Debug)]
 enum State<O> {
     Failed(Option<BoxError>),
-    Queued(#[pin] oneshot::Receiver<Result<O, BoxError>>),
+    Queued {
+        #[pin]
+        rx: oneshot::Receiver<Result<O, BoxError>>,
+        #[pin]
+        deadline: Option<Sleep>,
+    },
 }
 
 impl<O> ResponseFuture<O> {
-    pub(super) fn new(rx: oneshot::Receiver<Result<O, BoxError>>) -> Self {
+    pub(super) fn new(
+        rx: oneshot::Receiver<Result<O, BoxError>>,
+        deadline: Option<Instant>,
+    ) -> Self {
         Self {
-            state: State::Queued(rx),
+            state: State::Queued {
+                rx,
+                deadline: deadline.map(tokio::time::sleep_until),
+            },
         }
     }
 
@@ -51,11 +64,23 @@ impl<O> Future for ResponseFuture<O> {
             StateProj::Failed(err) => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
-            StateProj::Queued(rx) => match ready!(rx.poll(cx)) {
-                Ok(result) => Poll::Ready(result),
-                // The worker dropped the request without answering: it stopped.
-                Err(_) => Poll::Ready(Err(Closed::new().into())),
-            },
+            StateProj::Queued { mut rx, deadline } => {
+                if let Poll::Ready(result) = rx.as_mut().poll(cx) {
+                    // The worker dropped the request without answering: it stopped.
+                    return Poll::Ready(result.unwrap_or_else(|_| Err(Closed::new().into())));
+                }
+                if let Some(deadline) = deadline.as_pin_mut() {
+                    ready!(deadline.poll(cx));
+                    // Closing the channel takes the request out of the queue;
+                    // an answer that raced the deadline still wins.
+                    rx.close();
+                    return Poll::Ready(match rx.try_recv() {
+                        Ok(result) => result,
+                        Err(_) => Err(DeadlineExceeded::new().into()),
+                    });
+                }
+                Poll::Pending
+            }
         }
     }
 }

@@ -64,7 +64,20 @@
 //! # }
 //! ```
 //!
+//! With [`max_queue_time`] set, a request is also rejected when the work
+//! already queued would take longer than that to serve, and a request whose
+//! [deadline](RequestOptions::deadline) passes while it is queued is answered
+//! with [`DeadlineExceeded`](crate::error::DeadlineExceeded) and never reaches
+//! the model.
+//!
+//! # Priorities
+//!
+//! [`Priority::High`] requests are batched before [`Priority::Normal`] ones,
+//! but a normal request never waits behind them longer than
+//! [`max_starvation`](BatchConfig::max_starvation).
+//!
 //! [`max_batch_size`]: BatchConfig::max_batch_size
+//! [`max_queue_time`]: BatchConfig::max_queue_time
 //! [`max_batch_cost`]: BatchConfig::max_batch_cost
 //! [`max_wait`]: BatchConfig::max_wait
 //! [`queue_capacity`]: BatchConfig::queue_capacity
@@ -135,6 +148,63 @@ pub struct BatchConfig {
     pub queue_capacity: NonZeroUsize,
     /// What happens when the queue is full. Default: [`Admission::Shed`].
     pub admission: Admission,
+    /// Reject a request at admission when the work queued ahead of it would
+    /// take longer than this to serve, at the measured service rate, instead
+    /// of admitting a request that will wait too long. `None` sheds only when
+    /// the queue is full. Default: none.
+    pub max_queue_time: Option<Duration>,
+    /// The deadline of requests sent without one of their own, counted from
+    /// admission. Default: none.
+    pub default_timeout: Option<Duration>,
+    /// How long the oldest [`Priority::Normal`] request may wait while
+    /// [`Priority::High`] requests go first; past it, it is batched first.
+    /// Default: 100 ms.
+    pub max_starvation: Duration,
+}
+
+/// The class of a request: [`High`](Priority::High) is batched first.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Priority {
+    /// Batched before any `Normal` request, within
+    /// [`max_starvation`](BatchConfig::max_starvation).
+    High,
+    /// The default class.
+    #[default]
+    Normal,
+}
+
+/// Per-request settings for [`Batch::infer_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestOptions {
+    /// The instant after which the answer is no use. A request still queued
+    /// then is answered with [`DeadlineExceeded`](crate::error::DeadlineExceeded)
+    /// and never reaches the model. Default: admission time plus
+    /// [`default_timeout`](BatchConfig::default_timeout), if set.
+    pub deadline: Option<tokio::time::Instant>,
+    /// The request's class.
+    pub priority: Priority,
+}
+
+impl RequestOptions {
+    /// Sets [`deadline`](Self::deadline).
+    pub fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Sets [`deadline`](Self::deadline) to `timeout` from now.
+    pub fn with_timeout(self, timeout: Duration) -> Self {
+        self.with_deadline(tokio::time::Instant::now() + timeout)
+    }
+
+    /// Sets [`priority`](Self::priority).
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
 }
 
 impl Default for BatchConfig {
@@ -146,6 +216,9 @@ impl Default for BatchConfig {
             cost_mode: CostMode::Sum,
             queue_capacity: NonZeroUsize::new(1024).expect("nonzero"),
             admission: Admission::Shed,
+            max_queue_time: None,
+            default_timeout: None,
+            max_starvation: Duration::from_millis(100),
         }
     }
 }
@@ -180,6 +253,24 @@ impl BatchConfig {
     /// Sets [`admission`](Self::admission).
     pub fn with_admission(mut self, admission: Admission) -> Self {
         self.admission = admission;
+        self
+    }
+
+    /// Sets [`max_queue_time`](Self::max_queue_time).
+    pub fn with_max_queue_time(mut self, time: Option<Duration>) -> Self {
+        self.max_queue_time = time;
+        self
+    }
+
+    /// Sets [`default_timeout`](Self::default_timeout).
+    pub fn with_default_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.default_timeout = timeout;
+        self
+    }
+
+    /// Sets [`max_starvation`](Self::max_starvation).
+    pub fn with_max_starvation(mut self, bound: Duration) -> Self {
+        self.max_starvation = bound;
         self
     }
 }

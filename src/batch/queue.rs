@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 
-use super::{BatchConfig, CostMode};
+use super::{BatchConfig, CostMode, Priority};
 use crate::BoxError;
-use crate::error::Closed;
+use crate::error::{Closed, DeadlineExceeded};
 
 pub(super) type Reply<O> = oneshot::Sender<Result<O, BoxError>>;
 
@@ -19,6 +19,8 @@ pub(super) struct Entry<I, O> {
     pub(super) input: I,
     pub(super) cost: usize,
     pub(super) arrived: Instant,
+    pub(super) deadline: Option<Instant>,
+    pub(super) priority: Priority,
     pub(super) reply: Reply<O>,
     /// The queue slot this request occupies, freed when it leaves the queue.
     pub(super) _slot: OwnedSemaphorePermit,
@@ -28,6 +30,10 @@ pub(super) struct Entry<I, O> {
 impl<I, O> Entry<I, O> {
     fn is_cancelled(&self) -> bool {
         self.reply.is_closed()
+    }
+
+    fn is_expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|deadline| deadline <= now)
     }
 }
 
@@ -59,16 +65,27 @@ pub(super) struct Queue<I, O> {
 }
 
 struct State<I, O> {
-    entries: VecDeque<Entry<I, O>>,
-    /// Sum of the costs of `entries`.
+    /// One lane per priority, `High` first.
+    lanes: [VecDeque<Entry<I, O>>; 2],
+    /// The number of entries in all lanes.
+    len: usize,
+    /// Sum of the costs of all entries.
     cost: usize,
 }
 
+fn lane(priority: Priority) -> usize {
+    match priority {
+        Priority::High => 0,
+        Priority::Normal => 1,
+    }
+}
+
 impl<I, O> Queue<I, O> {
-    pub(super) fn new(capacity: usize) -> Self {
+    pub(super) fn new() -> Self {
         Self {
             state: Mutex::new(State {
-                entries: VecDeque::with_capacity(capacity.min(4096)),
+                lanes: [VecDeque::new(), VecDeque::new()],
+                len: 0,
                 cost: 0,
             }),
             wake: Notify::new(),
@@ -83,7 +100,8 @@ impl<I, O> Queue<I, O> {
     pub(super) fn push(&self, entry: Entry<I, O>) {
         let mut state = self.lock();
         state.cost += entry.cost;
-        state.entries.push_back(entry);
+        state.len += 1;
+        state.lanes[lane(entry.priority)].push_back(entry);
         drop(state);
         self.wake.notify_one();
     }
@@ -91,7 +109,7 @@ impl<I, O> Queue<I, O> {
     /// The number of queued requests and their total cost.
     pub(super) fn depth(&self) -> (usize, usize) {
         let state = self.lock();
-        (state.entries.len(), state.cost)
+        (state.len, state.cost)
     }
 
     pub(super) fn add_handle(&self) {
@@ -110,17 +128,18 @@ impl<I, O> Queue<I, O> {
 
     /// Whether no handle is left and the queue is empty: the worker may stop.
     pub(super) fn is_finished(&self) -> bool {
-        self.is_abandoned() && self.lock().entries.is_empty()
+        self.is_abandoned() && self.lock().len == 0
     }
 
     /// Answers every queued request with [`Closed`].
     pub(super) fn close(&self) {
-        let entries = {
+        let lanes = {
             let mut state = self.lock();
             state.cost = 0;
-            std::mem::take(&mut state.entries)
+            state.len = 0;
+            std::mem::take(&mut state.lanes)
         };
-        for entry in entries {
+        for entry in lanes.into_iter().flatten() {
             let _ = entry.reply.send(Err(Closed::new().into()));
         }
     }
@@ -129,68 +148,107 @@ impl<I, O> Queue<I, O> {
     /// Returns how many were dropped.
     pub(super) fn remove_cancelled(&self) -> usize {
         let mut state = self.lock();
-        let before = state.entries.len();
-        state.entries.retain(|entry| !entry.is_cancelled());
-        state.cost = state.entries.iter().map(|entry| entry.cost).sum();
-        before - state.entries.len()
+        let before = state.len;
+        for lane in &mut state.lanes {
+            lane.retain(|entry| !entry.is_cancelled());
+        }
+        state.recount();
+        before - state.len
     }
 
     /// Takes a batch if one is due at `now`, following the rules of the
     /// module docs.
     pub(super) fn next(&self, now: Instant, config: &BatchConfig) -> Next<I, O> {
         let mut state = self.lock();
-        // Skip requests cancelled at the head so that the oldest live request
-        // sets the deadline.
-        while state.entries.front().is_some_and(Entry::is_cancelled) {
-            let entry = state.entries.pop_front().expect("front exists");
-            state.cost -= entry.cost;
+        // Drop what is cancelled or expired at the heads, so that the oldest
+        // live request sets the time to dispatch.
+        for lane in 0..2 {
+            while let Some(entry) = state.lanes[lane].front()
+                && (entry.is_cancelled() || entry.is_expired(now))
+            {
+                let entry = state.lanes[lane].pop_front().expect("front exists");
+                state.forget(entry, now);
+            }
         }
-        let Some(oldest) = state.entries.front() else {
+        let Some(oldest) = state
+            .lanes
+            .iter()
+            .filter_map(|lane| lane.front())
+            .map(|e| e.arrived)
+            .min()
+        else {
             return Next::Empty;
         };
-        let due_at = oldest.arrived + config.max_wait;
-        let full = state.entries.len() >= config.max_batch_size.get()
+        let due_at = oldest + config.max_wait;
+        let full = state.len >= config.max_batch_size.get()
             || config
                 .max_batch_cost
                 .is_some_and(|budget| state.cost >= budget.get());
         if !(full || now >= due_at || self.is_abandoned()) {
             return Next::WaitUntil(due_at);
         }
-        Next::Run(state.take(config))
+        Next::Run(state.take(now, config))
     }
 }
 
 impl<I, O> State<I, O> {
-    fn take(&mut self, config: &BatchConfig) -> Taken<I, O> {
+    fn recount(&mut self) {
+        self.len = self.lanes.iter().map(VecDeque::len).sum();
+        self.cost = self.lanes.iter().flatten().map(|entry| entry.cost).sum();
+    }
+
+    /// Accounts for an entry leaving the queue without being batched, and
+    /// answers it if it expired.
+    fn forget(&mut self, entry: Entry<I, O>, now: Instant) {
+        self.len -= 1;
+        self.cost -= entry.cost;
+        if !entry.is_cancelled() && entry.is_expired(now) {
+            let _ = entry.reply.send(Err(DeadlineExceeded::new().into()));
+        }
+    }
+
+    fn take(&mut self, now: Instant, config: &BatchConfig) -> Taken<I, O> {
         let max = config.max_batch_size.get();
+        let capacity = max.min(self.len);
         let mut taken = Taken {
-            inputs: Vec::with_capacity(max.min(self.entries.len())),
-            replies: Vec::with_capacity(max.min(self.entries.len())),
-            spans: Vec::with_capacity(max.min(self.entries.len())),
+            inputs: Vec::with_capacity(capacity),
+            replies: Vec::with_capacity(capacity),
+            spans: Vec::with_capacity(capacity),
             cost: 0,
         };
+        // The high lane goes first, unless the normal lane's oldest request
+        // has waited past the starvation bound.
+        let starving = self.lanes[1].front().is_some_and(|entry| {
+            now.saturating_duration_since(entry.arrived) >= config.max_starvation
+        });
+        let order = if starving { [1, 0] } else { [0, 1] };
         let mut longest = 0;
-        while taken.inputs.len() < max {
-            let Some(entry) = self.entries.front() else {
-                break;
-            };
-            if let Some(budget) = config.max_batch_cost
-                && !entry.is_cancelled()
-                && !taken.inputs.is_empty()
-                && batch_cost(config.cost_mode, &taken, longest, entry.cost) > budget.get()
-            {
-                break;
+        'lanes: for lane in order {
+            while taken.inputs.len() < max {
+                let Some(entry) = self.lanes[lane].front() else {
+                    continue 'lanes;
+                };
+                let live = !entry.is_cancelled() && !entry.is_expired(now);
+                if let Some(budget) = config.max_batch_cost
+                    && live
+                    && !taken.inputs.is_empty()
+                    && batch_cost(config.cost_mode, &taken, longest, entry.cost) > budget.get()
+                {
+                    break 'lanes;
+                }
+                let entry = self.lanes[lane].pop_front().expect("front exists");
+                if !live {
+                    self.forget(entry, now);
+                    continue;
+                }
+                self.len -= 1;
+                self.cost -= entry.cost;
+                longest = longest.max(entry.cost);
+                taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
+                taken.inputs.push(entry.input);
+                taken.replies.push(entry.reply);
+                taken.spans.push(entry.span);
             }
-            let entry = self.entries.pop_front().expect("front exists");
-            self.cost -= entry.cost;
-            if entry.is_cancelled() {
-                continue;
-            }
-            longest = longest.max(entry.cost);
-            taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
-            taken.inputs.push(entry.input);
-            taken.replies.push(entry.reply);
-            taken.spans.push(entry.span);
         }
         taken
     }

@@ -11,9 +11,9 @@ use tower::Service;
 
 use super::future::ResponseFuture;
 use super::queue::{Entry, Queue, ServiceRate};
-use super::{Admission, BatchConfig, Hooks, worker};
+use super::{Admission, BatchConfig, Hooks, RequestOptions, worker};
 use crate::BoxError;
-use crate::error::{Closed, InvalidInput, Overloaded};
+use crate::error::{Closed, DeadlineExceeded, InvalidInput, Overloaded};
 
 /// What the handles and the worker share.
 pub(super) struct Shared<I, O> {
@@ -76,7 +76,7 @@ where
     {
         let slots = Arc::new(Semaphore::new(config.queue_capacity.get()));
         let shared = Arc::new(Shared {
-            queue: Queue::new(config.queue_capacity.get()),
+            queue: Queue::new(),
             config,
             hooks,
             slots: slots.clone(),
@@ -139,6 +139,11 @@ impl<I, O> Batch<I, O> {
     /// This is what [`Service::call`] does, for callers that share one
     /// `&Batch` between tasks instead of cloning it.
     pub async fn infer(&self, input: I) -> Result<O, BoxError> {
+        self.infer_with(input, RequestOptions::default()).await
+    }
+
+    /// Like [`infer`](Self::infer), with a deadline and priority of its own.
+    pub async fn infer_with(&self, input: I, options: RequestOptions) -> Result<O, BoxError> {
         let slot = match self.shared.config.admission {
             Admission::Shed => None,
             Admission::Wait => Some(
@@ -150,11 +155,23 @@ impl<I, O> Batch<I, O> {
                     .map_err(|_| Closed::new())?,
             ),
         };
-        self.enqueue(input, slot).await
+        self.enqueue(input, options, slot).await
     }
 
-    fn enqueue(&self, input: I, slot: Option<OwnedSemaphorePermit>) -> ResponseFuture<O> {
-        let (cost, slot) = match self.admit(&input, slot) {
+    fn enqueue(
+        &self,
+        input: I,
+        options: RequestOptions,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> ResponseFuture<O> {
+        let now = Instant::now();
+        let deadline = options.deadline.or_else(|| {
+            self.shared
+                .config
+                .default_timeout
+                .map(|timeout| now + timeout)
+        });
+        let (cost, slot) = match self.admit(&input, now, deadline, slot) {
             Ok(admitted) => admitted,
             Err(err) => return ResponseFuture::failed(err),
         };
@@ -162,18 +179,22 @@ impl<I, O> Batch<I, O> {
         self.shared.queue.push(Entry {
             input,
             cost,
-            arrived: Instant::now(),
+            arrived: now,
+            deadline,
+            priority: options.priority,
             reply,
             _slot: slot,
             span: tracing::Span::current(),
         });
-        ResponseFuture::new(rx)
+        ResponseFuture::new(rx, deadline)
     }
 
     /// Checks `input` and claims a queue slot for it.
     fn admit(
         &self,
         input: &I,
+        now: Instant,
+        deadline: Option<Instant>,
         slot: Option<OwnedSemaphorePermit>,
     ) -> Result<(usize, OwnedSemaphorePermit), BoxError> {
         let shared = &self.shared;
@@ -189,6 +210,16 @@ impl<I, O> Batch<I, O> {
                 "input cost {cost} exceeds the batch cost budget {budget}"
             ))
             .into());
+        }
+        if deadline.is_some_and(|deadline| deadline <= now) {
+            return Err(DeadlineExceeded::new().into());
+        }
+        if let Some(max) = shared.config.max_queue_time {
+            let (_, queued) = shared.queue.depth();
+            let wait = shared.rate.lock().expect("rate lock").time_for(queued);
+            if let Some(wait) = wait.filter(|wait| *wait > max) {
+                return Err(Overloaded::new(wait).into());
+            }
         }
         let slot = match slot {
             Some(slot) => slot,
@@ -271,6 +302,6 @@ where
 
     fn call(&mut self, input: I) -> Self::Future {
         let slot = self.reserved.take();
-        self.enqueue(input, slot)
+        self.enqueue(input, RequestOptions::default(), slot)
     }
 }

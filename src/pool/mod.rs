@@ -6,7 +6,8 @@
 //! and then runs one batch at a time. Model compute never runs on a tokio
 //! worker thread.
 //!
-//! The pool is a `tower::Service<Vec<I>, Response = Vec<O>>`. Its `poll_ready`
+//! The pool is a `tower::Service<Vec<I>>` that answers with one
+//! `Result<O, ModelFailed>` per input. Its `poll_ready`
 //! is `Ready` exactly when some replica is idle, and reserves that replica for
 //! the following `call`, so a batching layer above it forms a batch only when
 //! there is a replica to run it.
@@ -14,12 +15,15 @@
 //! # Failures
 //!
 //! * A model error fails that batch's requests with [`ModelFailed`], and the
-//!   replica goes on serving.
+//!   replica goes on serving. Under the default [`FailurePolicy::Bisect`], the
+//!   batch is split and re-run so that only the poisoned inputs fail.
 //! * A model that returns the wrong number of outputs fails that batch with
 //!   [`FailureKind::OutputCount`]; outputs are never silently matched up.
 //! * A panic in `forward` fails that batch with [`FailureKind::Panic`]; the
 //!   replica drops its model and reloads it while the others keep serving.
 //! * A failed or panicking `load` is retried with exponential [`Backoff`].
+//! * A batch that outruns the [stall timeout](PoolConfig::stall_timeout) is
+//!   answered with [`FailureKind::Stalled`] and its replica replaced.
 //!
 //! # Examples
 //!
@@ -37,7 +41,7 @@
 //! let config = PoolConfig::default().with_devices(vec![DeviceLocation::Cpu]);
 //! let mut pool = Pool::new(loader, config)?;
 //! let outputs = pool.ready().await?.call(vec![1, 2, 3]).await?;
-//! assert_eq!(outputs, vec![2, 4, 6]);
+//! assert_eq!(outputs, vec![Ok(2), Ok(4), Ok(6)]);
 //! # Ok(())
 //! # }
 //! ```
@@ -45,6 +49,7 @@
 //! [`ModelFailed`]: crate::error::ModelFailed
 //! [`FailureKind::OutputCount`]: crate::error::FailureKind::OutputCount
 //! [`FailureKind::Panic`]: crate::error::FailureKind::Panic
+//! [`FailureKind::Stalled`]: crate::error::FailureKind::Stalled
 //! [`Loader`]: crate::Loader
 
 mod replica;
@@ -78,6 +83,41 @@ pub struct PoolConfig {
     pub cpu_threads_per_replica: Option<NonZeroUsize>,
     /// Delay between reload attempts of a failed replica.
     pub restart_backoff: Backoff,
+    /// What a model error does to the rest of its batch. Default: bisect up to
+    /// 6 levels deep, which isolates one poisoned input in a batch of 64.
+    pub failure_policy: FailurePolicy,
+    /// A batch running longer than this is answered with
+    /// [`FailureKind::Stalled`] and its replica replaced by a fresh one. `None`
+    /// disables the watchdog. Default: 60 s.
+    ///
+    /// The stuck thread cannot be interrupted: it keeps its model, and its
+    /// device memory, until `forward` returns, and then exits.
+    pub stall_timeout: Option<Duration>,
+}
+
+/// What a model error does to the rest of its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Every request of the batch fails with the model's error.
+    FailBatch,
+    /// The failed batch is split in halves and each half re-run, recursively,
+    /// so that a poisoned input fails alone and the others get their outputs.
+    /// A batch of n with one poisoned input costs about 2·log2(n) extra
+    /// forward passes; `max_depth` bounds them. Panics are not retried (the
+    /// model is reloaded instead), nor are wrong output counts (a model bug).
+    Bisect {
+        /// How many times a batch may be halved.
+        max_depth: u32,
+    },
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self::Bisect { max_depth: 6 }
+    }
 }
 
 impl Default for PoolConfig {
@@ -87,6 +127,8 @@ impl Default for PoolConfig {
             replicas_per_device: NonZeroUsize::MIN,
             cpu_threads_per_replica: None,
             restart_backoff: Backoff::default(),
+            failure_policy: FailurePolicy::default(),
+            stall_timeout: Some(Duration::from_secs(60)),
         }
     }
 }
@@ -116,6 +158,18 @@ impl PoolConfig {
         self
     }
 
+    /// Sets [`failure_policy`](Self::failure_policy).
+    pub fn with_failure_policy(mut self, policy: FailurePolicy) -> Self {
+        self.failure_policy = policy;
+        self
+    }
+
+    /// Sets [`stall_timeout`](Self::stall_timeout).
+    pub fn with_stall_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+
     /// The total number of replicas: devices × replicas per device.
     pub fn replicas(&self) -> usize {
         self.devices.len() * self.replicas_per_device.get()
@@ -138,6 +192,8 @@ pub enum ReplicaState {
     Failed,
     /// Waiting out the back-off before reloading.
     Restarting,
+    /// Its batch outran the stall timeout; a replacement is starting.
+    Stalled,
 }
 
 /// A snapshot of one replica.
@@ -154,6 +210,24 @@ pub struct ReplicaStatus {
     pub load_time: Option<Duration>,
     /// How long its last warm-up took.
     pub warmup_time: Option<Duration>,
+    /// How often one of its batches stalled and it was replaced.
+    pub stalls: u64,
+    /// Why its last load failed, if it did.
+    pub last_error: Option<String>,
+}
+
+impl ReplicaStatus {
+    fn new(device: DeviceLocation) -> Self {
+        Self {
+            device,
+            state: ReplicaState::Loading,
+            restarts: 0,
+            load_time: None,
+            warmup_time: None,
+            stalls: 0,
+            last_error: None,
+        }
+    }
 }
 
 /// Errors building a [`Pool`].

@@ -2,40 +2,61 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, DeviceLocation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::{PoolConfig, ReplicaState, ReplicaStatus};
+use super::{FailurePolicy, PoolConfig, ReplicaState, ReplicaStatus};
 use crate::BoxError;
 use crate::error::{FailureKind, ModelFailed};
 use crate::model::{Loader, Model};
 
-/// One batch for a replica, with the reservation that made it idle-checked.
+/// Each input's own result.
+pub(super) type Outcomes<O> = Vec<Result<O, ModelFailed>>;
+pub(super) type Reply<O> = oneshot::Sender<Outcomes<O>>;
+
+/// One batch for a replica.
 pub(super) struct Job<I, O> {
     pub(super) inputs: Vec<I>,
-    pub(super) reply: oneshot::Sender<Result<Vec<O>, BoxError>>,
-    /// Held while the replica works; released once it is idle again.
+    pub(super) reply: Reply<O>,
+    /// The reservation of this replica: held while it works, released once it
+    /// is idle again.
     pub(super) permit: OwnedSemaphorePermit,
     pub(super) span: tracing::Span,
 }
 
-/// What the pool's handles and the replica threads share.
-#[derive(Debug)]
-pub(super) struct Board {
+/// The batch a replica is running, where the stall watchdog can reach it.
+pub(super) struct Running<O> {
+    pub(super) started: Instant,
+    pub(super) size: usize,
+    /// Taken by whoever answers first: the replica, or the watchdog.
+    pub(super) reply: Option<Reply<O>>,
+}
+
+/// What the pool's handles, the replica threads and the watchdog share.
+pub(super) struct Board<O> {
     /// Indices of idle replicas. Its length equals the semaphore's free permits
     /// plus the permits reserved but not yet used.
     pub(super) idle: Mutex<Vec<usize>>,
     /// One permit per idle replica.
     pub(super) semaphore: Arc<Semaphore>,
     pub(super) status: Mutex<Vec<ReplicaStatus>>,
+    pub(super) running: Vec<Mutex<Option<Running<O>>>>,
 }
 
-impl Board {
-    fn set_state(&self, index: usize, state: ReplicaState) {
-        self.status.lock().expect("status lock")[index].state = state;
+impl<O> Board<O> {
+    pub(super) fn status(&self) -> MutexGuard<'_, Vec<ReplicaStatus>> {
+        self.status.lock().expect("status lock")
+    }
+
+    pub(super) fn set_state(&self, index: usize, state: ReplicaState) {
+        self.status()[index].state = state;
+    }
+
+    pub(super) fn running(&self, index: usize) -> MutexGuard<'_, Option<Running<O>>> {
+        self.running[index].lock().expect("running lock")
     }
 
     /// Makes `index` available to callers again, releasing `permit` if the
@@ -50,11 +71,11 @@ impl Board {
     }
 }
 
+/// Starts the thread of replica `index`.
 pub(super) fn spawn<I, L>(
     index: usize,
-    location: DeviceLocation,
     loader: Arc<L>,
-    board: Arc<Board>,
+    board: Arc<Board<<L::Model as Model<I>>::Output>>,
     config: PoolConfig,
     jobs: mpsc::Receiver<Job<I, <L::Model as Model<I>>::Output>>,
 ) -> std::io::Result<()>
@@ -64,6 +85,7 @@ where
     <L::Model as Model<I>>::Output: Send + 'static,
 {
     let name = format!("candlewick-replica-{index}");
+    let location = board.status()[index].device;
     std::thread::Builder::new().name(name).spawn(move || {
         let replica = Replica {
             index,
@@ -87,18 +109,19 @@ where
     Ok(())
 }
 
-struct Replica<L> {
+struct Replica<L, O> {
     index: usize,
     location: DeviceLocation,
     loader: Arc<L>,
-    board: Arc<Board>,
+    board: Arc<Board<O>>,
     config: PoolConfig,
 }
 
-impl<L> Replica<L> {
-    fn run<I>(&self, jobs: &mpsc::Receiver<Job<I, <L::Model as Model<I>>::Output>>)
+impl<L, O> Replica<L, O> {
+    fn run<I>(&self, jobs: &mpsc::Receiver<Job<I, O>>)
     where
         L: Loader<I>,
+        L::Model: Model<I, Output = O>,
     {
         let mut permit = None;
         let mut failures = 0u32;
@@ -107,23 +130,63 @@ impl<L> Replica<L> {
                 return;
             };
             self.board.make_idle(self.index, permit.take());
-            // Serve until the pool is dropped or the model panics.
+            // Serve until the pool is dropped, the model panics, or the
+            // watchdog replaced this replica.
             loop {
                 let Ok(job) = jobs.recv() else { return };
-                self.board.set_state(self.index, ReplicaState::Busy);
-                let _entered = job.span.enter();
-                let panicked = run_job(&model, job.inputs, job.reply);
-                drop(_entered);
-                if panicked {
-                    permit = Some(job.permit);
-                    failures += 1;
-                    break;
+                match self.serve(&model, job) {
+                    Served::Ok(job_permit) => {
+                        failures = 0;
+                        self.board.make_idle(self.index, Some(job_permit));
+                    }
+                    Served::Panicked(job_permit) => {
+                        permit = Some(job_permit);
+                        failures += 1;
+                        break;
+                    }
+                    Served::Replaced(job_permit) => {
+                        // The replacement brought a permit of its own.
+                        job_permit.forget();
+                        return;
+                    }
                 }
-                failures = 0;
-                self.board.make_idle(self.index, Some(job.permit));
             }
-            self.board.status.lock().expect("status lock")[self.index].restarts += 1;
+            self.board.status()[self.index].restarts += 1;
             drop(model);
+        }
+    }
+
+    fn serve<I>(&self, model: &L::Model, job: Job<I, O>) -> Served
+    where
+        L: Loader<I>,
+        L::Model: Model<I, Output = O>,
+    {
+        let Job {
+            inputs,
+            reply,
+            permit,
+            span,
+        } = job;
+        self.board.set_state(self.index, ReplicaState::Busy);
+        *self.board.running(self.index) = Some(Running {
+            started: Instant::now(),
+            size: inputs.len(),
+            reply: Some(reply),
+        });
+        let mut outcomes = Vec::with_capacity(inputs.len());
+        let panicked = span
+            .in_scope(|| run_isolated(model, &inputs, self.config.failure_policy, &mut outcomes));
+        let reply = self.board.running(self.index).take().and_then(|r| r.reply);
+        let Some(reply) = reply else {
+            // The watchdog answered this batch and replaced the replica.
+            return Served::Replaced(permit);
+        };
+        // The caller may have gone away; its result is then dropped.
+        let _ = reply.send(outcomes);
+        if panicked {
+            Served::Panicked(permit)
+        } else {
+            Served::Ok(permit)
         }
     }
 
@@ -143,7 +206,7 @@ impl<L> Replica<L> {
     }
 
     /// Loads and warms up the model, retrying with back-off until it works.
-    /// Returns `None` only if no tokio runtime can be built for loading.
+    /// Returns `None` if no runtime can be built for loading.
     fn load_until_ready<I>(&self, failures: &mut u32) -> Option<L::Model>
     where
         L: Loader<I>,
@@ -170,7 +233,9 @@ impl<L> Replica<L> {
                 Err(err) => {
                     *failures += 1;
                     tracing::warn!(replica = self.index, device = ?self.location, %err, "replica failed to load");
-                    self.board.set_state(self.index, ReplicaState::Failed);
+                    let mut status = self.board.status();
+                    status[self.index].state = ReplicaState::Failed;
+                    status[self.index].last_error = Some(err.to_string());
                 }
             }
         }
@@ -194,46 +259,93 @@ impl<L> Replica<L> {
         }
         let warmed = started.elapsed();
 
-        let mut status = self.board.status.lock().expect("status lock");
+        let mut status = self.board.status();
         status[self.index].load_time = Some(loaded);
         status[self.index].warmup_time = Some(warmed);
         Ok(model)
     }
 }
 
-/// Runs one batch and sends its result. Returns whether the model panicked.
-fn run_job<I, M: Model<I>>(
+enum Served {
+    Ok(OwnedSemaphorePermit),
+    Panicked(OwnedSemaphorePermit),
+    Replaced(OwnedSemaphorePermit),
+}
+
+/// Runs `inputs`, appending one outcome per input to `outcomes`. Under
+/// [`FailurePolicy::Bisect`] a failed batch is split in halves and each half
+/// re-run, so that one poisoned input fails alone. Returns whether the model
+/// panicked; after a panic nothing more runs on this model.
+fn run_isolated<I, M: Model<I>>(
     model: &M,
-    inputs: Vec<I>,
-    reply: oneshot::Sender<Result<Vec<M::Output>, BoxError>>,
+    inputs: &[I],
+    policy: FailurePolicy,
+    outcomes: &mut Outcomes<M::Output>,
 ) -> bool {
-    let expected = inputs.len();
-    let result = catch_unwind(AssertUnwindSafe(|| model.forward(&inputs)));
-    let (panicked, result) = match result {
-        Ok(Ok(outputs)) if outputs.len() == expected => (false, Ok(outputs)),
+    let depth = match policy {
+        FailurePolicy::FailBatch => 0,
+        FailurePolicy::Bisect { max_depth } => max_depth,
+    };
+    bisect(model, inputs, depth, outcomes)
+}
+
+fn bisect<I, M: Model<I>>(
+    model: &M,
+    inputs: &[I],
+    depth: u32,
+    outcomes: &mut Outcomes<M::Output>,
+) -> bool {
+    let err = match forward_checked(model, inputs) {
+        Ok(outputs) => {
+            outcomes.extend(outputs.into_iter().map(Ok));
+            return false;
+        }
+        Err(err) => err,
+    };
+    let retry = depth > 0 && inputs.len() > 1 && err.kind() == FailureKind::Error;
+    if !retry {
+        let panicked = err.kind() == FailureKind::Panic;
+        outcomes.extend(failures(err, inputs.len()));
+        return panicked;
+    }
+    let (left, right) = inputs.split_at(inputs.len() / 2);
+    if bisect(model, left, depth - 1, outcomes) {
+        let err = match outcomes.last() {
+            Some(Err(err)) => err.clone(),
+            _ => unreachable!("a panic leaves a failed outcome"),
+        };
+        outcomes.extend(failures(err, right.len()));
+        return true;
+    }
+    bisect(model, right, depth - 1, outcomes)
+}
+
+/// `n` failed outcomes sharing `err`.
+pub(super) fn failures<O>(
+    err: ModelFailed,
+    n: usize,
+) -> impl Iterator<Item = Result<O, ModelFailed>> {
+    std::iter::repeat_n(err, n).map(Err)
+}
+
+/// One forward pass, with panics and wrong output counts turned into errors.
+fn forward_checked<I, M: Model<I>>(model: &M, inputs: &[I]) -> Result<Vec<M::Output>, ModelFailed> {
+    match catch_unwind(AssertUnwindSafe(|| model.forward(inputs))) {
+        Ok(Ok(outputs)) if outputs.len() == inputs.len() => Ok(outputs),
         Ok(Ok(outputs)) => {
             let kind = FailureKind::OutputCount {
-                expected,
+                expected: inputs.len(),
                 actual: outputs.len(),
             };
-            (
-                false,
-                Err(ModelFailed::new(kind, "wrong number of outputs").into()),
-            )
+            Err(ModelFailed::new(kind, "wrong number of outputs"))
         }
-        Ok(Err(err)) => (false, Err(ModelFailed::new(FailureKind::Error, err).into())),
+        Ok(Err(err)) => Err(ModelFailed::new(FailureKind::Error, err)),
         Err(payload) => {
             let message = panic_message(&*payload);
             tracing::error!(%message, "model panicked in forward; reloading the replica");
-            (
-                true,
-                Err(ModelFailed::new(FailureKind::Panic, message).into()),
-            )
+            Err(ModelFailed::new(FailureKind::Panic, message))
         }
-    };
-    // The caller may have gone away; its result is then simply dropped.
-    let _ = reply.send(result);
-    panicked
+    }
 }
 
 /// Runs `f`, turning a panic into an error.

@@ -2,21 +2,22 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
-use super::replica::{self, Board, Job};
+use super::replica::{self, Board, Job, Outcomes};
 use super::{PoolConfig, PoolError, ReplicaState, ReplicaStatus};
 use crate::BoxError;
-use crate::error::Closed;
+use crate::error::{Closed, FailureKind, ModelFailed};
 use crate::model::{Loader, Model};
 
-/// A `Service<Vec<I>, Response = Vec<O>>` that runs each batch on an idle
-/// replica. See the [module docs](super).
+/// A `Service<Vec<I>>` that runs each batch on an idle replica and answers with
+/// one `Result<O, ModelFailed>` per input. See the [module docs](super).
 ///
 /// Clones share the replicas. A clone holds no reservation: `poll_ready`
 /// reserves an idle replica for the next `call` of that handle only.
@@ -26,10 +27,14 @@ pub struct Pool<I, O> {
     reserved: Option<OwnedSemaphorePermit>,
 }
 
+type Spawn<I, O> = dyn Fn(usize, mpsc::Receiver<Job<I, O>>) -> std::io::Result<()> + Send + Sync;
+
 struct Shared<I, O> {
     /// One channel per replica; dropping the last handle stops the threads.
-    jobs: Vec<mpsc::Sender<Job<I, O>>>,
-    board: Arc<Board>,
+    jobs: Vec<Mutex<mpsc::Sender<Job<I, O>>>>,
+    board: Arc<Board<O>>,
+    /// Starts the thread of a replica; the watchdog uses it to replace one.
+    spawn: Box<Spawn<I, O>>,
 }
 
 impl<I, O> Pool<I, O>
@@ -40,8 +45,7 @@ where
     /// Starts the replicas of `config`, each loading its model with `loader`.
     ///
     /// Returns at once; the replicas load in the background and the pool
-    /// becomes ready as they finish. Must not be called from a thread that
-    /// cannot spawn OS threads.
+    /// becomes ready as they finish.
     pub fn new<L>(loader: L, config: PoolConfig) -> Result<Self, PoolError>
     where
         L: Loader<I>,
@@ -60,48 +64,41 @@ where
         if config.devices.is_empty() {
             return Err(PoolError::NoDevices);
         }
-        let locations: Vec<_> = config
+        let status: Vec<_> = config
             .devices
             .iter()
             .flat_map(|&location| std::iter::repeat_n(location, config.replicas_per_device.get()))
+            .map(ReplicaStatus::new)
             .collect();
+        let replicas = status.len();
         let board = Arc::new(Board {
-            idle: Mutex::new(Vec::with_capacity(locations.len())),
+            idle: Mutex::new(Vec::with_capacity(replicas)),
             semaphore: Arc::new(Semaphore::new(0)),
-            status: Mutex::new(
-                locations
-                    .iter()
-                    .map(|&device| ReplicaStatus {
-                        device,
-                        state: ReplicaState::Loading,
-                        restarts: 0,
-                        load_time: None,
-                        warmup_time: None,
-                    })
-                    .collect(),
-            ),
+            status: Mutex::new(status),
+            running: (0..replicas).map(|_| Mutex::new(None)).collect(),
         });
-        let mut jobs = Vec::with_capacity(locations.len());
-        for (index, location) in locations.into_iter().enumerate() {
+        let spawn: Box<Spawn<I, O>> = {
+            let (board, config) = (board.clone(), config.clone());
+            Box::new(move |index, jobs| {
+                replica::spawn(index, loader.clone(), board.clone(), config.clone(), jobs)
+            })
+        };
+        let mut jobs = Vec::with_capacity(replicas);
+        for index in 0..replicas {
             let (tx, rx) = mpsc::channel();
-            replica::spawn(
-                index,
-                location,
-                loader.clone(),
-                board.clone(),
-                config.clone(),
-                rx,
-            )
-            .map_err(|source| PoolError::Spawn {
+            spawn(index, rx).map_err(|source| PoolError::Spawn {
                 replica: index,
                 source,
             })?;
-            jobs.push(tx);
+            jobs.push(Mutex::new(tx));
         }
-        let semaphore = PollSemaphore::new(board.semaphore.clone());
+        let shared = Arc::new(Shared { jobs, board, spawn });
+        if let Some(timeout) = config.stall_timeout {
+            watch_for_stalls(Arc::downgrade(&shared), timeout)?;
+        }
         Ok(Self {
-            shared: Arc::new(Shared { jobs, board }),
-            semaphore,
+            semaphore: PollSemaphore::new(shared.board.semaphore.clone()),
+            shared,
             reserved: None,
         })
     }
@@ -110,12 +107,7 @@ where
 impl<I, O> Pool<I, O> {
     /// A snapshot of every replica, in the order of the configured devices.
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.shared
-            .board
-            .status
-            .lock()
-            .expect("status lock")
-            .clone()
+        self.shared.board.status().clone()
     }
 
     /// The number of replicas, whatever their state.
@@ -126,6 +118,70 @@ impl<I, O> Pool<I, O> {
     /// Whether the pool has no replicas (never true for a built pool).
     pub fn is_empty(&self) -> bool {
         self.shared.jobs.is_empty()
+    }
+}
+
+/// Starts the thread that answers stalled batches and replaces their replicas.
+fn watch_for_stalls<I, O>(shared: Weak<Shared<I, O>>, timeout: Duration) -> Result<(), PoolError>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    let tick = (timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    std::thread::Builder::new()
+        .name("candlewick-watchdog".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(tick);
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                for index in 0..shared.jobs.len() {
+                    replace_if_stalled(&shared, index, timeout);
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|source| PoolError::Spawn {
+            replica: usize::MAX,
+            source,
+        })
+}
+
+fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Duration) {
+    let (size, reply) = {
+        let mut running = shared.board.running(index);
+        let Some(batch) = running
+            .as_mut()
+            .filter(|batch| batch.started.elapsed() >= timeout)
+        else {
+            return;
+        };
+        let Some(reply) = batch.reply.take() else {
+            return;
+        };
+        (batch.size, reply)
+    };
+    tracing::error!(
+        replica = index,
+        ?timeout,
+        "batch stalled; replacing the replica"
+    );
+    let err = ModelFailed::new(
+        FailureKind::Stalled,
+        format!("the batch ran longer than the stall timeout of {timeout:?}"),
+    );
+    let _ = reply.send(replica::failures(err, size).collect());
+    {
+        let mut status = shared.board.status();
+        status[index].state = ReplicaState::Stalled;
+        status[index].stalls += 1;
+    }
+    // The stuck thread keeps its model until `forward` returns, then retires.
+    let (tx, rx) = mpsc::channel();
+    match (shared.spawn)(index, rx) {
+        Ok(()) => *shared.jobs[index].lock().expect("jobs lock") = tx,
+        Err(err) => tracing::error!(replica = index, %err, "cannot start a replacement replica"),
     }
 }
 
@@ -154,7 +210,7 @@ where
     I: Send + 'static,
     O: Send + 'static,
 {
-    type Response = Vec<O>;
+    type Response = Vec<Result<O, ModelFailed>>;
     type Error = BoxError;
     type Future = ResponseFuture<O>;
 
@@ -189,7 +245,7 @@ where
         };
         // A send fails only if the replica thread is gone; the job and its
         // reply sender are dropped, which the future reports as `Closed`.
-        let _ = self.shared.jobs[index].send(job);
+        let _ = self.shared.jobs[index].lock().expect("jobs lock").send(job);
         ResponseFuture { rx }
     }
 }
@@ -197,16 +253,13 @@ where
 /// The future of one batch run by a [`Pool`].
 #[derive(Debug)]
 pub struct ResponseFuture<O> {
-    rx: oneshot::Receiver<Result<Vec<O>, BoxError>>,
+    rx: oneshot::Receiver<Outcomes<O>>,
 }
 
 impl<O> Future for ResponseFuture<O> {
-    type Output = Result<Vec<O>, BoxError>;
+    type Output = Result<Vec<Result<O, ModelFailed>>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match ready!(Pin::new(&mut self.rx).poll(cx)) {
-            Ok(result) => Poll::Ready(result),
-            Err(_) => Poll::Ready(Err(Closed::new().into())),
-        }
+        Poll::Ready(ready!(Pin::new(&mut self.rx).poll(cx)).map_err(|_| Closed::new().into()))
     }
 }

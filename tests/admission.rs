@@ -1,0 +1,170 @@
+//! Admission control: deadlines, predictive shedding and priorities, with
+//! paused tokio time and a `tower-test` mock standing in for the replicas.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use candlewick::BoxError;
+use candlewick::batch::{Batch, BatchConfig, Priority, RequestOptions};
+use candlewick::error::{DeadlineExceeded, Overloaded, status_code};
+use tokio::time::Instant;
+use tower_test::mock;
+
+type Handle = mock::Handle<Vec<u32>, Vec<u32>>;
+
+fn batched(config: BatchConfig) -> (Batch<u32, u32>, Handle) {
+    let (inner, handle) = mock::pair();
+    (Batch::new(inner, config), handle)
+}
+
+fn config(max_batch: usize) -> BatchConfig {
+    BatchConfig::default()
+        .with_max_batch_size(NonZeroUsize::new(max_batch).unwrap())
+        .with_max_wait(Duration::ZERO)
+}
+
+fn send(
+    service: &Batch<u32, u32>,
+    input: u32,
+    options: RequestOptions,
+) -> tokio::task::JoinHandle<Result<u32, BoxError>> {
+    let service = service.clone();
+    tokio::spawn(async move { service.infer_with(input, options).await })
+}
+
+async fn settle() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_request_is_answered_at_its_deadline_and_never_reaches_the_model() {
+    let (service, mut handle) = batched(config(8));
+    handle.allow(0);
+    let start = Instant::now();
+    let expiring = send(
+        &service,
+        1,
+        RequestOptions::default().with_timeout(Duration::from_millis(50)),
+    );
+    let patient = send(&service, 2, RequestOptions::default());
+    // Answered at its deadline, while every replica is still busy.
+    let err = expiring.await.unwrap().unwrap_err();
+    assert!(err.is::<DeadlineExceeded>(), "{err}");
+    assert_eq!(status_code(&*err), 504);
+    assert_eq!(start.elapsed(), Duration::from_millis(50));
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [2]);
+    reply.send_response(vec![20]);
+    assert_eq!(patient.await.unwrap().unwrap(), 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_default_timeout_applies_to_requests_without_a_deadline() {
+    let config = config(8).with_default_timeout(Some(Duration::from_millis(30)));
+    let (service, mut handle) = batched(config);
+    handle.allow(0);
+    let expiring = send(&service, 1, RequestOptions::default());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let later = send(&service, 2, RequestOptions::default());
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    assert!(
+        expiring
+            .await
+            .unwrap()
+            .unwrap_err()
+            .is::<DeadlineExceeded>()
+    );
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [2]);
+    reply.send_response(vec![3]);
+    assert_eq!(later.await.unwrap().unwrap(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_deadline_already_past_is_rejected_at_admission() {
+    let (service, _handle) = batched(config(8));
+    let past = Instant::now();
+    tokio::time::advance(Duration::from_millis(1)).await;
+    let err = service
+        .infer_with(1, RequestOptions::default().with_deadline(past))
+        .await
+        .unwrap_err();
+    assert!(err.is::<DeadlineExceeded>());
+    assert_eq!(service.queue_depth().0, 0);
+}
+
+/// Serves one batch of `n` requests taking `batch_time`, so that the service
+/// rate is measured.
+async fn measure(service: &Batch<u32, u32>, handle: &mut Handle, n: u32, batch_time: Duration) {
+    handle.allow(1);
+    let warm: Vec<_> = (0..n)
+        .map(|i| send(service, i, RequestOptions::default()))
+        .collect();
+    let (batch, reply) = handle.next_request().await.unwrap();
+    tokio::time::sleep(batch_time).await;
+    reply.send_response(batch);
+    for request in warm {
+        request.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn predictive_shedding_rejects_what_would_wait_too_long() {
+    // 4 requests per 100 ms: 40 per second.
+    let config = config(4).with_max_queue_time(Some(Duration::from_millis(250)));
+    let (service, mut handle) = batched(config);
+    measure(&service, &mut handle, 4, Duration::from_millis(100)).await;
+    handle.allow(0);
+    // Ten queued requests take 250 ms to serve: the eleventh is still admitted.
+    let admitted: Vec<_> = (0..10)
+        .map(|i| send(&service, i, RequestOptions::default()))
+        .collect();
+    settle().await;
+    let eleventh = send(&service, 10, RequestOptions::default());
+    settle().await;
+    assert_eq!(service.queue_depth().0, 11);
+    // Eleven take 275 ms: the twelfth would wait too long, and hears so at once.
+    let start = Instant::now();
+    let err = service.infer(11).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    let overloaded = err.downcast_ref::<Overloaded>().expect("typed error");
+    assert_eq!(overloaded.retry_after(), Duration::from_millis(275));
+    assert_eq!(status_code(&*err), 429);
+    drop((admitted, eleventh));
+}
+
+#[tokio::test(start_paused = true)]
+async fn high_priority_requests_are_batched_first() {
+    let (service, mut handle) = batched(config(2));
+    handle.allow(0);
+    let high = RequestOptions::default().with_priority(Priority::High);
+    let _normal: Vec<_> = (0..2)
+        .map(|i| send(&service, i, RequestOptions::default()))
+        .collect();
+    settle().await;
+    let _urgent: Vec<_> = (10..12).map(|i| send(&service, i, high)).collect();
+    settle().await;
+    handle.allow(1);
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [10, 11]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_normal_request_is_not_starved_past_the_bound() {
+    let config = config(2).with_max_starvation(Duration::from_millis(100));
+    let (service, mut handle) = batched(config);
+    handle.allow(0);
+    let high = RequestOptions::default().with_priority(Priority::High);
+    let _normal = send(&service, 1, RequestOptions::default());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _urgent: Vec<_> = (10..14).map(|i| send(&service, i, high)).collect();
+    settle().await;
+    handle.allow(1);
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    // The normal request waited out the bound: it goes first.
+    assert_eq!(batch, [1, 10]);
+}
