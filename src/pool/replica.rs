@@ -35,6 +35,11 @@ pub(super) struct Running<O> {
     pub(super) reply: Option<Reply<O>>,
 }
 
+/// Where one replica thread publishes the batch it runs. The watchdog gives a
+/// replacement thread a fresh slot, so a stuck thread that finally returns
+/// finds only its own, answered batch.
+pub(super) type Slot<O> = Arc<Mutex<Option<Running<O>>>>;
+
 /// What the pool's handles, the replica threads and the watchdog share.
 pub(super) struct Board<O> {
     /// Indices of idle replicas. Its length equals the semaphore's free permits
@@ -43,7 +48,8 @@ pub(super) struct Board<O> {
     /// One permit per idle replica.
     pub(super) semaphore: Arc<Semaphore>,
     pub(super) status: Mutex<Vec<ReplicaStatus>>,
-    pub(super) running: Vec<Mutex<Option<Running<O>>>>,
+    /// The slot of each replica's current thread.
+    pub(super) running: Vec<Mutex<Slot<O>>>,
 }
 
 impl<O> Board<O> {
@@ -55,8 +61,9 @@ impl<O> Board<O> {
         self.status()[index].state = state;
     }
 
-    pub(super) fn running(&self, index: usize) -> MutexGuard<'_, Option<Running<O>>> {
-        self.running[index].lock().expect("running lock")
+    /// The slot of the current thread of replica `index`.
+    pub(super) fn slot(&self, index: usize) -> MutexGuard<'_, Slot<O>> {
+        self.running[index].lock().expect("slot lock")
     }
 
     /// Makes `index` available to callers again, releasing `permit` if the
@@ -86,9 +93,11 @@ where
 {
     let name = format!("candlewick-replica-{index}");
     let location = board.status()[index].device;
+    let slot = board.slot(index).clone();
     std::thread::Builder::new().name(name).spawn(move || {
         let replica = Replica {
             index,
+            slot,
             location,
             loader,
             board,
@@ -111,6 +120,7 @@ where
 
 struct Replica<L, O> {
     index: usize,
+    slot: Slot<O>,
     location: DeviceLocation,
     loader: Arc<L>,
     board: Arc<Board<O>>,
@@ -168,7 +178,7 @@ impl<L, O> Replica<L, O> {
             span,
         } = job;
         self.board.set_state(self.index, ReplicaState::Busy);
-        *self.board.running(self.index) = Some(Running {
+        *self.slot.lock().expect("slot lock") = Some(Running {
             started: Instant::now(),
             size: inputs.len(),
             reply: Some(reply),
@@ -176,7 +186,12 @@ impl<L, O> Replica<L, O> {
         let mut outcomes = Vec::with_capacity(inputs.len());
         let panicked = span
             .in_scope(|| run_isolated(model, &inputs, self.config.failure_policy, &mut outcomes));
-        let reply = self.board.running(self.index).take().and_then(|r| r.reply);
+        let reply = self
+            .slot
+            .lock()
+            .expect("slot lock")
+            .take()
+            .and_then(|r| r.reply);
         let Some(reply) = reply else {
             // The watchdog answered this batch and replaced the replica.
             return Served::Replaced(permit);

@@ -10,7 +10,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
-use super::replica::{self, Board, Job, Outcomes};
+use super::replica::{self, Board, Job, Outcomes, Slot};
 use super::{PoolConfig, PoolError, ReplicaState, ReplicaStatus};
 use crate::BoxError;
 use crate::error::{Closed, FailureKind, ModelFailed};
@@ -75,7 +75,7 @@ where
             idle: Mutex::new(Vec::with_capacity(replicas)),
             semaphore: Arc::new(Semaphore::new(0)),
             status: Mutex::new(status),
-            running: (0..replicas).map(|_| Mutex::new(None)).collect(),
+            running: (0..replicas).map(|_| Mutex::default()).collect(),
         });
         let spawn: Box<Spawn<I, O>> = {
             let (board, config) = (board.clone(), config.clone());
@@ -150,7 +150,8 @@ where
 
 fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Duration) {
     let (size, reply) = {
-        let mut running = shared.board.running(index);
+        let mut slot = shared.board.slot(index);
+        let mut running = slot.lock().expect("slot lock");
         let Some(batch) = running
             .as_mut()
             .filter(|batch| batch.started.elapsed() >= timeout)
@@ -160,7 +161,11 @@ fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Durati
         let Some(reply) = batch.reply.take() else {
             return;
         };
-        (batch.size, reply)
+        let size = batch.size;
+        drop(running);
+        // The replacement publishes its batches in a slot of its own.
+        *slot = Slot::default();
+        (size, reply)
     };
     tracing::error!(
         replica = index,
