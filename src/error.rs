@@ -79,6 +79,26 @@ impl fmt::Display for DeadlineExceeded {
 
 impl Error for DeadlineExceeded {}
 
+/// The service is shutting down and takes no new requests. HTTP 503.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Draining;
+
+impl Draining {
+    /// A new `Draining` error.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl fmt::Display for Draining {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("service draining")
+    }
+}
+
+impl Error for Draining {}
+
 /// The service has shut down, or its worker is gone. HTTP 503.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -219,7 +239,7 @@ pub fn status_code(err: &(dyn Error + 'static)) -> u16 {
         if err.is::<DeadlineExceeded>() {
             return 504;
         }
-        if err.is::<Closed>() {
+        if err.is::<Closed>() || err.is::<Draining>() {
             return 503;
         }
         next = err.source();

@@ -39,6 +39,7 @@
 //! * [`pool`]: replicas on devices, each on its own OS thread, supervised.
 //! * [`batch`]: the batching layer, which forms batches when a replica is free.
 //! * [`Serving`]: both, assembled from one [`ServingConfig`].
+//! * [`health`]: started / ready / live with reasons, probe endpoints, drain.
 //! * [`collate`]: padding token sequences into tensors and splitting outputs.
 //! * [`error`]: the typed errors and the HTTP status each maps to.
 //!
@@ -59,6 +60,7 @@ pub mod batch;
 pub mod collate;
 pub mod device;
 pub mod error;
+pub mod health;
 mod model;
 pub mod pool;
 mod serving;

@@ -32,8 +32,9 @@ use pin_project::pin_project;
 use tower::{Layer, Service};
 
 use crate::BoxError;
-use crate::batch::{self, Batch, BatchConfig, BatchLayer, RequestOptions};
+use crate::batch::{self, Batch, BatchConfig, BatchLayer, DrainReport, RequestOptions};
 use crate::error::ModelFailed;
+use crate::health::{Health, HealthConfig, Lifecycle, ProbePaths, ProbeService};
 use crate::model::{Loader, Model};
 use crate::pool::{Pool, PoolConfig, PoolError, ReplicaStatus};
 
@@ -47,12 +48,36 @@ pub struct ServingConfig {
     pub pool: PoolConfig,
     /// How requests are batched and admitted.
     pub batch: BatchConfig,
+    /// When the service counts as started, ready and live.
+    pub health: HealthConfig,
+    /// Where the probes are served (used by [`ProbeService`] and by the
+    /// generated Kubernetes probes).
+    ///
+    /// [`ProbeService`]: crate::health::ProbeService
+    pub probes: ProbePaths,
 }
 
 impl ServingConfig {
-    /// A configuration from its two parts.
+    /// A configuration from its pool and batching parts, with default health
+    /// thresholds and probe paths.
     pub fn new(pool: PoolConfig, batch: BatchConfig) -> Self {
-        Self { pool, batch }
+        Self {
+            pool,
+            batch,
+            ..Self::default()
+        }
+    }
+
+    /// Sets [`health`](Self::health).
+    pub fn with_health(mut self, health: HealthConfig) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// Sets [`probes`](Self::probes).
+    pub fn with_probes(mut self, probes: ProbePaths) -> Self {
+        self.probes = probes;
+        self
     }
 }
 
@@ -65,6 +90,8 @@ impl ServingConfig {
 pub struct Serving<I, O> {
     batch: Batch<I, Result<O, ModelFailed>>,
     pool: Pool<I, O>,
+    health: Health,
+    probes: ProbePaths,
 }
 
 impl<I, O> Clone for Serving<I, O> {
@@ -72,6 +99,8 @@ impl<I, O> Clone for Serving<I, O> {
         Self {
             batch: self.batch.clone(),
             pool: self.pool.clone(),
+            health: self.health.clone(),
+            probes: self.probes.clone(),
         }
     }
 }
@@ -96,10 +125,16 @@ where
     {
         let loader = Arc::new(loader);
         let pool = Pool::from_arc(loader.clone(), config.pool)?;
+        let health = Health::new(config.health, pool.roster_source());
         let batch = BatchLayer::new(config.batch)
             .hooks_from(loader)
             .layer(pool.clone());
-        Ok(Self { batch, pool })
+        Ok(Self {
+            batch,
+            pool,
+            health,
+            probes: config.probes,
+        })
     }
 
     /// Runs the model on one input. See [`Batch::infer`].
@@ -123,6 +158,27 @@ impl<I, O> Serving<I, O> {
     /// A snapshot of every replica.
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
         self.pool.replicas()
+    }
+
+    /// The health of this stack: started, ready, live.
+    pub fn health(&self) -> Health {
+        self.health.clone()
+    }
+
+    /// The probe endpoints for this stack, on the configured paths.
+    pub fn probes(&self) -> ProbeService {
+        ProbeService::new(self.health.clone(), self.probes.clone())
+    }
+
+    /// Shuts down gracefully: readiness turns off at once, new requests get
+    /// [`Draining`](crate::error::Draining), queued and running requests
+    /// finish until `deadline`, and whatever is left then is answered with
+    /// [`Closed`](crate::error::Closed). See [`Batch::drain`].
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) -> DrainReport {
+        self.health.set_lifecycle(Lifecycle::Draining);
+        let report = self.batch.drain(deadline).await;
+        self.health.set_lifecycle(Lifecycle::Stopped);
+        report
     }
 }
 

@@ -47,10 +47,10 @@ fn request() -> impl Strategy<Value = Request> {
     )
 }
 
-fn model(
-    _: &Device,
-) -> Result<impl Fn(&[(u64, Fate)]) -> Result<Vec<u64>, BoxError> + use<>, BoxError> {
-    Ok(|batch: &[(u64, Fate)]| -> Result<Vec<u64>, BoxError> {
+type Input = (u64, Fate);
+
+fn model(_: &Device) -> Result<impl Fn(&[Input]) -> Result<Vec<u64>, BoxError> + use<>, BoxError> {
+    Ok(|batch: &[Input]| -> Result<Vec<u64>, BoxError> {
         if batch.iter().any(|(_, fate)| *fate == Fate::Panics) {
             panic!("chaos panic");
         }

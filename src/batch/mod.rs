@@ -94,8 +94,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use layer::BatchLayer;
-pub use service::Batch;
 use service::Shared;
+pub use service::{Batch, DrainReport};
 
 use crate::BoxError;
 

@@ -62,6 +62,9 @@ pub(super) struct Queue<I, O> {
     /// Live service handles; the worker stops once this is 0 and the queue is
     /// drained.
     handles: AtomicUsize,
+    /// Batches taken and not yet answered; counted when taken, under the
+    /// lock, so that "queue empty and nothing in flight" is never seen early.
+    in_flight: AtomicUsize,
 }
 
 struct State<I, O> {
@@ -90,6 +93,7 @@ impl<I, O> Queue<I, O> {
             }),
             wake: Notify::new(),
             handles: AtomicUsize::new(1),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -131,17 +135,22 @@ impl<I, O> Queue<I, O> {
         self.is_abandoned() && self.lock().len == 0
     }
 
-    /// Answers every queued request with [`Closed`].
-    pub(super) fn close(&self) {
+    /// Answers every queued request with [`Closed`]; returns how many were
+    /// still waiting for an answer.
+    pub(super) fn close(&self) -> usize {
         let lanes = {
             let mut state = self.lock();
             state.cost = 0;
             state.len = 0;
             std::mem::take(&mut state.lanes)
         };
+        let mut answered = 0;
         for entry in lanes.into_iter().flatten() {
-            let _ = entry.reply.send(Err(Closed::new().into()));
+            if entry.reply.send(Err(Closed::new().into())).is_ok() {
+                answered += 1;
+            }
         }
+        answered
     }
 
     /// Drops every request whose caller went away, freeing their slots.
@@ -157,8 +166,8 @@ impl<I, O> Queue<I, O> {
     }
 
     /// Takes a batch if one is due at `now`, following the rules of the
-    /// module docs.
-    pub(super) fn next(&self, now: Instant, config: &BatchConfig) -> Next<I, O> {
+    /// module docs; with `flush`, whatever is queued is due.
+    pub(super) fn next(&self, now: Instant, config: &BatchConfig, flush: bool) -> Next<I, O> {
         let mut state = self.lock();
         // Drop what is cancelled or expired at the heads, so that the oldest
         // live request sets the time to dispatch.
@@ -184,10 +193,31 @@ impl<I, O> Queue<I, O> {
             || config
                 .max_batch_cost
                 .is_some_and(|budget| state.cost >= budget.get());
-        if !(full || now >= due_at || self.is_abandoned()) {
+        if !(full || flush || now >= due_at || self.is_abandoned()) {
             return Next::WaitUntil(due_at);
         }
-        Next::Run(state.take(now, config))
+        let taken = state.take(now, config);
+        if taken.inputs.is_empty() {
+            return Next::Empty;
+        }
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        Next::Run(taken)
+    }
+
+    /// Marks a batch taken by [`next`](Self::next) as answered.
+    pub(super) fn finish_batch(&self) {
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The number of batches taken and not yet answered.
+    pub(super) fn batches_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing is queued and no batch is running.
+    pub(super) fn is_idle(&self) -> bool {
+        let state = self.lock();
+        state.len == 0 && self.in_flight.load(Ordering::Acquire) == 0
     }
 }
 

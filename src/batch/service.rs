@@ -1,11 +1,12 @@
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
@@ -13,7 +14,19 @@ use super::future::ResponseFuture;
 use super::queue::{Entry, Queue, ServiceRate};
 use super::{Admission, BatchConfig, Hooks, RequestOptions, worker};
 use crate::BoxError;
-use crate::error::{Closed, DeadlineExceeded, InvalidInput, Overloaded};
+use crate::error::{Closed, DeadlineExceeded, Draining, InvalidInput, Overloaded};
+
+/// What a [`Batch::drain`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// Requests the inner service answered after the drain began.
+    pub completed: u64,
+    /// Requests refused with [`Draining`].
+    pub rejected: u64,
+    /// Requests answered with [`Closed`] when the deadline passed.
+    pub aborted: u64,
+}
 
 /// What the handles and the worker share.
 pub(super) struct Shared<I, O> {
@@ -23,12 +36,27 @@ pub(super) struct Shared<I, O> {
     /// One permit per free queue slot.
     slots: Arc<Semaphore>,
     pub(super) rate: Mutex<ServiceRate>,
-    pub(super) in_flight: AtomicUsize,
     /// Set when the worker has stopped for good.
     closed: AtomicBool,
+    /// Set when a drain began: admit nothing more, dispatch without waiting.
+    draining: AtomicBool,
+    /// Cancelled when a drain runs out of time.
+    pub(super) abort: CancellationToken,
+    /// Notified whenever a batch finishes.
+    pub(super) progress: Notify,
+    /// Requests answered by the inner service.
+    pub(super) completed: AtomicU64,
+    /// Requests refused because the service was draining.
+    rejected: AtomicU64,
+    /// Requests answered with [`Closed`] when a drain ran out of time.
+    pub(super) aborted: AtomicU64,
 }
 
 impl<I, O> Shared<I, O> {
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
     /// Stops admitting requests and answers every queued one with [`Closed`].
     pub(super) fn close(&self) {
         self.closed.store(true, Ordering::Release);
@@ -81,8 +109,13 @@ where
             hooks,
             slots: slots.clone(),
             rate: Mutex::new(ServiceRate::new()),
-            in_flight: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            abort: CancellationToken::new(),
+            progress: Notify::new(),
+            completed: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            aborted: AtomicU64::new(0),
         });
         tokio::spawn(worker::run(inner, shared.clone()));
         Self {
@@ -106,7 +139,7 @@ impl<I, O> Batch<I, O> {
 
     /// The number of batches running in the inner service.
     pub fn batches_in_flight(&self) -> usize {
-        self.shared.in_flight.load(Ordering::Relaxed)
+        self.shared.queue.batches_in_flight()
     }
 
     /// The measured rate, in cost units per second, at which the inner
@@ -120,6 +153,47 @@ impl<I, O> Batch<I, O> {
     pub fn estimated_wait(&self) -> Duration {
         let (_, cost) = self.shared.queue.depth();
         self.retry_after(cost)
+    }
+
+    /// Stops admitting requests (they get [`Draining`]), lets queued and
+    /// running ones finish until `deadline`, then answers what is left with
+    /// [`Closed`].
+    ///
+    /// Queued requests are dispatched without waiting for
+    /// [`max_wait`](BatchConfig::max_wait). Requests that expire or are
+    /// cancelled meanwhile count in none of the report's numbers.
+    pub async fn drain(&self, deadline: Instant) -> DrainReport {
+        let shared = &self.shared;
+        let completed_before = shared.completed.load(Ordering::Relaxed);
+        shared.draining.store(true, Ordering::Release);
+        shared.queue.wake.notify_one();
+        let finished = async {
+            loop {
+                let progress = shared.progress.notified();
+                if shared.queue.is_idle() {
+                    return;
+                }
+                progress.await;
+            }
+        };
+        if tokio::time::timeout_at(deadline, finished).await.is_err() {
+            let queued = shared.queue.close();
+            shared.aborted.fetch_add(queued as u64, Ordering::Relaxed);
+            shared.abort.cancel();
+            // Every running batch answers at once now; wait for their tasks.
+            loop {
+                let progress = shared.progress.notified();
+                if shared.queue.batches_in_flight() == 0 {
+                    break;
+                }
+                progress.await;
+            }
+        }
+        DrainReport {
+            completed: shared.completed.load(Ordering::Relaxed) - completed_before,
+            rejected: shared.rejected.load(Ordering::Relaxed),
+            aborted: shared.aborted.load(Ordering::Relaxed),
+        }
     }
 
     fn retry_after(&self, queued_cost: usize) -> Duration {
@@ -200,6 +274,10 @@ impl<I, O> Batch<I, O> {
         let shared = &self.shared;
         if shared.closed.load(Ordering::Acquire) {
             return Err(Closed::new().into());
+        }
+        if shared.is_draining() {
+            shared.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(Draining::new().into());
         }
         (shared.hooks.validate)(input).map_err(InvalidInput::new)?;
         let cost = (shared.hooks.cost)(input);

@@ -45,7 +45,10 @@ where
         }
 
         let batch = loop {
-            match shared.queue.next(Instant::now(), &shared.config) {
+            match shared
+                .queue
+                .next(Instant::now(), &shared.config, shared.is_draining())
+            {
                 Next::Run(batch) => break Some(batch),
                 Next::WaitUntil(at) => {
                     tokio::select! {
@@ -57,9 +60,7 @@ where
                 Next::Empty => break None,
             }
         };
-        let Some(batch) = batch.filter(|batch| !batch.inputs.is_empty()) else {
-            continue;
-        };
+        let Some(batch) = batch else { continue };
         dispatch(&mut inner, &shared, batch);
     }
 }
@@ -83,19 +84,34 @@ where
         span.follows_from(request);
     }
     let future = span.in_scope(|| inner.call(inputs));
-    let in_flight = shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    let in_flight = shared.queue.batches_in_flight();
     let shared = shared.clone();
     let started = Instant::now();
     tokio::spawn(
         async move {
-            let result = future.await.map_err(Into::into);
-            shared.in_flight.fetch_sub(1, Ordering::Relaxed);
-            shared
-                .rate
-                .lock()
-                .expect("rate lock")
-                .record(cost, started.elapsed(), in_flight);
-            answer(replies, result);
+            tokio::select! {
+                result = future => {
+                    shared
+                        .rate
+                        .lock()
+                        .expect("rate lock")
+                        .record(cost, started.elapsed(), in_flight);
+                    let answered = replies.len() as u64;
+                    answer(replies, result.map_err(Into::into));
+                    shared.completed.fetch_add(answered, Ordering::Relaxed);
+                }
+                // A drain ran out of time: the model's answer will not come
+                // in time, so say so now.
+                () = shared.abort.cancelled() => {
+                    let aborted = replies.iter().filter(|reply| !reply.is_closed()).count();
+                    for reply in replies {
+                        let _ = reply.send(Err(Closed::new().into()));
+                    }
+                    shared.aborted.fetch_add(aborted as u64, Ordering::Relaxed);
+                }
+            }
+            shared.queue.finish_batch();
+            shared.progress.notify_waiters();
         }
         .instrument(span),
     );

@@ -61,6 +61,7 @@ use std::time::Duration;
 use candle_core::DeviceLocation;
 
 pub use replica::Backoff;
+pub(crate) use replica::RosterSource;
 pub use service::{Pool, ResponseFuture};
 
 /// Where and how many replicas a [`Pool`] runs.
@@ -196,6 +197,26 @@ pub enum ReplicaState {
     Stalled,
 }
 
+impl ReplicaState {
+    /// Whether a replica in this state takes batches: idle or busy.
+    pub fn is_serving(self) -> bool {
+        matches!(self, Self::Idle | Self::Busy)
+    }
+
+    /// The lowercase name used in probe bodies and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loading => "loading",
+            Self::WarmingUp => "warming_up",
+            Self::Idle => "idle",
+            Self::Busy => "busy",
+            Self::Failed => "failed",
+            Self::Restarting => "restarting",
+            Self::Stalled => "stalled",
+        }
+    }
+}
+
 /// A snapshot of one replica.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -212,6 +233,8 @@ pub struct ReplicaStatus {
     pub warmup_time: Option<Duration>,
     /// How often one of its batches stalled and it was replaced.
     pub stalls: u64,
+    /// How often loading its model failed.
+    pub load_failures: u64,
     /// Why its last load failed, if it did.
     pub last_error: Option<String>,
 }
@@ -225,6 +248,7 @@ impl ReplicaStatus {
             load_time: None,
             warmup_time: None,
             stalls: 0,
+            load_failures: 0,
             last_error: None,
         }
     }

@@ -3,7 +3,9 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
+
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 use candle_core::{Device, DeviceLocation};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
@@ -47,18 +49,76 @@ pub(super) struct Board<O> {
     pub(super) idle: Mutex<Vec<usize>>,
     /// One permit per idle replica.
     pub(super) semaphore: Arc<Semaphore>,
-    pub(super) status: Mutex<Vec<ReplicaStatus>>,
+    status: Mutex<Roster>,
+    /// Bumped on every change of `status`, for watchers.
+    pub(super) changes: watch::Sender<u64>,
     /// The slot of each replica's current thread.
     pub(super) running: Vec<Mutex<Slot<O>>>,
 }
 
+/// The replicas' statuses, and since when none of them could serve.
+#[derive(Debug, Clone)]
+pub(crate) struct Roster {
+    pub(crate) replicas: Vec<ReplicaStatus>,
+    pub(crate) none_serving_since: Option<Instant>,
+}
+
+/// Where health reads the replicas from, whatever the model's output type.
+pub(crate) trait RosterSource: Send + Sync {
+    fn roster(&self) -> Roster;
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+impl<O: Send> RosterSource for Board<O> {
+    fn roster(&self) -> Roster {
+        Board::roster(self)
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
 impl<O> Board<O> {
-    pub(super) fn status(&self) -> MutexGuard<'_, Vec<ReplicaStatus>> {
-        self.status.lock().expect("status lock")
+    pub(super) fn new(replicas: Vec<ReplicaStatus>) -> Self {
+        let count = replicas.len();
+        Self {
+            idle: Mutex::new(Vec::with_capacity(count)),
+            semaphore: Arc::new(Semaphore::new(0)),
+            status: Mutex::new(Roster {
+                replicas,
+                none_serving_since: Some(Instant::now()),
+            }),
+            changes: watch::channel(0).0,
+            running: (0..count).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    pub(super) fn roster(&self) -> Roster {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    pub(super) fn device(&self, index: usize) -> DeviceLocation {
+        self.status.lock().expect("status lock").replicas[index].device
+    }
+
+    /// Changes the status of replica `index` and tells the watchers.
+    pub(super) fn update(&self, index: usize, change: impl FnOnce(&mut ReplicaStatus)) {
+        {
+            let mut roster = self.status.lock().expect("status lock");
+            change(&mut roster.replicas[index]);
+            let serving = roster.replicas.iter().any(|r| r.state.is_serving());
+            match (serving, roster.none_serving_since) {
+                (true, _) => roster.none_serving_since = None,
+                (false, None) => roster.none_serving_since = Some(Instant::now()),
+                (false, Some(_)) => {}
+            }
+        }
+        self.changes.send_modify(|version| *version += 1);
     }
 
     pub(super) fn set_state(&self, index: usize, state: ReplicaState) {
-        self.status()[index].state = state;
+        self.update(index, |status| status.state = state);
     }
 
     /// The slot of the current thread of replica `index`.
@@ -92,7 +152,7 @@ where
     <L::Model as Model<I>>::Output: Send + 'static,
 {
     let name = format!("candlewick-replica-{index}");
-    let location = board.status()[index].device;
+    let location = board.device(index);
     let slot = board.slot(index).clone();
     std::thread::Builder::new().name(name).spawn(move || {
         let replica = Replica {
@@ -161,7 +221,7 @@ impl<L, O> Replica<L, O> {
                     }
                 }
             }
-            self.board.status()[self.index].restarts += 1;
+            self.board.update(self.index, |status| status.restarts += 1);
             drop(model);
         }
     }
@@ -248,9 +308,11 @@ impl<L, O> Replica<L, O> {
                 Err(err) => {
                     *failures += 1;
                     tracing::warn!(replica = self.index, device = ?self.location, %err, "replica failed to load");
-                    let mut status = self.board.status();
-                    status[self.index].state = ReplicaState::Failed;
-                    status[self.index].last_error = Some(err.to_string());
+                    self.board.update(self.index, |status| {
+                        status.state = ReplicaState::Failed;
+                        status.load_failures += 1;
+                        status.last_error = Some(err.to_string());
+                    });
                 }
             }
         }
@@ -274,9 +336,10 @@ impl<L, O> Replica<L, O> {
         }
         let warmed = started.elapsed();
 
-        let mut status = self.board.status();
-        status[self.index].load_time = Some(loaded);
-        status[self.index].warmup_time = Some(warmed);
+        self.board.update(self.index, |status| {
+            status.load_time = Some(loaded);
+            status.warmup_time = Some(warmed);
+        });
         Ok(model)
     }
 }

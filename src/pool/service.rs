@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
@@ -71,12 +71,7 @@ where
             .map(ReplicaStatus::new)
             .collect();
         let replicas = status.len();
-        let board = Arc::new(Board {
-            idle: Mutex::new(Vec::with_capacity(replicas)),
-            semaphore: Arc::new(Semaphore::new(0)),
-            status: Mutex::new(status),
-            running: (0..replicas).map(|_| Mutex::default()).collect(),
-        });
+        let board = Arc::new(Board::new(status));
         let spawn: Box<Spawn<I, O>> = {
             let (board, config) = (board.clone(), config.clone());
             Box::new(move |index, jobs| {
@@ -107,7 +102,15 @@ where
 impl<I, O> Pool<I, O> {
     /// A snapshot of every replica, in the order of the configured devices.
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
-        self.shared.board.status().clone()
+        self.shared.board.roster().replicas
+    }
+
+    /// The replicas' statuses, for health.
+    pub(crate) fn roster_source(&self) -> Arc<dyn replica::RosterSource>
+    where
+        O: Send + 'static,
+    {
+        self.shared.board.clone()
     }
 
     /// The number of replicas, whatever their state.
@@ -177,11 +180,10 @@ fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Durati
         format!("the batch ran longer than the stall timeout of {timeout:?}"),
     );
     let _ = reply.send(replica::failures(err, size).collect());
-    {
-        let mut status = shared.board.status();
-        status[index].state = ReplicaState::Stalled;
-        status[index].stalls += 1;
-    }
+    shared.board.update(index, |status| {
+        status.state = ReplicaState::Stalled;
+        status.stalls += 1;
+    });
     // The stuck thread keeps its model until `forward` returns, then retires.
     let (tx, rx) = mpsc::channel();
     match (shared.spawn)(index, rx) {

@@ -1,0 +1,364 @@
+//! Health: started, ready and live, each answered with a reason.
+//!
+//! Orchestrators ask three different questions, and each has its own answer:
+//!
+//! * **started** — every configured replica has loaded and warmed up once, or
+//!   has failed to load [`startup_failures`](HealthConfig::startup_failures)
+//!   times. Until then, readiness and liveness are not asked.
+//! * **ready** — started, at least
+//!   [`min_ready_replicas`](HealthConfig::min_ready_replicas) replicas can take
+//!   batches, and the service is not draining.
+//! * **live** — false only when a restart would help: no replica has been able
+//!   to serve for [`dead_after`](HealthConfig::dead_after). Never false because
+//!   the queue is full or batches are long: a busy pod is not a dead pod.
+//!
+//! A [`Health`] answers from state that the pool and the batcher keep up to
+//! date; it never waits behind model work. [`ProbeService`] serves the three
+//! answers over HTTP.
+//!
+//! # Examples
+//!
+//! ```
+//! use candle_core::Device;
+//! use candlewick::{BoxError, Serving, ServingConfig};
+//! use candlewick::health::HealthState;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let loader = |_: &Device| -> Result<_, BoxError> {
+//!     Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
+//! };
+//! let serving = Serving::start(loader, ServingConfig::default())?;
+//! let health = serving.health();
+//! let mut watch = health.watch();
+//! while !health.ready().ok {
+//!     watch.changed().await;
+//! }
+//! assert_eq!(health.report().state, HealthState::Ready);
+//! # Ok(())
+//! # }
+//! ```
+
+mod probe;
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use probe::{ProbePaths, ProbeService};
+
+use crate::pool::{ReplicaStatus, RosterSource};
+
+/// Thresholds of the health state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default))]
+#[non_exhaustive]
+pub struct HealthConfig {
+    /// Replicas that must be able to serve for the service to be ready.
+    /// Default: 1.
+    pub min_ready_replicas: usize,
+    /// Failed loads after which a replica that never loaded counts as settled
+    /// for `started`, so one bad device cannot hold startup forever.
+    /// Default: 3.
+    pub startup_failures: u64,
+    /// How long no replica may be able to serve, once started, before the
+    /// service reports itself not live. Default: 60 s.
+    pub dead_after: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            min_ready_replicas: 1,
+            startup_failures: 3,
+            dead_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl HealthConfig {
+    /// Sets [`min_ready_replicas`](Self::min_ready_replicas).
+    pub fn with_min_ready_replicas(mut self, replicas: usize) -> Self {
+        self.min_ready_replicas = replicas;
+        self
+    }
+
+    /// Sets [`startup_failures`](Self::startup_failures).
+    pub fn with_startup_failures(mut self, failures: u64) -> Self {
+        self.startup_failures = failures;
+        self
+    }
+
+    /// Sets [`dead_after`](Self::dead_after).
+    pub fn with_dead_after(mut self, after: Duration) -> Self {
+        self.dead_after = after;
+        self
+    }
+}
+
+/// The overall state of the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum HealthState {
+    /// Replicas are still loading.
+    Starting,
+    /// Every replica can serve.
+    Ready,
+    /// Ready, with some replicas down.
+    Degraded,
+    /// Started, but too few replicas can serve.
+    NotReady,
+    /// Shutting down: finishing queued work, taking none.
+    Draining,
+    /// Shut down.
+    Stopped,
+    /// No replica has been able to serve for too long: restart the process.
+    Dead,
+}
+
+impl HealthState {
+    /// The lowercase name used in probe bodies and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Ready => "ready",
+            Self::Degraded => "degraded",
+            Self::NotReady => "not_ready",
+            Self::Draining => "draining",
+            Self::Stopped => "stopped",
+            Self::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for HealthState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The answer to one health question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Whether the check passes.
+    pub ok: bool,
+    /// Why, in a few words.
+    pub reason: String,
+}
+
+impl Check {
+    fn new(ok: bool, reason: impl Into<String>) -> Self {
+        Self {
+            ok,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Everything health knows at one instant.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// The overall state.
+    pub state: HealthState,
+    /// Has the service started?
+    pub started: Check,
+    /// May it take traffic?
+    pub ready: Check,
+    /// Should it be left running?
+    pub live: Check,
+    /// Every replica.
+    pub replicas: Vec<ReplicaStatus>,
+}
+
+/// Where the lifecycle stands, as set by shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Lifecycle {
+    Running = 0,
+    Draining = 1,
+    Stopped = 2,
+}
+
+/// The health of one serving stack. Cheap to clone; see the
+/// [module docs](self).
+#[derive(Clone)]
+pub struct Health {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: HealthConfig,
+    roster: Arc<dyn RosterSource>,
+    lifecycle: AtomicU8,
+    /// Bumped when the lifecycle changes, for watchers.
+    lifecycle_changes: watch::Sender<u8>,
+}
+
+impl fmt::Debug for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Health")
+            .field("config", &self.inner.config)
+            .field("state", &self.report().state)
+            .finish()
+    }
+}
+
+impl Health {
+    pub(crate) fn new(config: HealthConfig, roster: Arc<dyn RosterSource>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config,
+                roster,
+                lifecycle: AtomicU8::new(Lifecycle::Running as u8),
+                lifecycle_changes: watch::channel(0).0,
+            }),
+        }
+    }
+
+    pub(crate) fn set_lifecycle(&self, lifecycle: Lifecycle) {
+        self.inner
+            .lifecycle
+            .store(lifecycle as u8, Ordering::Release);
+        self.inner
+            .lifecycle_changes
+            .send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn lifecycle(&self) -> Lifecycle {
+        match self.inner.lifecycle.load(Ordering::Acquire) {
+            0 => Lifecycle::Running,
+            1 => Lifecycle::Draining,
+            _ => Lifecycle::Stopped,
+        }
+    }
+
+    /// The thresholds this health runs with.
+    pub fn config(&self) -> &HealthConfig {
+        &self.inner.config
+    }
+
+    /// Has every replica loaded and warmed up (or failed for good)?
+    pub fn started(&self) -> Check {
+        self.report().started
+    }
+
+    /// May the service take traffic?
+    pub fn ready(&self) -> Check {
+        self.report().ready
+    }
+
+    /// Should the service be left running (true) or restarted (false)?
+    pub fn live(&self) -> Check {
+        self.report().live
+    }
+
+    /// The longest load plus warm-up time of any replica so far, the measured
+    /// startup budget; `None` until a replica has loaded.
+    pub fn startup_time(&self) -> Option<Duration> {
+        self.inner
+            .roster
+            .roster()
+            .replicas
+            .iter()
+            .filter_map(|r| Some(r.load_time? + r.warmup_time.unwrap_or_default()))
+            .max()
+    }
+
+    /// Everything health knows now.
+    pub fn report(&self) -> HealthReport {
+        let config = &self.inner.config;
+        let roster = self.inner.roster.roster();
+        let replicas = roster.replicas;
+        let total = replicas.len();
+        let serving = replicas.iter().filter(|r| r.state.is_serving()).count();
+        let settled = replicas
+            .iter()
+            .filter(|r| r.load_time.is_some() || r.load_failures >= config.startup_failures)
+            .count();
+
+        let started = if settled == total {
+            Check::new(true, format!("{settled} of {total} replicas settled"))
+        } else {
+            Check::new(false, format!("{settled} of {total} replicas loaded"))
+        };
+        let down_for = roster.none_serving_since.map(|since| since.elapsed());
+        let live = match down_for {
+            Some(down) if started.ok && down >= config.dead_after => Check::new(
+                false,
+                format!("no replica has served for {}s", down.as_secs()),
+            ),
+            _ => Check::new(true, format!("{serving} of {total} replicas serving")),
+        };
+        let lifecycle = self.lifecycle();
+        let enough = serving >= config.min_ready_replicas.max(1);
+        let ready = match lifecycle {
+            Lifecycle::Draining => Check::new(false, "draining"),
+            Lifecycle::Stopped => Check::new(false, "stopped"),
+            Lifecycle::Running if !started.ok => Check::new(false, "starting"),
+            Lifecycle::Running if !enough => Check::new(
+                false,
+                format!(
+                    "{serving} of {total} replicas serving, {} needed",
+                    config.min_ready_replicas.max(1)
+                ),
+            ),
+            Lifecycle::Running => {
+                Check::new(true, format!("{serving} of {total} replicas serving"))
+            }
+        };
+        let state = match lifecycle {
+            Lifecycle::Stopped => HealthState::Stopped,
+            Lifecycle::Draining => HealthState::Draining,
+            Lifecycle::Running if !live.ok => HealthState::Dead,
+            Lifecycle::Running if !started.ok => HealthState::Starting,
+            Lifecycle::Running if !ready.ok => HealthState::NotReady,
+            Lifecycle::Running if serving < total => HealthState::Degraded,
+            Lifecycle::Running => HealthState::Ready,
+        };
+        HealthReport {
+            state,
+            started,
+            ready,
+            live,
+            replicas,
+        }
+    }
+
+    /// A subscription to changes of health.
+    pub fn watch(&self) -> HealthWatch {
+        HealthWatch {
+            replicas: self.inner.roster.subscribe(),
+            lifecycle: self.inner.lifecycle_changes.subscribe(),
+        }
+    }
+}
+
+/// Wakes when a replica or the lifecycle changes; see [`Health::watch`].
+#[derive(Debug)]
+pub struct HealthWatch {
+    replicas: watch::Receiver<u64>,
+    lifecycle: watch::Receiver<u8>,
+}
+
+impl HealthWatch {
+    /// Waits for the next change. Read the new state with
+    /// [`Health::report`].
+    ///
+    /// Liveness also changes with time alone (after
+    /// [`dead_after`](HealthConfig::dead_after)); poll
+    /// [`Health::live`] for it.
+    pub async fn changed(&mut self) {
+        // A closed channel disables its branch; with both closed, nothing
+        // will change again.
+        tokio::select! {
+            Ok(()) = self.replicas.changed() => {}
+            Ok(()) = self.lifecycle.changed() => {}
+            else => std::future::pending().await,
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Health: every transition of the state machine, the probe endpoints, and
+//! graceful drain, on real replica threads with closure models.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use candle_core::Device;
+use candlewick::batch::BatchConfig;
+use candlewick::error::{Closed, Draining, status_code};
+use candlewick::health::{Health, HealthConfig, HealthState};
+use candlewick::pool::{Backoff, PoolConfig, ReplicaState};
+use candlewick::{BoxError, Serving, ServingConfig};
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+fn config(replicas: usize) -> ServingConfig {
+    let pool = PoolConfig::default()
+        .with_replicas_per_device(NonZeroUsize::new(replicas).unwrap())
+        .with_restart_backoff(Backoff {
+            initial: Duration::from_millis(1),
+            max: Duration::from_millis(5),
+        });
+    ServingConfig::new(pool, BatchConfig::default().with_max_wait(Duration::ZERO))
+}
+
+/// Waits (bounded) until `health` reaches `state`.
+async fn reach(health: &Health, state: HealthState) {
+    let mut watch = health.watch();
+    let waited = tokio::time::timeout(Duration::from_secs(10), async {
+        while health.report().state != state {
+            tokio::select! {
+                () = watch.changed() => {}
+                // Liveness also changes with time alone.
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        waited.is_ok(),
+        "never reached {state:?}: {:?}",
+        health.report()
+    );
+}
+
+/// A gate the model blocks on, so a test controls when a batch finishes.
+#[derive(Clone, Default)]
+struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    fn wait(&self) {
+        let (open, changed) = &*self.0;
+        let mut open = open.lock().unwrap();
+        while !*open {
+            open = changed.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        let (open, changed) = &*self.0;
+        *open.lock().unwrap() = true;
+        changed.notify_all();
+    }
+}
+
+#[tokio::test]
+async fn starting_until_every_replica_has_loaded_then_ready() {
+    let gate = Gate::default();
+    let loading = gate.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        loading.wait();
+        Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> { Ok(batch.to_vec()) })
+    };
+    let serving = Serving::start(loader, config(2)).unwrap();
+    let health = serving.health();
+    let report = health.report();
+    assert_eq!(report.state, HealthState::Starting);
+    assert!(!report.started.ok && !report.ready.ok);
+    assert!(report.live.ok, "a loading service is not dead");
+    assert_eq!(report.started.reason, "0 of 2 replicas loaded");
+    gate.open();
+    reach(&health, HealthState::Ready).await;
+    assert!(health.started().ok && health.ready().ok && health.live().ok);
+    assert!(health.startup_time().is_some());
+}
+
+#[tokio::test]
+async fn one_replica_down_is_degraded_but_still_ready() {
+    let broken = Arc::new(AtomicBool::new(false));
+    let breaker = broken.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        if breaker.load(Ordering::SeqCst) {
+            return Err("device lost".into());
+        }
+        Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            if batch.contains(&666) {
+                panic!("device fault");
+            }
+            Ok(batch.to_vec())
+        })
+    };
+    let serving = Serving::start(loader, config(2)).unwrap();
+    let health = serving.health();
+    reach(&health, HealthState::Ready).await;
+    // One replica panics and can no longer load.
+    broken.store(true, Ordering::SeqCst);
+    assert!(serving.infer(666).await.is_err());
+    reach(&health, HealthState::Degraded).await;
+    assert!(health.ready().ok, "{:?}", health.ready());
+    assert!(health.live().ok);
+    assert_eq!(serving.infer(1).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn every_replica_failing_is_not_ready_then_dead() {
+    type Forward = fn(&[u32]) -> Result<Vec<u32>, BoxError>;
+    let loader = |_: &Device| -> Result<Forward, BoxError> { Err("no weights".into()) };
+    let health_config = HealthConfig::default()
+        .with_startup_failures(2)
+        .with_dead_after(Duration::from_millis(200));
+    let serving = Serving::start(loader, config(2).with_health(health_config)).unwrap();
+    let health = serving.health();
+    // Settled after two failed loads each: started, but nothing can serve.
+    reach(&health, HealthState::NotReady).await;
+    assert!(health.started().ok);
+    assert!(health.live().ok, "not dead before dead_after");
+    assert!(health.report().replicas[0].last_error.as_deref() == Some("no weights"));
+    reach(&health, HealthState::Dead).await;
+    let live = health.live();
+    assert!(!live.ok);
+    assert!(
+        live.reason.starts_with("no replica has served"),
+        "{}",
+        live.reason
+    );
+}
+
+#[tokio::test]
+async fn a_stall_replaces_the_replica_and_the_service_stays_live() {
+    let gate = Gate::default();
+    let stuck = gate.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        let stuck = stuck.clone();
+        Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            if batch.contains(&7) {
+                stuck.wait();
+            }
+            Ok(batch.to_vec())
+        })
+    };
+    let mut config = config(1);
+    config.pool.stall_timeout = Some(Duration::from_millis(50));
+    let serving = Serving::start(loader, config).unwrap();
+    let health = serving.health();
+    reach(&health, HealthState::Ready).await;
+    let err = serving.infer(7).await.unwrap_err();
+    assert!(err.to_string().contains("stalled"), "{err}");
+    assert!(health.live().ok);
+    reach(&health, HealthState::Ready).await;
+    assert_eq!(health.report().replicas[0].stalls, 1);
+    assert_eq!(serving.infer(8).await.unwrap(), 8);
+    gate.open();
+}
+
+#[tokio::test]
+async fn probes_answer_with_status_codes_and_reasons() {
+    let gate = Gate::default();
+    let loading = gate.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        loading.wait();
+        Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> { Ok(batch.to_vec()) })
+    };
+    let serving = Serving::start(loader, config(1)).unwrap();
+    let probes = serving.probes();
+    let get = |path: &str| {
+        let probes = probes.clone();
+        let request = http::Request::get(path).body(()).unwrap();
+        async move { probes.oneshot(request).await.unwrap() }
+    };
+
+    let startup = get("/startupz").await;
+    assert_eq!(startup.status(), 503);
+    assert_eq!(startup.headers()["content-type"], "application/json");
+    assert_eq!(
+        startup.body(),
+        r#"{"check":"started","ok":false,"reason":"0 of 1 replicas loaded","state":"starting","replicas":[{"device":"cpu","state":"loading","restarts":0,"stalls":0}]}"#
+    );
+    assert_eq!(get("/readyz").await.status(), 503);
+    assert_eq!(get("/livez").await.status(), 200);
+    assert_eq!(get("/nope").await.status(), 404);
+
+    gate.open();
+    reach(&serving.health(), HealthState::Ready).await;
+    assert_eq!(get("/startupz").await.status(), 200);
+    let ready = get("/readyz").await;
+    assert_eq!(ready.status(), 200);
+    assert!(
+        ready
+            .body()
+            .contains(r#""ok":true,"reason":"1 of 1 replicas serving","state":"ready""#)
+    );
+}
+
+#[tokio::test]
+async fn probes_answer_while_every_replica_is_busy() {
+    let gate = Gate::default();
+    let busy = gate.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        let busy = busy.clone();
+        Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            busy.wait();
+            Ok(batch.to_vec())
+        })
+    };
+    let serving = Serving::start(loader, config(1)).unwrap();
+    reach(&serving.health(), HealthState::Ready).await;
+    let blocked: Vec<_> = (0..100)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move { serving.infer(i).await })
+        })
+        .collect();
+    // The only replica is stuck in a batch and the queue is full of work;
+    // every probe still answers, from state.
+    while serving.replicas()[0].state != ReplicaState::Busy {
+        tokio::task::yield_now().await;
+    }
+    for path in ["/livez", "/readyz", "/startupz"] {
+        let request = http::Request::get(path).body(()).unwrap();
+        let response =
+            tokio::time::timeout(Duration::from_secs(5), serving.probes().oneshot(request))
+                .await
+                .expect("a probe waited behind the model")
+                .unwrap();
+        assert_eq!(response.status(), 200, "{path}: {}", response.body());
+    }
+    gate.open();
+    for request in blocked {
+        request.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn drain_finishes_accepted_work_and_refuses_new_work() {
+    let loader = |_: &Device| -> Result<_, BoxError> {
+        Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(batch.iter().map(|x| x + 1).collect())
+        })
+    };
+    let serving = Serving::start(loader, config(1)).unwrap();
+    let health = serving.health();
+    reach(&health, HealthState::Ready).await;
+    let accepted: Vec<_> = (0..200u32)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move { (i, serving.infer(i).await) })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let drain = {
+        let serving = serving.clone();
+        tokio::spawn(async move {
+            serving
+                .shutdown(Instant::now() + Duration::from_secs(30))
+                .await
+        })
+    };
+    // Readiness is off at once, and new work is refused with a typed error.
+    reach(&health, HealthState::Draining).await;
+    assert_eq!(health.ready().reason, "draining");
+    let refused = serving.infer(1).await.unwrap_err();
+    assert!(refused.is::<Draining>());
+    assert_eq!(status_code(&*refused), 503);
+
+    let report = drain.await.unwrap();
+    for request in accepted {
+        let (i, result) = request.await.unwrap();
+        assert_eq!(
+            result.unwrap(),
+            i + 1,
+            "accepted request {i} lost its answer"
+        );
+    }
+    assert_eq!(report.aborted, 0);
+    assert_eq!(report.rejected, 1);
+    assert!(report.completed > 0 && report.completed <= 200);
+    assert_eq!(health.report().state, HealthState::Stopped);
+}
+
+#[tokio::test]
+async fn drain_answers_what_is_left_at_the_deadline() {
+    let gate = Gate::default();
+    let stuck = gate.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        let stuck = stuck.clone();
+        Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            stuck.wait();
+            Ok(batch.to_vec())
+        })
+    };
+    let mut config = config(1);
+    config.batch.max_batch_size = NonZeroUsize::new(4).unwrap();
+    let serving = Serving::start(loader, config).unwrap();
+    reach(&serving.health(), HealthState::Ready).await;
+    let pending: Vec<_> = (0..10u32)
+        .map(|i| {
+            let serving = serving.clone();
+            tokio::spawn(async move { serving.infer(i).await })
+        })
+        .collect();
+    while serving.replicas()[0].state != ReplicaState::Busy {
+        tokio::task::yield_now().await;
+    }
+    let report = serving
+        .shutdown(Instant::now() + Duration::from_millis(50))
+        .await;
+    for request in pending {
+        assert!(request.await.unwrap().unwrap_err().is::<Closed>());
+    }
+    // One running batch of 4 and 6 queued requests, all answered.
+    assert_eq!((report.completed, report.aborted), (0, 10));
+    gate.open();
+}
