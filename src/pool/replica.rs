@@ -205,10 +205,7 @@ impl<L, O> Replica<L, O> {
             loop {
                 let Ok(job) = jobs.recv() else { return };
                 match self.serve(&model, job) {
-                    Served::Ok(job_permit) => {
-                        failures = 0;
-                        self.board.make_idle(self.index, Some(job_permit));
-                    }
+                    Served::Ok => failures = 0,
                     Served::Panicked(job_permit) => {
                         permit = Some(job_permit);
                         failures += 1;
@@ -256,13 +253,16 @@ impl<L, O> Replica<L, O> {
             // The watchdog answered this batch and replaced the replica.
             return Served::Replaced(permit);
         };
-        // The caller may have gone away; its result is then dropped.
-        let _ = reply.send(outcomes);
         if panicked {
-            Served::Panicked(permit)
-        } else {
-            Served::Ok(permit)
+            let _ = reply.send(outcomes);
+            return Served::Panicked(permit);
         }
+        // Idle first, then answer: the batcher can hand this replica its next
+        // batch while the callers of this one wake up. (The caller may have
+        // gone away; its result is then dropped.)
+        self.board.make_idle(self.index, Some(permit));
+        let _ = reply.send(outcomes);
+        Served::Ok
     }
 
     /// The thread pool candle's CPU kernels run on for this replica, if the
@@ -345,7 +345,8 @@ impl<L, O> Replica<L, O> {
 }
 
 enum Served {
-    Ok(OwnedSemaphorePermit),
+    /// Answered, and idle again.
+    Ok,
     Panicked(OwnedSemaphorePermit),
     Replaced(OwnedSemaphorePermit),
 }
