@@ -61,11 +61,12 @@ pub mod collate;
 pub mod device;
 pub mod error;
 pub mod health;
+pub mod metrics;
 mod model;
 pub mod pool;
 mod serving;
 
-pub use model::{Loader, Model};
+pub use model::{Approval, Loader, Model, ModelInfo};
 
 // Compiles and runs the README's examples as doctests.
 #[cfg(doctest)]

@@ -119,3 +119,87 @@ where
         self(device)
     }
 }
+
+/// What is being served: attached to a serving stack, exported as metric
+/// labels, and available for an `/info` endpoint and Kubernetes labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[non_exhaustive]
+pub struct ModelInfo {
+    /// The model's name, e.g. `all-MiniLM-L6-v2`.
+    pub name: String,
+    /// Its version, e.g. `2024-05-01` or `v3`.
+    pub version: String,
+    /// The revision of the code or weights it was built from, if known.
+    pub revision: Option<String>,
+    /// The snapshot of the training data, if known.
+    pub data_snapshot: Option<String>,
+    /// Whether it was approved for serving.
+    pub approval: Approval,
+}
+
+/// The review status of a model version.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum Approval {
+    /// Not reviewed.
+    #[default]
+    Unreviewed,
+    /// Approved for production traffic.
+    Approved,
+    /// Allowed for limited traffic only, such as a canary.
+    Experimental,
+    /// Rejected; should not take traffic.
+    Rejected,
+}
+
+impl Approval {
+    /// The lowercase name used in labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unreviewed => "unreviewed",
+            Self::Approved => "approved",
+            Self::Experimental => "experimental",
+            Self::Rejected => "rejected",
+        }
+    }
+}
+
+impl Default for ModelInfo {
+    fn default() -> Self {
+        Self::new("model", "0")
+    }
+}
+
+impl ModelInfo {
+    /// A model `name` at `version`, with no revision, data snapshot or review.
+    pub fn new(name: impl Into<String>, version: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            version: version.into(),
+            revision: None,
+            data_snapshot: None,
+            approval: Approval::Unreviewed,
+        }
+    }
+
+    /// Sets [`revision`](Self::revision).
+    pub fn with_revision(mut self, revision: impl Into<String>) -> Self {
+        self.revision = Some(revision.into());
+        self
+    }
+
+    /// Sets [`data_snapshot`](Self::data_snapshot).
+    pub fn with_data_snapshot(mut self, snapshot: impl Into<String>) -> Self {
+        self.data_snapshot = Some(snapshot.into());
+        self
+    }
+
+    /// Sets [`approval`](Self::approval).
+    pub fn with_approval(mut self, approval: Approval) -> Self {
+        self.approval = approval;
+        self
+    }
+}

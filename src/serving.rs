@@ -29,13 +29,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use pin_project::pin_project;
-use tower::{Layer, Service};
+use tower::Service;
 
 use crate::BoxError;
 use crate::batch::{self, Batch, BatchConfig, BatchLayer, DrainReport, RequestOptions};
 use crate::error::ModelFailed;
 use crate::health::{Health, HealthConfig, Lifecycle, ProbePaths, ProbeService};
-use crate::model::{Loader, Model};
+use crate::model::{Loader, Model, ModelInfo};
 use crate::pool::{Pool, PoolConfig, PoolError, ReplicaStatus};
 
 /// Everything the standard stack runs with.
@@ -50,6 +50,9 @@ pub struct ServingConfig {
     pub batch: BatchConfig,
     /// When the service counts as started, ready and live.
     pub health: HealthConfig,
+    /// What is being served: labels every metric, and is reported by
+    /// [`Serving::model`].
+    pub model: ModelInfo,
     /// Where the probes are served (used by [`ProbeService`] and by the
     /// generated Kubernetes probes).
     ///
@@ -66,6 +69,12 @@ impl ServingConfig {
             batch,
             ..Self::default()
         }
+    }
+
+    /// Sets [`model`](Self::model).
+    pub fn with_model(mut self, model: ModelInfo) -> Self {
+        self.model = model;
+        self
     }
 
     /// Sets [`health`](Self::health).
@@ -92,6 +101,7 @@ pub struct Serving<I, O> {
     pool: Pool<I, O>,
     health: Health,
     probes: ProbePaths,
+    model: Arc<ModelInfo>,
 }
 
 impl<I, O> Clone for Serving<I, O> {
@@ -101,6 +111,7 @@ impl<I, O> Clone for Serving<I, O> {
             pool: self.pool.clone(),
             health: self.health.clone(),
             probes: self.probes.clone(),
+            model: self.model.clone(),
         }
     }
 }
@@ -124,16 +135,23 @@ where
         L::Model: Model<I, Output = O>,
     {
         let loader = Arc::new(loader);
-        let pool = Pool::from_arc(loader.clone(), config.pool)?;
+        let model = config.model;
+        let pool = Pool::from_arc(loader.clone(), config.pool, &model)?;
         let health = Health::new(config.health, pool.roster_source());
-        let batch = BatchLayer::new(config.batch)
+        let labels = crate::metrics::labels(&model, &[]);
+        health.publish_state(&labels);
+        publish_model_info(&model);
+        let (batch_config, hooks) = BatchLayer::new(config.batch)
             .hooks_from(loader)
-            .layer(pool.clone());
+            .model(&model)
+            .into_hooks();
+        let batch = Batch::with_hooks(pool.clone(), batch_config, hooks, Result::is_err);
         Ok(Self {
             batch,
             pool,
             health,
             probes: config.probes,
+            model: Arc::new(model),
         })
     }
 
@@ -158,6 +176,11 @@ impl<I, O> Serving<I, O> {
     /// A snapshot of every replica.
     pub fn replicas(&self) -> Vec<ReplicaStatus> {
         self.pool.replicas()
+    }
+
+    /// What this stack serves.
+    pub fn model(&self) -> &ModelInfo {
+        &self.model
     }
 
     /// The health of this stack: started, ready, live.
@@ -200,6 +223,23 @@ where
             inner: self.batch.call(input),
         }
     }
+}
+
+/// Sets the [`MODEL_INFO`](crate::metrics::names::MODEL_INFO) gauge.
+fn publish_model_info(model: &ModelInfo) {
+    let unknown = || "unknown".to_owned();
+    let labels = crate::metrics::labels(
+        model,
+        &[
+            ("revision", model.revision.clone().unwrap_or_else(unknown)),
+            (
+                "data_snapshot",
+                model.data_snapshot.clone().unwrap_or_else(unknown),
+            ),
+            ("approval", model.approval.as_str().to_owned()),
+        ],
+    );
+    metrics::gauge!(crate::metrics::names::MODEL_INFO, labels).set(1.0);
 }
 
 /// The answer of a [`Serving`] to one request.

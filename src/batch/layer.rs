@@ -38,6 +38,17 @@ impl<I> BatchLayer<I> {
         self
     }
 
+    /// Labels every metric of the service with the model's name and version.
+    pub fn model(mut self, model: &crate::ModelInfo) -> Self {
+        self.hooks.labels = crate::metrics::labels(model, &[]);
+        self
+    }
+
+    /// The admission hooks and labels, for building a [`Batch`] directly.
+    pub(crate) fn into_hooks(self) -> (BatchConfig, Hooks<I>) {
+        (self.config, self.hooks)
+    }
+
     /// Takes [`cost`](Self::cost) and [`validate`](Self::validate) from the
     /// model's loader.
     pub fn hooks_from<L: Loader<I>>(self, loader: Arc<L>) -> Self
@@ -78,6 +89,6 @@ where
     type Service = Batch<I, O>;
 
     fn layer(&self, inner: S) -> Batch<I, O> {
-        Batch::with_hooks(inner, self.config.clone(), self.hooks.clone())
+        Batch::with_hooks(inner, self.config.clone(), self.hooks.clone(), |_| false)
     }
 }

@@ -282,6 +282,8 @@ type ValidateFn<I> = dyn Fn(&I) -> Result<(), BoxError> + Send + Sync;
 pub(crate) struct Hooks<I> {
     cost: Arc<CostFn<I>>,
     validate: Arc<ValidateFn<I>>,
+    /// Labels on every metric of this stack.
+    pub(crate) labels: Vec<metrics::Label>,
 }
 
 impl<I> Default for Hooks<I> {
@@ -289,6 +291,7 @@ impl<I> Default for Hooks<I> {
         Self {
             cost: Arc::new(|_| 1),
             validate: Arc::new(|_| Ok(())),
+            labels: crate::metrics::labels(&crate::ModelInfo::default(), &[]),
         }
     }
 }
@@ -298,6 +301,7 @@ impl<I> Clone for Hooks<I> {
         Self {
             cost: self.cost.clone(),
             validate: self.validate.clone(),
+            labels: self.labels.clone(),
         }
     }
 }

@@ -11,11 +11,13 @@ use tokio::time::Instant;
 use super::{BatchConfig, CostMode, Priority};
 use crate::BoxError;
 use crate::error::{Closed, DeadlineExceeded};
+use crate::metrics::{BatchMetrics, Outcome};
 
 pub(super) type Reply<O> = oneshot::Sender<Result<O, BoxError>>;
 
 /// One admitted request.
 pub(super) struct Entry<I, O> {
+    pub(super) id: u64,
     pub(super) input: I,
     pub(super) cost: usize,
     pub(super) arrived: Instant,
@@ -42,6 +44,8 @@ pub(super) struct Taken<I, O> {
     pub(super) inputs: Vec<I>,
     pub(super) replies: Vec<Reply<O>>,
     pub(super) spans: Vec<tracing::Span>,
+    pub(super) ids: Vec<u64>,
+    pub(super) arrived: Vec<Instant>,
     pub(super) cost: usize,
 }
 
@@ -68,6 +72,7 @@ pub(super) struct Queue<I, O> {
 }
 
 struct State<I, O> {
+    metrics: BatchMetrics,
     /// One lane per priority, `High` first.
     lanes: [VecDeque<Entry<I, O>>; 2],
     /// The number of entries in all lanes.
@@ -84,9 +89,10 @@ fn lane(priority: Priority) -> usize {
 }
 
 impl<I, O> Queue<I, O> {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(metrics: BatchMetrics) -> Self {
         Self {
             state: Mutex::new(State {
+                metrics,
                 lanes: [VecDeque::new(), VecDeque::new()],
                 len: 0,
                 cost: 0,
@@ -106,6 +112,7 @@ impl<I, O> Queue<I, O> {
         state.cost += entry.cost;
         state.len += 1;
         state.lanes[lane(entry.priority)].push_back(entry);
+        state.publish_depth();
         drop(state);
         self.wake.notify_one();
     }
@@ -150,6 +157,9 @@ impl<I, O> Queue<I, O> {
                 answered += 1;
             }
         }
+        let state = self.lock();
+        state.publish_depth();
+        state.metrics.outcome_n(Outcome::Closed, answered);
         answered
     }
 
@@ -157,12 +167,21 @@ impl<I, O> Queue<I, O> {
     /// Returns how many were dropped.
     pub(super) fn remove_cancelled(&self) -> usize {
         let mut state = self.lock();
-        let before = state.len;
-        for lane in &mut state.lanes {
-            lane.retain(|entry| !entry.is_cancelled());
+        let now = Instant::now();
+        let mut removed = Vec::new();
+        for lane in 0..2 {
+            let (kept, gone) = std::mem::take(&mut state.lanes[lane])
+                .into_iter()
+                .partition(|entry| !entry.is_cancelled());
+            state.lanes[lane] = kept;
+            removed.extend::<VecDeque<_>>(gone);
         }
-        state.recount();
-        before - state.len
+        let count = removed.len();
+        for entry in removed {
+            state.forget(entry, now);
+        }
+        state.publish_depth();
+        count
     }
 
     /// Takes a batch if one is due at `now`, following the rules of the
@@ -197,16 +216,22 @@ impl<I, O> Queue<I, O> {
             return Next::WaitUntil(due_at);
         }
         let taken = state.take(now, config);
+        state.publish_depth();
         if taken.inputs.is_empty() {
             return Next::Empty;
         }
+        let metrics = &state.metrics;
+        metrics.batch_size.record(taken.inputs.len() as f64);
+        metrics.batch_cost.record(taken.cost as f64);
+        metrics.in_flight.increment(taken.inputs.len() as f64);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Next::Run(taken)
     }
 
-    /// Marks a batch taken by [`next`](Self::next) as answered.
-    pub(super) fn finish_batch(&self) {
+    /// Marks a batch of `size` taken by [`next`](Self::next) as answered.
+    pub(super) fn finish_batch(&self, size: usize) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.lock().metrics.in_flight.decrement(size as f64);
     }
 
     /// The number of batches taken and not yet answered.
@@ -222,9 +247,9 @@ impl<I, O> Queue<I, O> {
 }
 
 impl<I, O> State<I, O> {
-    fn recount(&mut self) {
-        self.len = self.lanes.iter().map(VecDeque::len).sum();
-        self.cost = self.lanes.iter().flatten().map(|entry| entry.cost).sum();
+    fn publish_depth(&self) {
+        self.metrics.queue_depth.set(self.len as f64);
+        self.metrics.queue_cost.set(self.cost as f64);
     }
 
     /// Accounts for an entry leaving the queue without being batched, and
@@ -232,8 +257,13 @@ impl<I, O> State<I, O> {
     fn forget(&mut self, entry: Entry<I, O>, now: Instant) {
         self.len -= 1;
         self.cost -= entry.cost;
-        if !entry.is_cancelled() && entry.is_expired(now) {
+        // A request whose own future gave up at its deadline is cancelled
+        // and expired: it counts as a deadline, not a cancellation.
+        if entry.is_expired(now) {
+            self.metrics.outcome(Outcome::Deadline);
             let _ = entry.reply.send(Err(DeadlineExceeded::new().into()));
+        } else {
+            self.metrics.outcome(Outcome::Cancelled);
         }
     }
 
@@ -244,6 +274,8 @@ impl<I, O> State<I, O> {
             inputs: Vec::with_capacity(capacity),
             replies: Vec::with_capacity(capacity),
             spans: Vec::with_capacity(capacity),
+            ids: Vec::with_capacity(capacity),
+            arrived: Vec::with_capacity(capacity),
             cost: 0,
         };
         // The high lane goes first, unless the normal lane's oldest request
@@ -275,6 +307,11 @@ impl<I, O> State<I, O> {
                 self.cost -= entry.cost;
                 longest = longest.max(entry.cost);
                 taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
+                self.metrics
+                    .queue_wait
+                    .record(now.saturating_duration_since(entry.arrived));
+                taken.arrived.push(entry.arrived);
+                taken.ids.push(entry.id);
                 taken.inputs.push(entry.input);
                 taken.replies.push(entry.reply);
                 taken.spans.push(entry.span);

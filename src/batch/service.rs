@@ -15,6 +15,7 @@ use super::queue::{Entry, Queue, ServiceRate};
 use super::{Admission, BatchConfig, Hooks, RequestOptions, worker};
 use crate::BoxError;
 use crate::error::{Closed, DeadlineExceeded, Draining, InvalidInput, Overloaded};
+use crate::metrics::{BatchMetrics, Outcome};
 
 /// What a [`Batch::drain`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,6 +32,9 @@ pub struct DrainReport {
 /// What the handles and the worker share.
 pub(super) struct Shared<I, O> {
     pub(super) queue: Queue<I, O>,
+    pub(super) metrics: BatchMetrics,
+    /// Whether an output stands for a failure of its input.
+    pub(super) failed: fn(&O) -> bool,
     pub(super) config: BatchConfig,
     pub(super) hooks: Hooks<I>,
     /// One permit per free queue slot.
@@ -46,6 +50,8 @@ pub(super) struct Shared<I, O> {
     pub(super) progress: Notify,
     /// Requests answered by the inner service.
     pub(super) completed: AtomicU64,
+    /// The id of the next request, for tracing.
+    next_id: AtomicU64,
     /// Requests refused because the service was draining.
     rejected: AtomicU64,
     /// Requests answered with [`Closed`] when a drain ran out of time.
@@ -93,18 +99,28 @@ where
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
-        Self::with_hooks(inner, config, Hooks::default())
+        Self::with_hooks(inner, config, Hooks::default(), |_| false)
     }
 
-    pub(super) fn with_hooks<S>(inner: S, config: BatchConfig, hooks: Hooks<I>) -> Self
+    /// Like [`new`](Self::new), with admission hooks and metric labels, and
+    /// `failed` telling which outputs are per-input failures.
+    pub(crate) fn with_hooks<S>(
+        inner: S,
+        config: BatchConfig,
+        hooks: Hooks<I>,
+        failed: fn(&O) -> bool,
+    ) -> Self
     where
         S: Service<Vec<I>, Response = Vec<O>> + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
     {
         let slots = Arc::new(Semaphore::new(config.queue_capacity.get()));
+        let metrics = BatchMetrics::new(&hooks.labels);
         let shared = Arc::new(Shared {
-            queue: Queue::new(),
+            queue: Queue::new(metrics.clone()),
+            metrics,
+            failed,
             config,
             hooks,
             slots: slots.clone(),
@@ -115,6 +131,7 @@ where
             progress: Notify::new(),
             completed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
+            next_id: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
         });
         tokio::spawn(worker::run(inner, shared.clone()));
@@ -247,10 +264,17 @@ impl<I, O> Batch<I, O> {
         });
         let (cost, slot) = match self.admit(&input, now, deadline, slot) {
             Ok(admitted) => admitted,
-            Err(err) => return ResponseFuture::failed(err),
+            Err(err) => {
+                self.shared.metrics.outcome(Outcome::of_error(&*err));
+                return ResponseFuture::failed(err);
+            }
         };
         let (reply, rx) = oneshot::channel();
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let span =
+            tracing::debug_span!("candlewick.request", id, cost, priority = ?options.priority);
         self.shared.queue.push(Entry {
+            id,
             input,
             cost,
             arrived: now,
@@ -258,7 +282,7 @@ impl<I, O> Batch<I, O> {
             priority: options.priority,
             reply,
             _slot: slot,
-            span: tracing::Span::current(),
+            span,
         });
         ResponseFuture::new(rx, deadline)
     }

@@ -12,6 +12,7 @@ use super::Shared;
 use super::queue::{Next, Taken};
 use crate::BoxError;
 use crate::error::{Closed, FailureKind, ModelFailed};
+use crate::metrics::Outcome;
 
 /// Runs until every handle is gone and the queue is drained, or the inner
 /// service fails.
@@ -77,9 +78,13 @@ where
         inputs,
         replies,
         spans,
+        ids,
+        arrived,
         cost,
     } = batch;
-    let span = tracing::debug_span!("batch", size = inputs.len(), cost);
+    let size = inputs.len();
+    // The batch span names the requests it carried, and links to their spans.
+    let span = tracing::debug_span!("candlewick.batch", size, cost, requests = ?ids);
     for request in &spans {
         span.follows_from(request);
     }
@@ -96,49 +101,65 @@ where
                         .lock()
                         .expect("rate lock")
                         .record(cost, started.elapsed(), in_flight);
-                    let answered = replies.len() as u64;
-                    answer(replies, result.map_err(Into::into));
-                    shared.completed.fetch_add(answered, Ordering::Relaxed);
+                    answer(&shared, replies, &arrived, result.map_err(Into::into));
+                    shared.completed.fetch_add(size as u64, Ordering::Relaxed);
                 }
                 // A drain ran out of time: the model's answer will not come
                 // in time, so say so now.
                 () = shared.abort.cancelled() => {
-                    let aborted = replies.iter().filter(|reply| !reply.is_closed()).count();
+                    let mut aborted = 0;
                     for reply in replies {
-                        let _ = reply.send(Err(Closed::new().into()));
+                        if reply.send(Err(Closed::new().into())).is_ok() {
+                            aborted += 1;
+                        }
                     }
+                    shared.metrics.outcome_n(Outcome::Closed, aborted);
                     shared.aborted.fetch_add(aborted as u64, Ordering::Relaxed);
                 }
             }
-            shared.queue.finish_batch();
+            shared.queue.finish_batch(size);
             shared.progress.notify_waiters();
         }
         .instrument(span),
     );
 }
 
-/// Sends every request of a batch its own answer.
-fn answer<O>(replies: Vec<super::queue::Reply<O>>, result: Result<Vec<O>, BoxError>) {
-    match result {
-        Ok(outputs) if outputs.len() == replies.len() => {
-            for (reply, output) in replies.into_iter().zip(outputs) {
-                let _ = reply.send(Ok(output));
-            }
-        }
+/// Sends every request of a batch its own answer, recording its outcome and
+/// latency.
+fn answer<I, O>(
+    shared: &Shared<I, O>,
+    replies: Vec<super::queue::Reply<O>>,
+    arrived: &[Instant],
+    result: Result<Vec<O>, BoxError>,
+) {
+    let n = replies.len();
+    let answers: Box<dyn Iterator<Item = Result<O, BoxError>>> = match result {
+        Ok(outputs) if outputs.len() == n => Box::new(outputs.into_iter().map(Ok)),
         Ok(outputs) => {
             let kind = FailureKind::OutputCount {
-                expected: replies.len(),
+                expected: n,
                 actual: outputs.len(),
             };
             let err = ModelFailed::new(kind, "wrong number of outputs");
-            for reply in replies {
-                let _ = reply.send(Err(err.clone().into()));
-            }
+            Box::new(std::iter::repeat_with(move || Err(err.clone().into())))
         }
-        Err(err) => {
-            for (reply, err) in replies.into_iter().zip(fan_out(err)) {
-                let _ = reply.send(Err(err));
-            }
+        Err(err) => Box::new(fan_out(err).map(Err)),
+    };
+    let metrics = &shared.metrics;
+    let now = Instant::now();
+    for ((reply, answer), arrived) in replies.into_iter().zip(answers).zip(arrived) {
+        let outcome = match &answer {
+            Ok(output) if (shared.failed)(output) => Outcome::ModelError,
+            Ok(_) => Outcome::Ok,
+            Err(err) => Outcome::of_error(&**err),
+        };
+        if reply.send(answer).is_ok() {
+            metrics.outcome(outcome);
+            metrics
+                .request_duration
+                .record(now.saturating_duration_since(*arrived));
+        } else {
+            metrics.outcome(Outcome::Cancelled);
         }
     }
 }

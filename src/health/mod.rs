@@ -121,6 +121,16 @@ pub enum HealthState {
 }
 
 impl HealthState {
+    const ALL: [HealthState; 7] = [
+        Self::Starting,
+        Self::Ready,
+        Self::Degraded,
+        Self::NotReady,
+        Self::Draining,
+        Self::Stopped,
+        Self::Dead,
+    ];
+
     /// The lowercase name used in probe bodies and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -327,6 +337,44 @@ impl Health {
             live,
             replicas,
         }
+    }
+
+    /// Keeps the [`HEALTH_STATE`](crate::metrics::names::HEALTH_STATE) gauges
+    /// current, on the tokio runtime, until every clone of this is dropped.
+    pub(crate) fn publish_state(&self, labels: &[metrics::Label]) {
+        let gauges: Vec<_> = HealthState::ALL
+            .iter()
+            .map(|&state| {
+                let mut labels = labels.to_vec();
+                labels.push(metrics::Label::new("state", state.as_str()));
+                (
+                    state,
+                    metrics::gauge!(crate::metrics::names::HEALTH_STATE, labels),
+                )
+            })
+            .collect();
+        let inner = Arc::downgrade(&self.inner);
+        let mut watch = self.watch();
+        tokio::spawn(async move {
+            let mut published = None;
+            loop {
+                let Some(inner) = inner.upgrade() else { return };
+                let state = Health { inner }.report().state;
+                if published != Some(state) {
+                    for (candidate, gauge) in &gauges {
+                        gauge.set(if *candidate == state { 1.0 } else { 0.0 });
+                    }
+                    published = Some(state);
+                }
+                // Liveness also changes with time alone: look again each second.
+                tokio::select! {
+                    () = watch.changed() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                // Coalesce bursts of replica changes (two per batch).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
     }
 
     /// A subscription to changes of health.

@@ -198,6 +198,16 @@ pub enum ReplicaState {
 }
 
 impl ReplicaState {
+    pub(crate) const ALL: [ReplicaState; 7] = [
+        Self::Loading,
+        Self::WarmingUp,
+        Self::Idle,
+        Self::Busy,
+        Self::Failed,
+        Self::Restarting,
+        Self::Stalled,
+    ];
+
     /// Whether a replica in this state takes batches: idle or busy.
     pub fn is_serving(self) -> bool {
         matches!(self, Self::Idle | Self::Busy)

@@ -12,7 +12,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{FailurePolicy, PoolConfig, ReplicaState, ReplicaStatus};
 use crate::BoxError;
+use crate::device::format_location;
 use crate::error::{FailureKind, ModelFailed};
+use crate::metrics::ReplicaMetrics;
 use crate::model::{Loader, Model};
 
 /// Each input's own result.
@@ -50,6 +52,7 @@ pub(super) struct Board<O> {
     /// One permit per idle replica.
     pub(super) semaphore: Arc<Semaphore>,
     status: Mutex<Roster>,
+    pub(super) metrics: Vec<ReplicaMetrics>,
     /// Bumped on every change of `status`, for watchers.
     pub(super) changes: watch::Sender<u64>,
     /// The slot of each replica's current thread.
@@ -80,9 +83,19 @@ impl<O: Send> RosterSource for Board<O> {
 }
 
 impl<O> Board<O> {
-    pub(super) fn new(replicas: Vec<ReplicaStatus>) -> Self {
+    pub(super) fn new(replicas: Vec<ReplicaStatus>, labels: &[metrics::Label]) -> Self {
         let count = replicas.len();
+        let metrics: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(index, replica)| {
+                let metrics = ReplicaMetrics::new(labels, &format_location(replica.device), index);
+                metrics.transition(None, replica.state);
+                metrics
+            })
+            .collect();
         Self {
+            metrics,
             idle: Mutex::new(Vec::with_capacity(count)),
             semaphore: Arc::new(Semaphore::new(0)),
             status: Mutex::new(Roster {
@@ -106,7 +119,12 @@ impl<O> Board<O> {
     pub(super) fn update(&self, index: usize, change: impl FnOnce(&mut ReplicaStatus)) {
         {
             let mut roster = self.status.lock().expect("status lock");
+            let before = roster.replicas[index].state;
             change(&mut roster.replicas[index]);
+            let after = roster.replicas[index].state;
+            if after != before {
+                self.metrics[index].transition(Some(before), after);
+            }
             let serving = roster.replicas.iter().any(|r| r.state.is_serving());
             match (serving, roster.none_serving_since) {
                 (true, _) => roster.none_serving_since = None,
@@ -241,8 +259,12 @@ impl<L, O> Replica<L, O> {
             reply: Some(reply),
         });
         let mut outcomes = Vec::with_capacity(inputs.len());
+        let started = Instant::now();
         let panicked = span
             .in_scope(|| run_isolated(model, &inputs, self.config.failure_policy, &mut outcomes));
+        self.board.metrics[self.index]
+            .batch_duration
+            .record(started.elapsed());
         let reply = self
             .slot
             .lock()
@@ -340,6 +362,9 @@ impl<L, O> Replica<L, O> {
             status.load_time = Some(loaded);
             status.warmup_time = Some(warmed);
         });
+        let metrics = &self.board.metrics[self.index];
+        metrics.load_time.set(loaded.as_secs_f64());
+        metrics.warmup_time.set(warmed.as_secs_f64());
         Ok(model)
     }
 }

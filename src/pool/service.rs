@@ -14,7 +14,7 @@ use super::replica::{self, Board, Job, Outcomes, Slot};
 use super::{PoolConfig, PoolError, ReplicaState, ReplicaStatus};
 use crate::BoxError;
 use crate::error::{Closed, FailureKind, ModelFailed};
-use crate::model::{Loader, Model};
+use crate::model::{Loader, Model, ModelInfo};
 
 /// A `Service<Vec<I>>` that runs each batch on an idle replica and answers with
 /// one `Result<O, ModelFailed>` per input. See the [module docs](super).
@@ -51,12 +51,17 @@ where
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
     {
-        Self::from_arc(Arc::new(loader), config)
+        Self::from_arc(Arc::new(loader), config, &ModelInfo::default())
     }
 
     /// Like [`new`](Self::new), with a loader shared with other parts of the
-    /// application (the batching layer consults it at admission).
-    pub fn from_arc<L>(loader: Arc<L>, config: PoolConfig) -> Result<Self, PoolError>
+    /// application (the batching layer consults it at admission), and metrics
+    /// labelled with `model`.
+    pub fn from_arc<L>(
+        loader: Arc<L>,
+        config: PoolConfig,
+        model: &ModelInfo,
+    ) -> Result<Self, PoolError>
     where
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
@@ -71,7 +76,7 @@ where
             .map(ReplicaStatus::new)
             .collect();
         let replicas = status.len();
-        let board = Arc::new(Board::new(status));
+        let board = Arc::new(Board::new(status, &crate::metrics::labels(model, &[])));
         let spawn: Box<Spawn<I, O>> = {
             let (board, config) = (board.clone(), config.clone());
             Box::new(move |index, jobs| {

@@ -1,0 +1,86 @@
+//! A `/metrics` endpoint for applications that have no exporter yet.
+
+use std::convert::Infallible;
+use std::future::{Ready, ready};
+use std::task::{Context, Poll};
+
+use http::{Request, Response, header};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use tower::Service;
+
+use super::{COUNT_BUCKETS, SECONDS_BUCKETS, describe, names};
+
+/// A `tower::Service<http::Request<B>>` that renders every metric of the
+/// process in the Prometheus text exposition format.
+///
+/// # Examples
+///
+/// ```no_run
+/// use candlewick::metrics::PrometheusService;
+/// use tower::ServiceExt;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// // Once per process, before the serving stack is built.
+/// let metrics = PrometheusService::install()?;
+/// let response = metrics.oneshot(http::Request::get("/metrics").body(())?).await?;
+/// assert_eq!(response.status(), 200);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PrometheusService {
+    handle: PrometheusHandle,
+}
+
+impl PrometheusService {
+    /// Installs a Prometheus recorder as the process's global recorder, with
+    /// this crate's histogram buckets and metric descriptions.
+    ///
+    /// Fails if a global recorder is already installed.
+    pub fn install() -> Result<Self, BuildError> {
+        let handle = Self::builder()?.install_recorder()?;
+        describe();
+        Ok(Self { handle })
+    }
+
+    /// A builder with this crate's histogram buckets, for applications that
+    /// want to adjust it before installing.
+    pub fn builder() -> Result<PrometheusBuilder, BuildError> {
+        PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
+            .set_buckets_for_metric(Matcher::Full(names::BATCH_SIZE.to_owned()), COUNT_BUCKETS)?
+            .set_buckets_for_metric(Matcher::Full(names::BATCH_COST.to_owned()), COUNT_BUCKETS)
+    }
+
+    /// Serves the metrics of an installed recorder.
+    pub fn from_handle(handle: PrometheusHandle) -> Self {
+        Self { handle }
+    }
+
+    /// The current exposition text.
+    pub fn render(&self) -> String {
+        // Upkeep drains the histograms' buffers; once per scrape is enough.
+        self.handle.run_upkeep();
+        self.handle.render()
+    }
+}
+
+impl<B> Service<Request<B>> for PrometheusService {
+    type Response = Response<String>;
+    type Error = Infallible;
+    type Future = Ready<Result<Response<String>, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        let mut response = Response::new(self.render());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        ready(Ok(response))
+    }
+}
