@@ -1,3 +1,218 @@
-//! The example embedding server (being built).
+//! The example embedding server: an axum HTTP server embedding candlewick and
+//! serving a BERT-family sentence-embedding model.
+//!
+//! ```sh
+//! cargo run --release --example serve                      # the built-in model
+//! cargo run --release --example serve -- --model-dir DIR   # any local BERT embedding model
+//! ```
+//!
+//! `POST /embed` is compatible with text-embeddings-inference; the probes,
+//! `/metrics` and `/info` come from candlewick. SIGTERM or SIGINT turns
+//! readiness off, drains, and exits 0.
 
-fn main() {}
+mod api;
+mod bert;
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use candle_core::DeviceLocation;
+use candlewick::batch::{Admission, BatchConfig, CostMode};
+use candlewick::metrics::PrometheusService;
+use candlewick::pool::PoolConfig;
+use candlewick::{BoxError, ModelInfo, Serving, ServingConfig};
+use clap::Parser;
+
+use crate::api::AppState;
+use crate::bert::BertLoader;
+
+/// Serve sentence embeddings over HTTP.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "CANDLEWICK_BIND")]
+    bind: std::net::IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8080, env = "CANDLEWICK_PORT")]
+    port: u16,
+    /// A local Hugging Face BERT-family sentence-embedding model directory
+    /// (config.json, model.safetensors, tokenizer.json, 1_Pooling/config.json).
+    /// Without it, a small built-in model is generated.
+    #[arg(long, env = "CANDLEWICK_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// The seed of the built-in model's weights.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// The model version reported in /info and metric labels.
+    #[arg(long, default_value = "1")]
+    model_version: String,
+    /// Devices to place replicas on: `cpu`, `cuda:N`, `metal:N`, comma-separated.
+    #[arg(long, default_value = "cpu", value_parser = candlewick::device::parse_locations)]
+    devices: std::vec::Vec<DeviceLocation>,
+    /// Replicas per device. On a CPU, one single-threaded replica per core
+    /// serves the most.
+    #[arg(long)]
+    replicas: Option<NonZeroUsize>,
+    /// Threads each CPU replica's kernels may use (0: share one global pool).
+    #[arg(long, default_value_t = 1)]
+    cpu_threads: usize,
+    /// The most inputs in one batch.
+    #[arg(long, default_value_t = 32)]
+    max_batch_size: usize,
+    /// The most padded tokens in one batch.
+    #[arg(long, default_value_t = 8192)]
+    max_batch_tokens: usize,
+    /// How long a batch may wait to fill once a replica is free, in µs.
+    #[arg(long, default_value_t = 1000)]
+    max_wait_us: u64,
+    /// The most inputs waiting in the queue.
+    #[arg(long, default_value_t = 512)]
+    queue_capacity: usize,
+    /// Reject requests that would wait longer than this in the queue, in ms.
+    #[arg(long, default_value_t = 2000)]
+    max_queue_time_ms: u64,
+    /// The deadline of each request, in ms.
+    #[arg(long, default_value_t = 30_000)]
+    request_timeout_ms: u64,
+    /// The most inputs in one client request (413 above).
+    #[arg(long, default_value_t = 64)]
+    max_client_batch: usize,
+    /// How long to finish accepted work after SIGTERM, in seconds.
+    #[arg(long, default_value_t = 20)]
+    drain_timeout_s: u64,
+}
+
+impl Args {
+    fn serving_config(&self, model: ModelInfo) -> Result<ServingConfig, BoxError> {
+        let positive = |n: usize, what: &str| {
+            NonZeroUsize::new(n).ok_or_else(|| format!("{what} must be positive"))
+        };
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let on_cpu = self
+            .devices
+            .iter()
+            .all(|d| matches!(d, DeviceLocation::Cpu));
+        let replicas = self.replicas.unwrap_or(if on_cpu {
+            NonZeroUsize::new((cores / self.cpu_threads.max(1)).max(1)).expect("at least 1")
+        } else {
+            NonZeroUsize::MIN
+        });
+        let pool = PoolConfig::default()
+            .with_devices(self.devices.clone())
+            .with_replicas_per_device(replicas)
+            .with_cpu_threads_per_replica(NonZeroUsize::new(self.cpu_threads));
+        let batch = BatchConfig::default()
+            .with_max_batch_size(positive(self.max_batch_size, "--max-batch-size")?)
+            .with_max_wait(Duration::from_micros(self.max_wait_us))
+            .with_max_batch_cost(
+                Some(positive(self.max_batch_tokens, "--max-batch-tokens")?),
+                CostMode::Padded,
+            )
+            .with_queue_capacity(positive(self.queue_capacity, "--queue-capacity")?)
+            .with_admission(Admission::Shed)
+            .with_max_queue_time(Some(Duration::from_millis(self.max_queue_time_ms)))
+            .with_default_timeout(Some(Duration::from_millis(self.request_timeout_ms)));
+        Ok(ServingConfig::new(pool, batch).with_model(model))
+    }
+}
+
+fn main() -> Result<(), BoxError> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    // Replicas bring their own threads; the HTTP side needs few.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve(args))
+}
+
+async fn serve(args: Args) -> Result<(), BoxError> {
+    let loader = match &args.model_dir {
+        Some(dir) => BertLoader::from_dir(dir)?,
+        None => BertLoader::builtin(args.seed),
+    };
+    let model = ModelInfo::new(loader.name(), args.model_version.clone());
+    let config = args.serving_config(model)?;
+    // The recorder goes in before the stack registers its metrics.
+    let metrics = PrometheusService::install()?;
+    let serving = Serving::start(loader.clone(), config.clone())?;
+    let state = AppState::new(serving.clone(), &loader, &config, args.max_client_batch);
+
+    let probes = serving.probes();
+    let app = Router::new()
+        .route("/embed", post(api::embed))
+        .route("/info", get(api::info))
+        .route_service(&config.probes.live, probes.clone())
+        .route_service(&config.probes.ready, probes.clone())
+        .route_service(&config.probes.started, probes)
+        .route_service("/metrics", metrics)
+        .fallback(api::not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES))
+        .with_state(state);
+
+    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.bind, args.port)).await?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        model = loader.name(),
+        dimension = loader.dimension(),
+        max_tokens = loader.max_tokens(),
+        replicas = config.pool.replicas(),
+        "listening"
+    );
+    let drain = Duration::from_secs(args.drain_timeout_s);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(drain_on_signal(serving, drain))
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes once a SIGTERM or SIGINT has been handled: readiness off at once,
+/// accepted work finished (or answered) within `drain`. The HTTP server then
+/// stops accepting and closes its connections.
+async fn drain_on_signal(serving: Serving<Vec<u32>, Vec<f32>>, drain: Duration) {
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, ?drain, "shutting down: draining");
+    let report = serving.shutdown(tokio::time::Instant::now() + drain).await;
+    tracing::info!(
+        completed = report.completed,
+        rejected = report.rejected,
+        aborted = report.aborted,
+        "drained"
+    );
+}
+
+async fn wait_for_signal() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            },
+            Err(err) => {
+                tracing::warn!(%err, "cannot listen for SIGTERM; SIGINT only");
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
