@@ -1,0 +1,395 @@
+//! End to end: the real example server (`examples/serve`, built by
+//! `cargo test`) on a loopback port, driven over real HTTP.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// The example server binary, next to this test's own binary.
+fn server_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    profile_dir.join(format!("examples/serve{}", std::env::consts::EXE_SUFFIX))
+}
+
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(server_binary())
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the example server is built by `cargo test`");
+        let server = Server {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        };
+        server.wait_until_started();
+        server
+    }
+
+    /// Polls `/startupz` until it answers 200; `/livez` is 200 throughout.
+    fn wait_until_started(&self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(response) = request(self.addr, "GET", "/startupz", None) {
+                assert_eq!(get(self.addr, "/livez").status, 200);
+                if response.status == 200 {
+                    assert_eq!(get(self.addr, "/readyz").status, 200);
+                    return;
+                }
+                assert_eq!(response.status, 503, "{}", response.body);
+                assert_eq!(response.json()["check"], "started");
+            }
+            assert!(Instant::now() < deadline, "the server never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        self.wait(Duration::from_secs(60))
+    }
+
+    fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the server did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn embeddings(&self) -> Vec<Vec<f32>> {
+        assert_eq!(self.status, 200, "{}", self.body);
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection.
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.unwrap_or_default();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no complete response: {text:?}")))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other("no status line"))?;
+    let headers = lines
+        .filter_map(|line| line.split_once(": "))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    Ok(Response {
+        status,
+        headers,
+        body: body.to_owned(),
+    })
+}
+
+fn get(addr: SocketAddr, path: &str) -> Response {
+    request(addr, "GET", path, None).unwrap()
+}
+
+fn embed(addr: SocketAddr, body: &Value) -> Response {
+    request(addr, "POST", "/embed", Some(body.to_string().as_bytes())).unwrap()
+}
+
+fn norm(v: &[f32]) -> f32 {
+    v.iter().map(|x| x * x).sum::<f32>().sqrt()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>() / (norm(a) * norm(b))
+}
+
+#[test]
+fn embeddings_are_right_sized_unit_norm_deterministic_and_batch_invariant() {
+    let server = Server::start(&[]);
+    let info = get(server.addr, "/info").json();
+    let dimension = info["model"]["dimension"].as_u64().unwrap() as usize;
+    assert_eq!(info["health"], "ready");
+
+    let one = embed(server.addr, &json!({"inputs": "What is deep learning?"})).embeddings();
+    assert_eq!(one.len(), 1);
+    assert_eq!(one[0].len(), dimension);
+    assert!((norm(&one[0]) - 1.0).abs() < 1e-4, "norm {}", norm(&one[0]));
+
+    let again = embed(server.addr, &json!({"inputs": ["What is deep learning?"]})).embeddings();
+    assert_eq!(one, again, "the same text gave another vector");
+
+    let texts = [
+        "a short one",
+        "What is deep learning?",
+        "a rather longer sentence about serving models in production",
+    ];
+    let batched = embed(server.addr, &json!({"inputs": texts})).embeddings();
+    for (text, from_batch) in texts.iter().zip(&batched) {
+        let single = &embed(server.addr, &json!({"inputs": text})).embeddings()[0];
+        let diff = single
+            .iter()
+            .zip(from_batch)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{text:?}: batched and single differ by {diff}");
+    }
+
+    let raw = embed(
+        server.addr,
+        &json!({"inputs": "What is deep learning?", "normalize": false}),
+    )
+    .embeddings();
+    assert!(cosine(&raw[0], &one[0]) > 0.9999);
+
+    let metrics = get(server.addr, "/metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("candlewick_requests_total{"),
+        "{}",
+        metrics.body
+    );
+    assert!(metrics.body.contains("candlewick_batch_size_bucket{"));
+}
+
+#[test]
+fn bad_input_gets_a_4xx_with_a_json_error() {
+    let server = Server::start(&["--max-client-batch", "4"]);
+    let post = |body: &[u8]| request(server.addr, "POST", "/embed", Some(body)).unwrap();
+    let cases: Vec<(&str, Response, u16)> = vec![
+        ("malformed JSON", post(b"{\"inputs\": "), 400),
+        ("wrong type", post(br#"{"inputs": 42}"#), 422),
+        ("missing inputs", post(br#"{"normalize": true}"#), 422),
+        ("empty list", post(br#"{"inputs": []}"#), 422),
+        ("empty text", post(br#"{"inputs": "  "}"#), 422),
+        (
+            "too many inputs",
+            post(br#"{"inputs": ["a", "b", "c", "d", "e"]}"#),
+            413,
+        ),
+        (
+            "too long without truncate",
+            post(
+                json!({"inputs": "word ".repeat(600)})
+                    .to_string()
+                    .as_bytes(),
+            ),
+            413,
+        ),
+        (
+            "body over the limit",
+            post(&vec![b' '; 3 * 1024 * 1024]),
+            413,
+        ),
+        ("unknown route", get(server.addr, "/nope"), 404),
+    ];
+    for (what, response, status) in cases {
+        assert_eq!(response.status, status, "{what}: {}", response.body);
+        let error = response.json();
+        assert!(error["error"].is_string(), "{what}: {}", response.body);
+        assert!(error["error_type"].is_string(), "{what}: {}", response.body);
+    }
+    // Truncation makes the long text acceptable.
+    let truncated = embed(
+        server.addr,
+        &json!({"inputs": "word ".repeat(600), "truncate": true}),
+    );
+    assert_eq!(truncated.embeddings().len(), 1);
+    // And the server still serves.
+    assert_eq!(
+        embed(server.addr, &json!({"inputs": "still here"})).status,
+        200
+    );
+}
+
+#[test]
+fn overload_gets_429_with_retry_after_and_the_server_survives() {
+    let server = Server::start(&[
+        "--replicas",
+        "1",
+        "--max-batch-size",
+        "1",
+        "--queue-capacity",
+        "4",
+    ]);
+    let addr = server.addr;
+    let body = json!({"inputs": vec!["overload the only replica with a long enough sentence"; 16]});
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let body = body.to_string();
+            std::thread::spawn(move || {
+                request(addr, "POST", "/embed", Some(body.as_bytes())).unwrap()
+            })
+        })
+        .collect();
+    let responses: Vec<Response> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let rejected: Vec<&Response> = responses.iter().filter(|r| r.status == 429).collect();
+    assert!(!rejected.is_empty(), "no request was shed");
+    for response in &rejected {
+        let retry_after: u64 = response
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .unwrap();
+        assert!(retry_after >= 1);
+        assert_eq!(response.json()["error_type"], "overloaded");
+    }
+    assert!(responses.iter().all(|r| r.status == 200 || r.status == 429));
+    assert_eq!(
+        embed(addr, &json!({"inputs": "after the storm"})).status,
+        200
+    );
+    assert_eq!(get(addr, "/livez").status, 200);
+}
+
+#[test]
+fn sigterm_during_load_answers_every_accepted_request_and_exits_zero() {
+    let mut server = Server::start(&["--replicas", "1", "--max-batch-size", "4"]);
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let body =
+                        json!({"inputs": format!("client {i} keeps the replica busy with text")});
+                    let sent = Instant::now();
+                    let outcome =
+                        request(addr, "POST", "/embed", Some(body.to_string().as_bytes()))
+                            .map(|response| response.status)
+                            .map_err(|err| err.to_string());
+                    let refused = outcome.is_err();
+                    outcomes.push((sent, outcome));
+                    if refused {
+                        break;
+                    }
+                }
+                outcomes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    let status = server.terminate();
+    stop.store(true, Ordering::SeqCst);
+    let outcomes: Vec<_> = clients
+        .into_iter()
+        .flat_map(|c| c.join().unwrap())
+        .collect();
+    assert!(status.success(), "exit status {status:?}");
+    let before: Vec<_> = outcomes
+        .iter()
+        .filter(|(sent, _)| *sent < signalled)
+        .collect();
+    assert!(before.iter().filter(|(_, o)| *o == Ok(200)).count() > 0);
+    for (_, outcome) in before {
+        // Admitted before the signal: its embedding. Still in flight to
+        // admission when the drain began: a typed 503. Never lost.
+        assert!(
+            matches!(outcome, Ok(200) | Ok(503)),
+            "a request sent before SIGTERM: {outcome:?}"
+        );
+    }
+    for (_, outcome) in outcomes.iter().filter(|(sent, _)| *sent >= signalled) {
+        // Sent while draining: a typed 503, or no connection once the
+        // listener has closed; never a wrong answer.
+        assert!(matches!(outcome, Ok(200) | Ok(503) | Err(_)), "{outcome:?}");
+    }
+}
+
+#[test]
+fn all_minilm_l6_v2_ranks_a_paraphrase_above_an_unrelated_sentence() {
+    let Some(dir) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
+        eprintln!(
+            "skipped: set CANDLEWICK_MINILM_DIR to the all-MiniLM-L6-v2 directory (.ci/run does)"
+        );
+        return;
+    };
+    let server = Server::start(&["--model-dir", dir.to_str().unwrap()]);
+    let vectors = embed(
+        server.addr,
+        &json!({"inputs": [
+            "A man is playing a guitar.",
+            "Someone is playing an instrument.",
+            "The stock market fell sharply today."
+        ]}),
+    )
+    .embeddings();
+    assert_eq!(vectors[0].len(), 384);
+    let paraphrase = cosine(&vectors[0], &vectors[1]);
+    let unrelated = cosine(&vectors[0], &vectors[2]);
+    assert!(
+        paraphrase > unrelated + 0.3,
+        "paraphrase {paraphrase}, unrelated {unrelated}"
+    );
+}
