@@ -50,6 +50,7 @@
 //! | `serde` | `Serialize`/`Deserialize` for the configuration types |
 //! | `cuda`  | replicas on CUDA GPUs (forwards to `candle-core/cuda`) |
 //! | `metal` | replicas on Apple GPUs (forwards to `candle-core/metal`) |
+//! | `k8s`   | the `k8s` module: Kubernetes objects derived from the serving configuration |
 //!
 //! # Minimum supported Rust version
 //!
@@ -61,6 +62,9 @@ pub mod collate;
 pub mod device;
 pub mod error;
 pub mod health;
+#[cfg(feature = "k8s")]
+#[cfg_attr(docsrs, doc(cfg(feature = "k8s")))]
+pub mod k8s;
 pub mod metrics;
 mod model;
 pub mod pool;

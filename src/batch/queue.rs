@@ -79,6 +79,8 @@ struct State<I, O> {
     len: usize,
     /// Sum of the costs of all entries.
     cost: usize,
+    /// Sum of the costs of the batches running.
+    running_cost: usize,
 }
 
 fn lane(priority: Priority) -> usize {
@@ -96,6 +98,7 @@ impl<I, O> Queue<I, O> {
                 lanes: [VecDeque::new(), VecDeque::new()],
                 len: 0,
                 cost: 0,
+                running_cost: 0,
             }),
             wake: Notify::new(),
             handles: AtomicUsize::new(1),
@@ -224,14 +227,25 @@ impl<I, O> Queue<I, O> {
         metrics.batch_size.record(taken.inputs.len() as f64);
         metrics.batch_cost.record(taken.cost as f64);
         metrics.in_flight.increment(taken.inputs.len() as f64);
+        state.running_cost += taken.cost;
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         Next::Run(taken)
     }
 
-    /// Marks a batch of `size` taken by [`next`](Self::next) as answered.
-    pub(super) fn finish_batch(&self, size: usize) {
+    /// Marks a batch of `size` and `cost` taken by [`next`](Self::next) as
+    /// answered.
+    pub(super) fn finish_batch(&self, size: usize, cost: usize) {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.lock().metrics.in_flight.decrement(size as f64);
+        let mut state = self.lock();
+        state.running_cost -= cost;
+        state.metrics.in_flight.decrement(size as f64);
+    }
+
+    /// The cost of everything a request admitted now waits for: the queue and
+    /// the batches running.
+    pub(super) fn outstanding_cost(&self) -> usize {
+        let state = self.lock();
+        state.cost + state.running_cost
     }
 
     /// The number of batches taken and not yet answered.
@@ -329,45 +343,71 @@ fn batch_cost<I, O>(mode: CostMode, taken: &Taken<I, O>, longest: usize, next: u
     }
 }
 
-/// A running estimate of how fast the service works off queued cost.
+/// A running estimate of how fast the service works off queued cost: cost
+/// completed per second of *busy* time (while a batch runs or requests wait),
+/// over the last [`WINDOW`](Self::WINDOW) batches.
+///
+/// Counting busy time rather than batch latency measures the whole service,
+/// however many batches overlap, including the hand-off between batches, and
+/// ignores idle gaps between bursts.
 #[derive(Debug)]
 pub(super) struct ServiceRate {
-    /// Exponentially weighted cost per second of one batch slot.
-    per_slot: Option<f64>,
-    /// The most batches seen in flight at once: the service's parallelism.
-    parallelism: usize,
+    running: usize,
+    busy_since: Option<Instant>,
+    /// Busy time and completed cost so far.
+    busy: Duration,
+    cost: u64,
+    /// `(busy, cost)` as they stood at recent completions, oldest first.
+    history: VecDeque<(Duration, u64)>,
 }
 
 impl ServiceRate {
-    const WEIGHT: f64 = 0.2;
+    const WINDOW: usize = 32;
 
     pub(super) fn new() -> Self {
         Self {
-            per_slot: None,
-            parallelism: 1,
+            running: 0,
+            busy_since: None,
+            busy: Duration::ZERO,
+            cost: 0,
+            history: VecDeque::from([(Duration::ZERO, 0)]),
         }
     }
 
-    pub(super) fn record(&mut self, cost: usize, elapsed: Duration, in_flight: usize) {
-        self.parallelism = self.parallelism.max(in_flight);
-        let secs = elapsed.as_secs_f64().max(1e-6);
-        let sample = cost as f64 / secs;
-        self.per_slot = Some(match self.per_slot {
-            Some(rate) => rate + Self::WEIGHT * (sample - rate),
-            None => sample,
-        });
+    /// A batch was dispatched at `now`.
+    pub(super) fn started(&mut self, now: Instant) {
+        if self.busy_since.is_none() {
+            self.busy_since = Some(now);
+        }
+        self.running += 1;
     }
 
-    /// Cost units served per second with every slot busy, once measured.
+    /// A batch of `cost` finished at `now`; `queued` tells whether requests
+    /// are waiting, in which case the service stays busy.
+    pub(super) fn finished(&mut self, now: Instant, cost: usize, queued: bool) {
+        self.running -= 1;
+        if let Some(since) = self.busy_since {
+            self.busy += now.saturating_duration_since(since);
+            self.busy_since = (self.running > 0 || queued).then_some(now);
+        }
+        self.cost += cost as u64;
+        if self.history.len() > Self::WINDOW {
+            self.history.pop_front();
+        }
+        self.history.push_back((self.busy, self.cost));
+    }
+
+    /// Cost units served per second of busy time, once measured.
     pub(super) fn per_second(&self) -> Option<f64> {
-        self.per_slot.map(|rate| rate * self.parallelism as f64)
+        let (busy_then, cost_then) = *self.history.front()?;
+        let busy = self.busy.saturating_sub(busy_then).as_secs_f64();
+        let cost = self.cost - cost_then;
+        (busy > 0.0 && cost > 0).then(|| cost as f64 / busy)
     }
 
     /// How long `cost` units of queued work take to serve, once measured.
     pub(super) fn time_for(&self, cost: usize) -> Option<Duration> {
         let rate = self.per_second()?;
-        Some(Duration::from_secs_f64(
-            cost as f64 / rate.max(f64::MIN_POSITIVE),
-        ))
+        Some(Duration::from_secs_f64(cost as f64 / rate))
     }
 }

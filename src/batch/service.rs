@@ -165,11 +165,10 @@ impl<I, O> Batch<I, O> {
         self.shared.rate.lock().expect("rate lock").per_second()
     }
 
-    /// How long a request arriving now would wait for the work already queued,
-    /// as [`Overloaded::retry_after`] reports it.
+    /// How long a request arriving now would wait for the work queued and
+    /// running ahead of it, as [`Overloaded::retry_after`] reports it.
     pub fn estimated_wait(&self) -> Duration {
-        let (_, cost) = self.shared.queue.depth();
-        self.retry_after(cost)
+        self.retry_after(self.shared.queue.outstanding_cost())
     }
 
     /// Stops admitting requests (they get [`Draining`]), lets queued and
@@ -317,8 +316,8 @@ impl<I, O> Batch<I, O> {
             return Err(DeadlineExceeded::new().into());
         }
         if let Some(max) = shared.config.max_queue_time {
-            let (_, queued) = shared.queue.depth();
-            let wait = shared.rate.lock().expect("rate lock").time_for(queued);
+            let ahead = shared.queue.outstanding_cost();
+            let wait = shared.rate.lock().expect("rate lock").time_for(ahead);
             if let Some(wait) = wait.filter(|wait| *wait > max) {
                 return Err(Overloaded::new(wait).into());
             }
@@ -344,8 +343,7 @@ impl<I, O> Batch<I, O> {
         {
             return Ok(slot);
         }
-        let (_, cost) = self.shared.queue.depth();
-        Err(Overloaded::new(self.retry_after(cost)).into())
+        Err(Overloaded::new(self.estimated_wait()).into())
     }
 }
 

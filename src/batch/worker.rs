@@ -89,20 +89,19 @@ where
         span.follows_from(request);
     }
     let future = span.in_scope(|| inner.call(inputs));
-    let in_flight = shared.queue.batches_in_flight();
+    shared
+        .rate
+        .lock()
+        .expect("rate lock")
+        .started(Instant::now());
     let shared = shared.clone();
-    let started = Instant::now();
     tokio::spawn(
         async move {
-            tokio::select! {
+            let served = tokio::select! {
                 result = future => {
-                    shared
-                        .rate
-                        .lock()
-                        .expect("rate lock")
-                        .record(cost, started.elapsed(), in_flight);
                     answer(&shared, replies, &arrived, result.map_err(Into::into));
                     shared.completed.fetch_add(size as u64, Ordering::Relaxed);
+                    cost
                 }
                 // A drain ran out of time: the model's answer will not come
                 // in time, so say so now.
@@ -115,9 +114,16 @@ where
                     }
                     shared.metrics.outcome_n(Outcome::Closed, aborted);
                     shared.aborted.fetch_add(aborted as u64, Ordering::Relaxed);
+                    0
                 }
-            }
-            shared.queue.finish_batch(size);
+            };
+            let queued = shared.queue.depth().0 > 0;
+            shared
+                .rate
+                .lock()
+                .expect("rate lock")
+                .finished(Instant::now(), served, queued);
+            shared.queue.finish_batch(size, cost);
             shared.progress.notify_waiters();
         }
         .instrument(span),

@@ -88,7 +88,7 @@ pub struct PoolConfig {
     /// 6 levels deep, which isolates one poisoned input in a batch of 64.
     pub failure_policy: FailurePolicy,
     /// A batch running longer than this is answered with
-    /// [`FailureKind::Stalled`] and its replica replaced by a fresh one. `None`
+    /// [`FailureKind::Stalled`](crate::error::FailureKind::Stalled) and its replica replaced by a fresh one. `None`
     /// disables the watchdog. Default: 60 s.
     ///
     /// The stuck thread cannot be interrupted: it keeps its model, and its

@@ -184,11 +184,12 @@ fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Durati
         FailureKind::Stalled,
         format!("the batch ran longer than the stall timeout of {timeout:?}"),
     );
-    let _ = reply.send(replica::failures(err, size).collect());
+    // Record the stall before answering, so that callers see it in health.
     shared.board.update(index, |status| {
         status.state = ReplicaState::Stalled;
         status.stalls += 1;
     });
+    let _ = reply.send(replica::failures(err, size).collect());
     // The stuck thread keeps its model until `forward` returns, then retires.
     let (tx, rx) = mpsc::channel();
     match (shared.spawn)(index, rx) {

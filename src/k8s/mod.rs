@@ -1,0 +1,60 @@
+//! Kubernetes objects derived from the serving configuration the process
+//! runs with: probe paths, port, drain timeout, load time, model metadata
+//! and metric names come from the same values, so the two cannot drift.
+//!
+//! [`ManifestBuilder`] turns a [`ServingConfig`](crate::ServingConfig) plus
+//! deployment settings into typed [`k8s_openapi`] objects ([`Manifests`]),
+//! checks them ([`Manifests::lint`]) and writes them as multi-document YAML
+//! or JSON. It never picks a Kubernetes version: the application enables
+//! one `k8s-openapi` version feature (e.g. `k8s-openapi/latest`).
+//!
+#![doc = include_str!("../../docs/kubernetes.md")]
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use candlewick::{ModelInfo, ServingConfig};
+//! use candlewick::k8s::{Autoscaling, GpuPool, ManifestBuilder, ScaleMetric};
+//!
+//! # fn main() -> Result<(), candlewick::k8s::ManifestError> {
+//! let config = ServingConfig::default().with_model(ModelInfo::new("minilm", "v1"));
+//! let manifests = ManifestBuilder::new(&config, "embedder", "ghcr.io/acme/embedder:1.0")
+//!     .with_namespace("ml")
+//!     .with_load_time(Duration::from_secs(90))
+//!     .with_gpu(GpuPool::nvidia(1).with_node_label("pool", "l4"))
+//!     .with_autoscaling(
+//!         Autoscaling::new(2, 8).with_metrics(vec![ScaleMetric::QueueDepth { per_pod: 16.0 }]),
+//!     )
+//!     .build()?;
+//! let yaml = manifests.to_yaml()?;
+//! assert!(yaml.contains("path: /readyz"));
+//! assert!(yaml.contains("maxSurge: 0"));
+//! assert!(yaml.contains("name: candlewick_queue_depth"));
+//! # Ok(())
+//! # }
+//! ```
+
+mod autoscaling;
+mod builder;
+mod compat;
+mod custom;
+mod deployment;
+mod error;
+mod lint;
+mod output;
+mod policy;
+mod settings;
+
+pub use builder::ManifestBuilder;
+pub use custom::{
+    AdapterConfig, AdapterName, AdapterResource, AdapterResources, AdapterRule, BackendRef,
+    HttpRoute, HttpRouteRule, HttpRouteSpec, KedaAdvanced, KedaHpaConfig, KedaTrigger, ParentRef,
+    ScaleTargetRef, ScaledObject, ScaledObjectSpec,
+};
+pub use error::ManifestError;
+pub use output::{ManifestSet, Manifests, Object};
+pub use settings::{
+    Autoscaler, Autoscaling, Canary, Disruption, GpuPool, Region, RegionMode, Resources, Scale,
+    ScaleMetric, Spread, Taint,
+};

@@ -1,0 +1,135 @@
+//! Disruption and placement: the PodDisruptionBudget, topology spread,
+//! zone affinity and pod anti-affinity.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    PodAffinityTerm, PodAntiAffinity, TopologySpreadConstraint, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::builder::{ManifestBuilder, Track};
+use super::compat;
+use super::deployment::{PORT_NAME, metadata, selector_labels};
+use super::settings::Disruption;
+
+const ZONE: &str = "topology.kubernetes.io/zone";
+const HOSTNAME: &str = "kubernetes.io/hostname";
+
+fn selector(labels: &BTreeMap<String, String>) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(labels.clone()),
+        ..LabelSelector::default()
+    }
+}
+
+/// The PodDisruptionBudget of one track: exactly one bound, a selector equal
+/// to the Deployment's, and `AlwaysAllow` so pods that are not ready (stuck
+/// loading, or broken) never block a node drain.
+pub(crate) fn pdb(builder: &ManifestBuilder, track: &Track) -> PodDisruptionBudget {
+    let (min_available, max_unavailable) = match builder.disruption {
+        Disruption::MaxUnavailable(n) => (None, Some(n)),
+        Disruption::MinAvailable(n) => (Some(n), None),
+    };
+    let int = |n: u32| IntOrString::Int(i32::try_from(n).unwrap_or(i32::MAX));
+    PodDisruptionBudget {
+        metadata: metadata(builder, track, &track.name),
+        spec: Some(PodDisruptionBudgetSpec {
+            selector: Some(selector(&selector_labels(builder, track))),
+            min_available: min_available.map(int),
+            max_unavailable: max_unavailable.map(int),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".to_owned()),
+        }),
+        ..PodDisruptionBudget::default()
+    }
+}
+
+/// The NetworkPolicy of one track: ingress only on the named port (where
+/// requests, probes and metrics are served); egress is left open.
+pub(crate) fn network_policy(builder: &ManifestBuilder, track: &Track) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: metadata(builder, track, &track.name),
+        spec: compat::wrap(NetworkPolicySpec {
+            pod_selector: compat::wrap(selector(&selector_labels(builder, track))),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![NetworkPolicyPort {
+                    port: Some(IntOrString::String(PORT_NAME.to_owned())),
+                    protocol: Some("TCP".to_owned()),
+                    ..NetworkPolicyPort::default()
+                }]),
+                ..NetworkPolicyIngressRule::default()
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// Spread over zones and nodes. `matchLabelKeys: [pod-template-hash]`
+/// counts only pods of the same ReplicaSet, so a rollout's old pods do not
+/// skew where the new ones go.
+pub(crate) fn spread(
+    builder: &ManifestBuilder,
+    labels: &BTreeMap<String, String>,
+) -> Vec<TopologySpreadConstraint> {
+    let constraint = |key: &str, strict: bool| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: key.to_owned(),
+        when_unsatisfiable: if strict {
+            "DoNotSchedule"
+        } else {
+            "ScheduleAnyway"
+        }
+        .to_owned(),
+        label_selector: Some(selector(labels)),
+        match_label_keys: Some(vec!["pod-template-hash".to_owned()]),
+        ..TopologySpreadConstraint::default()
+    };
+    vec![
+        constraint(ZONE, builder.spread.strict_zones),
+        constraint(HOSTNAME, false),
+    ]
+}
+
+/// Node affinity for the allowed zones, and optional preferred pod
+/// anti-affinity across nodes.
+pub(crate) fn affinity(
+    builder: &ManifestBuilder,
+    labels: &BTreeMap<String, String>,
+) -> Option<Affinity> {
+    let node_affinity = (!builder.spread.zones.is_empty()).then(|| NodeAffinity {
+        required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+            node_selector_terms: vec![NodeSelectorTerm {
+                match_expressions: Some(vec![NodeSelectorRequirement {
+                    key: ZONE.to_owned(),
+                    operator: "In".to_owned(),
+                    values: Some(builder.spread.zones.clone()),
+                }]),
+                ..NodeSelectorTerm::default()
+            }],
+        }),
+        ..NodeAffinity::default()
+    });
+    let pod_anti_affinity = builder.spread.anti_affinity.then(|| PodAntiAffinity {
+        preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
+            weight: 100,
+            pod_affinity_term: PodAffinityTerm {
+                label_selector: Some(selector(labels)),
+                topology_key: HOSTNAME.to_owned(),
+                ..PodAffinityTerm::default()
+            },
+        }]),
+        ..PodAntiAffinity::default()
+    });
+    (node_affinity.is_some() || pod_anti_affinity.is_some()).then(|| Affinity {
+        node_affinity,
+        pod_anti_affinity,
+        ..Affinity::default()
+    })
+}
