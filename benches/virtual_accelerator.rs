@@ -1,44 +1,67 @@
-//! End-to-end throughput and latency of [`candlewick::Serving`] against a
-//! "virtual accelerator": a model whose batch of `n` inputs costs
-//! `F + c·n` of wall time on the replica's thread (`std::thread::sleep`) while
-//! the CPU is otherwise idle, like a GPU kernel launch would.
+//! End-to-end throughput and latency of [`candlewick::Serving`] and of the
+//! batching layers a user would pick instead, against a "virtual
+//! accelerator": a model whose batch of `n` inputs costs `F + c·n` of wall
+//! time on its executor's thread while the CPU is otherwise idle, like a GPU
+//! kernel launch would.
 //!
-//! The physical limit of one replica is `B / (F + c·B)` requests per second
-//! (full batches back to back); the closed-loop scenarios report throughput as
-//! a ratio to `replicas × B / (F + c·B)`.
+//! The physical limit of one executor is `B / (F + c·B)` requests per second
+//! (full batches back to back); it is computed, and also measured by threads
+//! that run full batches back to back with no serving layer at all.
+//!
+//! Contenders, in the same run, on the same model and load (settings are
+//! printed with the results): candlewick; `tower::buffer::Buffer` without
+//! batching; `tower-batch-control` (zebra's); `tower-batch`; `batched-fn`;
+//! the physical limit. Each peer drives executor threads that run the same
+//! model with the same clock as candlewick's replicas.
 //!
 //! Scenarios:
 //!
-//! * closed loop, 256 callers that each await their answer before sending the
-//!   next request, with 1 and 4 replicas;
-//! * open loop, Poisson arrivals at 50% and 90% of the limit, with 1 and 4
-//!   replicas; every request runs on its own task and its latency is measured
-//!   from its *scheduled* arrival, so a lagging generator cannot hide queueing;
-//! * per-request overhead: a zero-cost model, 256 closed-loop callers, 1 replica.
+//! * `closed-1r`, `closed-4r`: closed loop, 256 callers that each await their
+//!   answer before sending the next request, with 1 and 4 replicas;
+//! * `open-50pct-1r` … `open-90pct-4r`: open loop, Poisson arrivals at 50% and
+//!   90% of the limit, with 1 and 4 replicas; every request runs on its own
+//!   task and its latency is measured from its *scheduled* arrival, so a
+//!   lagging generator cannot hide queueing;
+//! * `overhead`: per-request overhead, a zero-cost model, 256 closed-loop
+//!   callers, 1 replica;
+//! * `sweep`: open loop at 10–95% of the one-replica limit, for the plots
+//!   (throughput and p99 against offered load, written as SVG);
+//! * `metrics`: candlewick's closed loop with one replica, first with no
+//!   metrics recorder, then with `PrometheusService::install()`; it installs a
+//!   global recorder, so it runs last.
 //!
 //! `std::thread::sleep` overshoots by tens of microseconds (timer slack), which
 //! would make the model itself slower than `F + c·n`; so by default the model
 //! sleeps until 100 µs before its deadline and yields in a loop for the rest.
 //!
 //! Run it with `cargo bench --bench virtual_accelerator`. Positional arguments
-//! (other than the `--bench` flag cargo passes) filter the scenarios by
-//! substring of their names. Environment variables:
+//! (other than the `--bench` flag cargo passes) filter the runs by substring
+//! of `scenario/contender`, e.g. `closed`, `candlewick`, `open-90pct-1r/tower`.
+//! Environment variables:
 //!
 //! | variable | meaning | default |
 //! |----------|---------|---------|
 //! | `CANDLEWICK_BENCH_SECS` | measured seconds per scenario | 5 |
 //! | `CANDLEWICK_BENCH_WARMUP_SECS` | unmeasured warm-up seconds per scenario | 0.5 |
+//! | `CANDLEWICK_BENCH_SWEEP_SECS` | measured seconds per point of the sweep | 2 |
 //! | `CANDLEWICK_BENCH_REPS` | repetitions of each scenario (medians are printed) | 1 |
 //! | `CANDLEWICK_BENCH_FIXED_US` | `F`, fixed cost of a batch, µs | 2000 |
 //! | `CANDLEWICK_BENCH_PER_ITEM_US` | `c`, cost per input, µs | 20 |
 //! | `CANDLEWICK_BENCH_MAX_BATCH` | `B`, the batch size limit | 64 |
 //! | `CANDLEWICK_BENCH_SPIN_US` | the model sleeps until this long before its deadline, then yields in a loop (0: plain sleep) | 100 |
-//! | `CANDLEWICK_BENCH_MAX_WAIT_US` | the batcher's `max_wait`, µs | 500 |
-//! | `CANDLEWICK_BENCH_QUEUE` | the batcher's queue capacity | 16384 |
+//! | `CANDLEWICK_BENCH_MAX_WAIT_US` | candlewick's `max_wait`, µs | 500 |
+//! | `CANDLEWICK_BENCH_PEER_LATENCY_US` | the `tower-batch*` crates' batch timer, µs | 500 |
+//! | `CANDLEWICK_BENCH_QUEUE` | candlewick's queue capacity | 16384 |
 //! | `CANDLEWICK_BENCH_CALLERS` | closed-loop callers | 256 |
+//! | `CANDLEWICK_BENCH_PLOT_DIR` | where the SVG plots go | `target/bench-plots` |
 
 // A bench binary reports its results on stdout.
 #![allow(clippy::print_stdout)]
+
+#[path = "virtual_accelerator/contenders.rs"]
+mod contenders;
+#[path = "virtual_accelerator/svg.rs"]
+mod svg;
 
 use std::cell::Cell;
 use std::num::NonZeroUsize;
@@ -47,11 +70,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use candle_core::{Device, DeviceLocation};
-use candlewick::batch::BatchConfig;
 use candlewick::error::Overloaded;
-use candlewick::pool::{PoolConfig, ReplicaState};
-use candlewick::{BoxError, Serving, ServingConfig};
+use tokio_util::sync::CancellationToken;
+use tower::{Service, ServiceExt};
+
+use contenders::{Contender, Running, Svc};
 
 /// Everything a run is parameterised by.
 #[derive(Debug, Clone)]
@@ -61,11 +84,14 @@ struct Params {
     spin: Duration,
     max_batch: usize,
     max_wait: Duration,
+    peer_latency: Duration,
     queue: usize,
     callers: usize,
     secs: Duration,
     warmup: Duration,
+    sweep_secs: Duration,
     reps: usize,
+    plot_dir: String,
 }
 
 fn env_or<T: FromStr>(name: &str, default: T) -> T {
@@ -87,11 +113,14 @@ impl Params {
             spin: micros("CANDLEWICK_BENCH_SPIN_US", 100.0),
             max_batch: env_or("CANDLEWICK_BENCH_MAX_BATCH", 64),
             max_wait: micros("CANDLEWICK_BENCH_MAX_WAIT_US", 500.0),
+            peer_latency: micros("CANDLEWICK_BENCH_PEER_LATENCY_US", 500.0),
             queue: env_or("CANDLEWICK_BENCH_QUEUE", 16384),
             callers: env_or("CANDLEWICK_BENCH_CALLERS", 256),
             secs: Duration::from_secs_f64(env_or("CANDLEWICK_BENCH_SECS", 5.0)),
             warmup: Duration::from_secs_f64(env_or("CANDLEWICK_BENCH_WARMUP_SECS", 0.5)),
+            sweep_secs: Duration::from_secs_f64(env_or("CANDLEWICK_BENCH_SWEEP_SECS", 2.0)),
             reps: env_or("CANDLEWICK_BENCH_REPS", 1usize).max(1),
+            plot_dir: env_or("CANDLEWICK_BENCH_PLOT_DIR", "target/bench-plots".to_owned()),
         };
         assert!(
             params.max_batch > 0,
@@ -113,7 +142,6 @@ impl Params {
         self.max_batch as f64 / self.batch_time(self.max_batch).as_secs_f64()
     }
 }
-
 /// What the model closures count, shared by all replicas of one serving.
 #[derive(Debug, Default)]
 struct Counters {
@@ -178,8 +206,11 @@ impl Window {
 
     /// Process CPU microseconds per request, given `requests` in the window.
     fn cpu_us_per(&self, requests: f64) -> f64 {
+        if requests < 1.0 {
+            return f64::NAN;
+        }
         self.cpu
-            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / requests.max(1.0))
+            .map_or(f64::NAN, |cpu| cpu.as_secs_f64() * 1e6 / requests)
     }
 }
 
@@ -205,60 +236,55 @@ enum Cost {
     Zero,
 }
 
-type Handle = Serving<u64, u64>;
+/// The virtual accelerator: what every contender's executors run.
+#[derive(Debug)]
+struct Model {
+    fixed: Duration,
+    per_item: Duration,
+    spin: Duration,
+    cost: Cost,
+    counters: Arc<Counters>,
+}
 
-/// Starts a serving of `replicas` CPU replicas and waits until all are idle.
-async fn start(params: &Params, replicas: usize, cost: Cost) -> (Handle, Arc<Counters>) {
-    let counters = Arc::new(Counters::default());
-    let shared = counters.clone();
-    let (fixed, per_item, spin) = (params.fixed, params.per_item, params.spin);
-    let loader = move |_: &Device| -> Result<_, BoxError> {
-        let counters = shared.clone();
-        // One model per replica, so this is the replica's own clock.
-        let last_end = Cell::new(None::<Instant>);
-        Ok(move |batch: &[u64]| -> Result<Vec<u64>, BoxError> {
-            let started = Instant::now();
-            if let Some(last_end) = last_end.get() {
-                counters.gap_ns.fetch_add(
-                    started.duration_since(last_end).as_nanos() as u64,
-                    Ordering::Relaxed,
-                );
-                counters.gaps.fetch_add(1, Ordering::Relaxed);
-            }
-            if cost == Cost::Virtual {
-                let deadline = started + fixed + per_item.mul_f64(batch.len() as f64);
-                virtual_work(deadline, spin);
-            }
-            counters
-                .requests
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            counters.batches.fetch_add(1, Ordering::Relaxed);
-            let ended = Instant::now();
-            counters.busy_ns.fetch_add(
-                ended.duration_since(started).as_nanos() as u64,
+impl Model {
+    fn new(params: &Params, cost: Cost) -> Arc<Self> {
+        Arc::new(Self {
+            fixed: params.fixed,
+            per_item: params.per_item,
+            spin: params.spin,
+            cost,
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    /// Runs one batch on the calling executor, whose previous batch ended at
+    /// `last_end`.
+    fn forward(&self, last_end: &Cell<Option<Instant>>, batch: &[u64]) -> Vec<u64> {
+        let counters = &self.counters;
+        let started = Instant::now();
+        if let Some(last_end) = last_end.get() {
+            counters.gap_ns.fetch_add(
+                started.duration_since(last_end).as_nanos() as u64,
                 Ordering::Relaxed,
             );
-            last_end.set(Some(ended));
-            Ok(batch.to_vec())
-        })
-    };
-    let pool = PoolConfig::default()
-        .with_devices(vec![DeviceLocation::Cpu])
-        .with_replicas_per_device(NonZeroUsize::new(replicas).expect("replicas > 0"));
-    let batch = BatchConfig::default()
-        .with_max_batch_size(NonZeroUsize::new(params.max_batch).expect("checked"))
-        .with_max_wait(params.max_wait)
-        .with_queue_capacity(NonZeroUsize::new(params.queue).expect("checked"));
-    let serving =
-        Serving::start(loader, ServingConfig::new(pool, batch)).expect("the replicas start");
-    while !serving
-        .replicas()
-        .iter()
-        .all(|replica| replica.state == ReplicaState::Idle)
-    {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+            counters.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.cost == Cost::Virtual {
+            let deadline = started + self.fixed + self.per_item.mul_f64(batch.len() as f64);
+            virtual_work(deadline, self.spin);
+        }
+        counters
+            .requests
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        counters.batches.fetch_add(1, Ordering::Relaxed);
+        let ended = Instant::now();
+        counters.busy_ns.fetch_add(
+            ended.duration_since(started).as_nanos() as u64,
+            Ordering::Relaxed,
+        );
+        last_end.set(Some(ended));
+        batch.to_vec()
     }
-    (serving, counters)
 }
 
 /// Occupies the calling thread until `deadline` without using the CPU,
@@ -298,18 +324,23 @@ fn medians(reps: &[Vec<f64>]) -> Vec<f64> {
         .collect()
 }
 
-/// Closed loop: `callers` tasks, each sending its next request once it has
-/// its answer. Returns throughput, p50 ms, p99 ms, mean batch, busy, CPU
-/// µs/request, errors.
-async fn closed_loop(params: &Params, replicas: usize, cost: Cost) -> Vec<f64> {
-    let (serving, counters) = start(params, replicas, cost).await;
+/// Sends one request through `svc`.
+async fn call(svc: &mut Svc, input: u64) -> Result<u64, candlewick::BoxError> {
+    svc.ready().await?.call(input).await
+}
+
+/// Closed loop: `callers` tasks, each with its own clone of the service,
+/// sending its next request once it has its answer. Returns throughput, p50
+/// ms, p99 ms, mean batch, busy, CPU µs/request, errors, gap µs.
+async fn closed_loop(params: &Params, running: Running, replicas: usize) -> Vec<f64> {
+    let counters = running.counters.clone();
     let begin = Instant::now();
     let measure_from = begin + params.warmup;
     let end = measure_from + params.secs;
     let errors = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..params.callers)
         .map(|caller| {
-            let serving = serving.clone();
+            let mut svc = running.svc.clone();
             let errors = errors.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(1 << 14);
@@ -319,7 +350,7 @@ async fn closed_loop(params: &Params, replicas: usize, cost: Cost) -> Vec<f64> {
                     if sent >= end {
                         break;
                     }
-                    let result = serving.infer(id).await;
+                    let result = call(&mut svc, id).await;
                     let done = Instant::now();
                     id += 1 << 20;
                     if done < measure_from || done > end {
@@ -344,6 +375,7 @@ async fn closed_loop(params: &Params, replicas: usize, cost: Cost) -> Vec<f64> {
     for task in tasks {
         latencies.extend(task.await.expect("a caller panicked"));
     }
+    running.stop();
     latencies.sort_unstable();
     let window = Window::between(first, last, replicas);
     let served = latencies.len() as f64;
@@ -389,24 +421,44 @@ struct OpenResults {
     latencies: Vec<u64>,
     rejected: u64,
     errors: u64,
+    /// Requests still unanswered when the drain time ran out; their latency
+    /// (counted in `latencies` as the time they had waited) is a lower bound.
+    unfinished: u64,
 }
 
-/// Open loop: Poisson arrivals at `rate` per second, each on its own task,
-/// generated by an OS thread so arrivals never wait for answers or for the
-/// runtime's timer (1 ms granularity). Returns offered req/s, served req/s,
-/// p50 ms, p99 ms, mean batch, busy, CPU µs/request, rejected, errors.
-async fn open_loop(params: &Params, replicas: usize, rate: f64, seed: u64) -> Vec<f64> {
-    let (serving, counters) = start(params, replicas, Cost::Virtual).await;
-    let serving = Arc::new(serving);
+/// How long an open-loop run waits, after its window, for the requests that
+/// arrived in it; an overloaded contender's leftovers are then cancelled.
+const DRAIN: Duration = Duration::from_secs(3);
+
+/// Open loop: Poisson arrivals at `rate` per second, each on its own task
+/// with its own clone of the service, generated by an OS thread so arrivals
+/// never wait for answers or for the runtime's timer (1 ms granularity).
+/// Returns offered req/s, served req/s, p50 ms, p99 ms, mean batch, busy, CPU
+/// µs/request, rejected, errors, gap µs, unfinished.
+async fn open_loop(
+    params: &Params,
+    running: Running,
+    replicas: usize,
+    rate: f64,
+    secs: Duration,
+    seed: u64,
+) -> Vec<f64> {
+    let counters = running.counters.clone();
     let results = Arc::new(Mutex::new(OpenResults::default()));
     let in_flight = Arc::new(AtomicUsize::new(0));
+    let cancel = CancellationToken::new();
     let begin = Instant::now();
     let measure_from = begin + params.warmup;
-    let end = measure_from + params.secs;
+    let end = measure_from + secs;
 
     let runtime = tokio::runtime::Handle::current();
     let generator = {
-        let (serving, results, in_flight) = (serving.clone(), results.clone(), in_flight.clone());
+        let (svc, results, in_flight, cancel) = (
+            running.svc.clone(),
+            results.clone(),
+            in_flight.clone(),
+            cancel.clone(),
+        );
         std::thread::spawn(move || {
             let mut rng = SplitMix64(seed);
             let mut next = begin + rng.exponential(rate);
@@ -419,20 +471,30 @@ async fn open_loop(params: &Params, replicas: usize, rate: f64, seed: u64) -> Ve
                     if scheduled >= measure_from {
                         offered += 1;
                     }
-                    let (serving, results, in_flight) =
-                        (serving.clone(), results.clone(), in_flight.clone());
+                    let (mut svc, results, in_flight, cancel) = (
+                        svc.clone(),
+                        results.clone(),
+                        in_flight.clone(),
+                        cancel.clone(),
+                    );
                     in_flight.fetch_add(1, Ordering::Relaxed);
                     runtime.spawn(async move {
-                        let result = serving.infer(offered).await;
+                        let result = tokio::select! {
+                            result = call(&mut svc, offered) => Some(result),
+                            () = cancel.cancelled() => None,
+                        };
                         let done = Instant::now();
                         if scheduled >= measure_from {
                             let mut results = results.lock().expect("results lock");
+                            let latency = done.duration_since(scheduled).as_nanos() as u64;
                             match result {
-                                Ok(_) => results
-                                    .latencies
-                                    .push(done.duration_since(scheduled).as_nanos() as u64),
-                                Err(err) if err.is::<Overloaded>() => results.rejected += 1,
-                                Err(_) => results.errors += 1,
+                                Some(Ok(_)) => results.latencies.push(latency),
+                                Some(Err(err)) if err.is::<Overloaded>() => results.rejected += 1,
+                                Some(Err(_)) => results.errors += 1,
+                                None => {
+                                    results.unfinished += 1;
+                                    results.latencies.push(latency);
+                                }
                             }
                         }
                         in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -453,16 +515,21 @@ async fn open_loop(params: &Params, replicas: usize, rate: f64, seed: u64) -> Ve
         .await
         .expect("join")
         .expect("the generator panicked");
-    // Let every request that arrived in the window finish, however late.
-    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    // Let every request that arrived in the window finish, if it can.
+    let drain_deadline = Instant::now() + DRAIN;
     while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    cancel.cancel();
+    while in_flight.load(Ordering::Relaxed) > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    running.stop();
     let mut results = std::mem::take(&mut *results.lock().expect("results lock"));
     results.latencies.sort_unstable();
-    let secs = params.secs.as_secs_f64();
+    let secs = secs.as_secs_f64();
     let window = Window::between(first, last, replicas);
-    let served = results.latencies.len() as f64;
+    let served = (results.latencies.len() as u64 - results.unfinished) as f64;
     vec![
         offered as f64 / secs,
         served / secs,
@@ -474,14 +541,16 @@ async fn open_loop(params: &Params, replicas: usize, rate: f64, seed: u64) -> Ve
         results.rejected as f64,
         results.errors as f64,
         window.gap_us,
+        results.unfinished as f64,
     ]
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 enum Scenario {
     Closed { replicas: usize },
     Open { replicas: usize, load: f64 },
     Overhead,
+    Sweep { load: f64 },
 }
 
 impl Scenario {
@@ -490,6 +559,25 @@ impl Scenario {
             Self::Closed { replicas } => format!("closed-{replicas}r"),
             Self::Open { replicas, load } => format!("open-{}pct-{replicas}r", load * 100.0),
             Self::Overhead => "overhead-1r".to_owned(),
+            Self::Sweep { load } => format!("sweep-{}pct-1r", load * 100.0),
+        }
+    }
+
+    fn replicas(&self) -> usize {
+        match *self {
+            Self::Closed { replicas } | Self::Open { replicas, .. } => replicas,
+            Self::Overhead | Self::Sweep { .. } => 1,
+        }
+    }
+
+    /// Who takes part: every contender, but the limit only in the closed
+    /// loop (it has no callers) and `Buffer` not in the sweep (it serves 2.5%
+    /// of the limit, so every sweep point overloads it).
+    fn takes(&self, contender: Contender) -> bool {
+        match self {
+            Self::Closed { .. } => true,
+            Self::Open { .. } | Self::Overhead => contender.can_serve(),
+            Self::Sweep { .. } => contender.can_serve() && contender != Contender::Buffer,
         }
     }
 }
@@ -516,40 +604,94 @@ fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// Runs one scenario for one contender once.
+async fn run_once(
+    params: &Params,
+    scenario: Scenario,
+    contender: Contender,
+    seed: u64,
+) -> Vec<f64> {
+    let limit1 = params.limit_per_replica();
+    let replicas = scenario.replicas();
+    let cost = if scenario == Scenario::Overhead {
+        Cost::Zero
+    } else {
+        Cost::Virtual
+    };
+    let model = Model::new(params, cost);
+    if contender == Contender::Limit {
+        let model2 = model.clone();
+        let params2 = params.clone();
+        let first = model.counters.snapshot();
+        let throughput = tokio::task::spawn_blocking(move || {
+            contenders::measure_limit(&params2, replicas, &model2)
+        })
+        .await
+        .expect("the limit measurement panicked");
+        let last = model.counters.snapshot();
+        let window = Window::between(first, last, replicas);
+        // Little's law: with `callers` always waiting, each waits callers / X.
+        let little_ms = params.callers as f64 / throughput * 1e3;
+        return vec![
+            throughput,
+            little_ms,
+            little_ms,
+            window.mean_batch,
+            window.busy,
+            f64::NAN,
+            0.0,
+            window.gap_us,
+        ];
+    }
+    let running = contenders::start(contender, params, replicas, model).await;
+    match scenario {
+        Scenario::Closed { .. } | Scenario::Overhead => {
+            closed_loop(params, running, replicas).await
+        }
+        Scenario::Open { load, .. } => {
+            let rate = load * limit1 * replicas as f64;
+            open_loop(params, running, replicas, rate, params.secs, seed).await
+        }
+        Scenario::Sweep { load } => {
+            open_loop(params, running, 1, load * limit1, params.sweep_secs, seed).await
+        }
+    }
+}
+
+const SWEEP_LOADS: [f64; 7] = [0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95];
+
 fn main() {
     let params = Params::from_env();
     let filters: Vec<String> = std::env::args()
         .skip(1)
         .filter(|arg| !arg.starts_with("--"))
         .collect();
+    let selected =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
     let limit1 = params.limit_per_replica();
     let cores = std::thread::available_parallelism().map_or(0, NonZeroUsize::get);
 
-    println!("# candlewick virtual accelerator bench");
+    println!("# Virtual accelerator: candlewick against its peers and the physical limit");
     println!();
     println!(
-        "model: a batch of n sleeps F + c·n on the replica thread; F = {} µs, c = {} µs, B = {}",
+        "- model: a batch of n sleeps F + c·n on its executor's thread; F = {} µs, c = {} µs, B = {}",
         params.fixed.as_secs_f64() * 1e6,
         params.per_item.as_secs_f64() * 1e6,
         params.max_batch,
     );
     println!(
-        "limit: B / (F + c·B) = {limit1:.0} req/s per replica (full batch = {:.3} ms)",
+        "- limit: B / (F + c·B) = {limit1:.0} req/s per executor (full batch = {:.3} ms)",
         params.batch_time(params.max_batch).as_secs_f64() * 1e3,
     );
     println!(
-        "model sleeps until {} µs before each deadline, then yields in a loop (CANDLEWICK_BENCH_SPIN_US)",
+        "- model sleeps until {} µs before each deadline, then yields in a loop (CANDLEWICK_BENCH_SPIN_US)",
         params.spin.as_secs_f64() * 1e6,
     );
     println!(
-        "batching: max_batch_size = B, max_wait = {} µs, queue capacity = {}, admission = shed",
-        params.max_wait.as_secs_f64() * 1e6,
-        params.queue,
-    );
-    println!(
-        "run: {} s measured after {} s warm-up per scenario, {} repetition(s){}; tokio multi-thread runtime, 2 workers",
+        "- run: {} s measured after {} s warm-up per scenario and contender ({} s per sweep point), {} repetition(s){}; tokio multi-thread runtime, 2 workers; every contender is called through `tower::util::BoxCloneService`",
         params.secs.as_secs_f64(),
         params.warmup.as_secs_f64(),
+        params.sweep_secs.as_secs_f64(),
         params.reps,
         if params.reps > 1 {
             " (every cell is the median over them)"
@@ -557,18 +699,34 @@ fn main() {
             ""
         },
     );
-    println!("machine: {cores} cores available, {}", cpu_model());
+    println!("- machine: {cores} cores available, {}", cpu_model());
     let overshoot = sleep_overshoot(params.fixed);
     println!(
-        "for reference, a plain thread::sleep({} µs) overshoots by {:.0} µs on average here",
+        "- for reference, a plain thread::sleep({} µs) overshoots by {:.0} µs on average here",
         params.fixed.as_secs_f64() * 1e6,
         overshoot.as_secs_f64() * 1e6,
     );
     println!(
-        "columns: busy = share of wall time the replicas spent inside forward; gap = mean idle time of a replica between two batches; cpu = process CPU time (all threads, 10 ms resolution) per served request"
+        "- columns: busy = share of wall time the executors spent inside the model; gap = mean idle time of an executor between two batches; cpu = process CPU time (all threads, 10 ms resolution) per served request"
     );
+    println!();
+    println!("Contender settings (R = replicas, i.e. executor threads):");
+    println!();
+    for contender in Contender::ALL {
+        println!(
+            "- **{}**: {}",
+            contender.name(),
+            contender.settings(&params)
+        );
+    }
 
-    let scenarios = [
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+
+    let mut scenarios = vec![
         Scenario::Closed { replicas: 1 },
         Scenario::Closed { replicas: 4 },
         Scenario::Open {
@@ -589,52 +747,193 @@ fn main() {
         },
         Scenario::Overhead,
     ];
-    let selected: Vec<Scenario> = scenarios
-        .into_iter()
-        .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name().contains(f.as_str())))
-        .collect();
+    scenarios.extend(SWEEP_LOADS.iter().map(|&load| Scenario::Sweep { load }));
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-
+    let mut sweep: Vec<(Contender, f64, Vec<f64>)> = Vec::new();
     let mut header = None;
-    for (index, scenario) in selected.iter().enumerate() {
-        let reps: Vec<Vec<f64>> = (0..params.reps)
-            .map(|rep| {
-                let seed = 0x5EED_0000 + (index * 1000 + rep) as u64;
-                let row = runtime.block_on(async {
-                    match *scenario {
-                        Scenario::Closed { replicas } => {
-                            closed_loop(&params, replicas, Cost::Virtual).await
-                        }
-                        Scenario::Open { replicas, load } => {
-                            open_loop(&params, replicas, load * limit1 * replicas as f64, seed)
-                                .await
-                        }
-                        Scenario::Overhead => closed_loop(&params, 1, Cost::Zero).await,
-                    }
-                });
+    for (index, scenario) in scenarios.iter().enumerate() {
+        for contender in Contender::ALL {
+            let label = format!("{}/{}", scenario.name(), contender.key());
+            if !scenario.takes(contender) || !selected(&label) {
+                continue;
+            }
+            let reps: Vec<Vec<f64>> = (0..params.reps)
+                .map(|rep| {
+                    // The same arrivals for every contender.
+                    let seed = 0x5EED_0000 + (index * 1000 + rep) as u64;
+                    let row = runtime.block_on(run_once(&params, *scenario, contender, seed));
+                    eprintln!(
+                        "{label} rep {}/{}: {:?}",
+                        rep + 1,
+                        params.reps,
+                        row.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()
+                    );
+                    row
+                })
+                .collect();
+            let row = medians(&reps);
+            let kind = std::mem::discriminant(scenario);
+            if header != Some(kind) {
+                header = Some(kind);
+                println!();
+                print_header(scenario, &params);
+            }
+            print_row(scenario, contender, &row, limit1);
+            if let Scenario::Sweep { load } = scenario {
+                sweep.push((contender, *load, row));
+            }
+        }
+    }
+    if !sweep.is_empty() {
+        write_plots(&params, &sweep);
+    }
+    if selected("metrics/candlewick") {
+        runtime.block_on(metrics_on_off(&params));
+    }
+}
+
+/// Candlewick's one-replica closed loop with no recorder, then with the
+/// Prometheus recorder installed (which is global and stays, so this runs
+/// last).
+async fn metrics_on_off(params: &Params) {
+    let scenario = Scenario::Closed { replicas: 1 };
+    let mut rows = Vec::new();
+    for on in [false, true] {
+        if on {
+            let exporter =
+                candlewick::metrics::PrometheusService::install().expect("install the recorder");
+            // Keep the handle: the recorder stays installed for the process.
+            std::mem::forget(exporter);
+        }
+        let reps: Vec<Vec<f64>> = {
+            let mut reps = Vec::new();
+            for rep in 0..params.reps {
+                let row = run_once(params, scenario, Contender::Candlewick, 0).await;
                 eprintln!(
-                    "{} rep {}/{}: {:?}",
-                    scenario.name(),
+                    "metrics-{} rep {}/{}: {:?}",
+                    if on { "on" } else { "off" },
                     rep + 1,
                     params.reps,
                     row.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()
                 );
-                row
-            })
-            .collect();
-        let row = medians(&reps);
-        let kind = std::mem::discriminant(scenario);
-        if header != Some(kind) {
-            header = Some(kind);
-            println!();
-            print_header(scenario, &params);
+                reps.push(row);
+            }
+            reps
+        };
+        rows.push(medians(&reps));
+    }
+    println!();
+    println!(
+        "## Metrics recording on and off: candlewick, closed loop, {} callers, 1 replica",
+        params.callers
+    );
+    println!();
+    println!("| recorder | req/s | p50 ms | p99 ms | mean batch | busy | cpu µs/req |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for (row, name) in rows.iter().zip([
+        "none (metrics calls are no-ops)",
+        "`PrometheusService::install()`",
+    ]) {
+        println!(
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1}% | {:.1} |",
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4] * 100.0,
+            row[5]
+        );
+    }
+    println!();
+    println!("throughput ratio on / off = {:.3}", rows[1][0] / rows[0][0]);
+}
+
+fn write_plots(params: &Params, sweep: &[(Contender, f64, Vec<f64>)]) {
+    let limit1 = params.limit_per_replica();
+    let mut served = Vec::new();
+    let mut p99 = Vec::new();
+    for contender in Contender::ALL {
+        let points: Vec<&(Contender, f64, Vec<f64>)> =
+            sweep.iter().filter(|(c, _, _)| *c == contender).collect();
+        if points.is_empty() {
+            continue;
         }
-        print_row(scenario, &row, limit1);
+        served.push(svg::Series {
+            name: contender.key().to_owned(),
+            points: points.iter().map(|(_, _, row)| (row[0], row[1])).collect(),
+            dashed: false,
+        });
+        p99.push(svg::Series {
+            name: contender.key().to_owned(),
+            points: points.iter().map(|(_, _, row)| (row[0], row[3])).collect(),
+            dashed: false,
+        });
+    }
+    let max_offered = sweep.iter().map(|(_, _, row)| row[0]).fold(0.0, f64::max);
+    served.push(svg::Series {
+        name: "limit".to_owned(),
+        points: vec![(0.0, limit1), (max_offered, limit1)],
+        dashed: true,
+    });
+    served.push(svg::Series {
+        name: "served = offered".to_owned(),
+        points: vec![(0.0, 0.0), (max_offered, max_offered)],
+        dashed: true,
+    });
+    p99.push(svg::Series {
+        name: "full batch (F + c·B)".to_owned(),
+        points: vec![
+            (0.0, params.batch_time(params.max_batch).as_secs_f64() * 1e3),
+            (
+                max_offered,
+                params.batch_time(params.max_batch).as_secs_f64() * 1e3,
+            ),
+        ],
+        dashed: true,
+    });
+    let dir = std::path::Path::new(&params.plot_dir);
+    std::fs::create_dir_all(dir).expect("create the plot directory");
+    let throughput = svg::line_chart(
+        "Served vs offered load (1 executor, Poisson arrivals)",
+        "offered req/s",
+        "served req/s",
+        &served,
+        false,
+    );
+    let latency = svg::line_chart(
+        "p99 latency vs offered load (1 executor, Poisson arrivals)",
+        "offered req/s",
+        "p99 latency, ms (log scale)",
+        &p99,
+        true,
+    );
+    for (name, text) in [("va-throughput.svg", throughput), ("va-p99.svg", latency)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).expect("write a plot");
+        eprintln!("wrote {}", path.display());
+    }
+    println!();
+    println!(
+        "plots: {}/va-throughput.svg, {}/va-p99.svg",
+        params.plot_dir, params.plot_dir
+    );
+}
+
+fn fmt_ms(value: f64, lower_bound: bool) -> String {
+    if value.is_nan() {
+        "—".to_owned()
+    } else if lower_bound {
+        format!("≥ {value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+fn fmt_num(value: f64, digits: usize) -> String {
+    if value.is_nan() {
+        "—".to_owned()
+    } else {
+        format!("{value:.digits$}")
     }
 }
 
@@ -644,68 +943,82 @@ fn print_header(scenario: &Scenario, params: &Params) {
             println!("## Closed loop, {} callers", params.callers);
             println!();
             println!(
-                "| replicas | req/s | ratio to limit | p50 ms | p99 ms | mean batch | busy | gap µs | cpu µs/req | errors |"
+                "| contender | replicas | req/s | ratio to limit | p50 ms | p99 ms | mean batch | busy | gap µs | cpu µs/req | errors |"
             );
-            println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
         Scenario::Open { .. } => {
             println!("## Open loop, Poisson arrivals");
             println!();
             println!(
-                "| load | replicas | offered req/s | served req/s | p50 ms | p99 ms | mean batch | busy | gap µs | cpu µs/req | rejected | errors |"
+                "| contender | load | replicas | offered req/s | served req/s | p50 ms | p99 ms | mean batch | busy | gap µs | cpu µs/req | rejected | errors | unfinished |"
             );
-            println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
         Scenario::Overhead => {
             println!(
-                "## Per-request overhead: zero-cost model, {} closed-loop callers",
+                "## Per-request overhead: zero-cost model, {} closed-loop callers, 1 replica",
                 params.callers
             );
             println!();
             println!(
-                "| replicas | req/s | wall ns/req | cpu µs/req | p50 ms | p99 ms | mean batch | errors |"
+                "| contender | req/s | wall ns/req | cpu µs/req | p50 ms | p99 ms | mean batch | errors |"
             );
-            println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        }
+        Scenario::Sweep { .. } => {
+            println!("## Load sweep, 1 replica, Poisson arrivals (the plots)");
+            println!();
+            println!(
+                "| contender | load | offered req/s | served req/s | p50 ms | p99 ms | mean batch | unfinished |"
+            );
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|");
         }
     }
 }
 
-fn print_row(scenario: &Scenario, row: &[f64], limit1: f64) {
+fn print_row(scenario: &Scenario, contender: Contender, row: &[f64], limit1: f64) {
+    let name = contender.name();
     match *scenario {
         Scenario::Closed { replicas } => {
             let limit = limit1 * replicas as f64;
+            let (p50, p99) = if contender == Contender::Limit {
+                (format!("{:.2}*", row[1]), format!("{:.2}*", row[2]))
+            } else {
+                (fmt_ms(row[1], false), fmt_ms(row[2], false))
+            };
             println!(
-                "| {replicas} | {:.0} | {:.3} | {:.2} | {:.2} | {:.1} | {:.1}% | {:.0} | {:.1} | {:.0} |",
+                "| {name} | {replicas} | {:.0} | {:.3} | {p50} | {p99} | {:.1} | {:.1}% | {:.0} | {} | {:.0} |",
                 row[0],
                 row[0] / limit,
-                row[1],
-                row[2],
                 row[3],
                 row[4] * 100.0,
                 row[7],
-                row[5],
+                fmt_num(row[5], 1),
                 row[6],
             );
         }
         Scenario::Open { replicas, load } => {
+            let overloaded = row[10] > 0.0;
             println!(
-                "| {:.0}% | {replicas} | {:.0} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1}% | {:.0} | {:.1} | {:.0} | {:.0} |",
+                "| {name} | {:.0}% | {replicas} | {:.0} | {:.0} | {} | {} | {:.1} | {:.1}% | {:.0} | {} | {:.0} | {:.0} | {:.0} |",
                 load * 100.0,
                 row[0],
                 row[1],
-                row[2],
-                row[3],
+                fmt_ms(row[2], overloaded && row[2] > 1000.0),
+                fmt_ms(row[3], overloaded),
                 row[4],
                 row[5] * 100.0,
                 row[9],
-                row[6],
+                fmt_num(row[6], 1),
                 row[7],
                 row[8],
+                row[10],
             );
         }
         Scenario::Overhead => {
             println!(
-                "| 1 | {:.0} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} |",
+                "| {name} | {:.0} | {:.0} | {:.2} | {:.3} | {:.3} | {:.1} | {:.0} |",
                 row[0],
                 1e9 / row[0],
                 row[5],
@@ -713,6 +1026,19 @@ fn print_row(scenario: &Scenario, row: &[f64], limit1: f64) {
                 row[2],
                 row[3],
                 row[6],
+            );
+        }
+        Scenario::Sweep { load } => {
+            let overloaded = row[10] > 0.0;
+            println!(
+                "| {name} | {:.0}% | {:.0} | {:.0} | {} | {} | {:.1} | {:.0} |",
+                load * 100.0,
+                row[0],
+                row[1],
+                fmt_ms(row[2], overloaded && row[2] > 1000.0),
+                fmt_ms(row[3], overloaded),
+                row[4],
+                row[10],
             );
         }
     }
