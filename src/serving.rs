@@ -95,13 +95,31 @@ impl ServingConfig {
 /// Cheap to clone; all clones share the replicas and the queue. The replicas
 /// stop once the last clone is dropped and the queued requests are answered.
 /// Also a `Service<I, Response = O>` for use inside tower stacks.
-#[derive(Debug)]
 pub struct Serving<I, O> {
     batch: Batch<I, Result<O, ModelFailed>>,
     pool: Pool<I, O>,
     health: Health,
     probes: ProbePaths,
     model: Arc<ModelInfo>,
+}
+
+impl<I, O> std::fmt::Debug for Serving<I, O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Serving")
+            .field("model", &self.model)
+            .field("batch", &self.batch)
+            .field("pool", &self.pool)
+            .field("health", &self.health)
+            .finish()
+    }
+}
+
+impl<O> std::fmt::Debug for ResponseFuture<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("inner", &self.inner)
+            .finish()
+    }
 }
 
 impl<I, O> Clone for Serving<I, O> {
@@ -244,7 +262,6 @@ fn publish_model_info(model: &ModelInfo) {
 
 /// The answer of a [`Serving`] to one request.
 #[pin_project]
-#[derive(Debug)]
 pub struct ResponseFuture<O> {
     #[pin]
     inner: batch::future::ResponseFuture<Result<O, ModelFailed>>,

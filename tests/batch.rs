@@ -365,3 +365,100 @@ fn public_types_are_send_and_sync() {
     assert_send_sync::<candlewick::Serving<u32, u32>>();
     assert_send_sync::<candlewick::pool::Pool<u32, u32>>();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_does_not_wait_for_requests_whose_callers_left() {
+    let (service, mut handle) = batched(config(1, 0));
+    handle.allow(1);
+    let running = send(&service, 1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    let left: Vec<_> = (2..4).map(|i| send(&service, i)).collect();
+    settle().await;
+    for request in left {
+        request.abort();
+    }
+    settle().await;
+    let start = Instant::now();
+    let drain = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            service
+                .drain(Instant::now() + Duration::from_secs(20))
+                .await
+        })
+    };
+    settle().await;
+    reply.send_response(batch);
+    let report = drain.await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "the drain waited {:?}",
+        start.elapsed()
+    );
+    assert_eq!((report.completed, report.aborted), (1, 0));
+    assert_eq!(running.await.unwrap().unwrap(), 1);
+}
+
+#[test]
+fn every_request_is_counted_once_whatever_its_fate() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (service, mut handle) = batched(config(1, 0));
+            handle.allow(1);
+            // Its own deadline fires while its batch runs.
+            let options = candlewick::batch::RequestOptions::default()
+                .with_timeout(Duration::from_millis(10));
+            let timed_out = {
+                let service = service.clone();
+                tokio::spawn(async move { service.infer_with(1, options).await })
+            };
+            let (_, slow_reply) = handle.next_request().await.unwrap();
+            // Its caller leaves while it is queued.
+            let left = send(&service, 2);
+            // It is still queued when the drain runs out of time.
+            let aborted = send(&service, 3);
+            settle().await;
+            left.abort();
+            assert!(
+                timed_out
+                    .await
+                    .unwrap()
+                    .unwrap_err()
+                    .is::<candlewick::error::DeadlineExceeded>()
+            );
+            let report = service
+                .drain(Instant::now() + Duration::from_millis(50))
+                .await;
+            assert!(
+                aborted
+                    .await
+                    .unwrap()
+                    .unwrap_err()
+                    .is::<candlewick::error::Closed>()
+            );
+            assert_eq!(report.aborted, 1);
+            drop(slow_reply);
+        });
+    });
+    let mut outcomes = std::collections::BTreeMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        let (_, key) = key.into_parts();
+        if let (DebugValue::Counter(n), Some(outcome)) =
+            (value, key.labels().find(|l| l.key() == "outcome"))
+        {
+            *outcomes.entry(outcome.value().to_owned()).or_insert(0) += n;
+        }
+    }
+    assert_eq!(outcomes.values().sum::<u64>(), 3, "{outcomes:?}");
+    assert_eq!(outcomes["deadline"], 1, "{outcomes:?}");
+    assert_eq!(outcomes["cancelled"], 1, "{outcomes:?}");
+    assert_eq!(outcomes["closed"], 1, "{outcomes:?}");
+}

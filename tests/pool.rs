@@ -335,7 +335,10 @@ async fn a_stalled_batch_is_answered_and_its_replica_replaced() {
     assert_eq!(status.stalls, 1);
     assert_ne!(status.state, ReplicaState::Stalled);
     unstick.send(()).unwrap();
-    // The stuck thread retires without adding a replica: still one at a time.
+    // The stuck thread retires without adding capacity: one replica, idle.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(pool.idle_replicas(), 1);
     assert_eq!(good_batch(&mut pool, vec![6]).await, [12]);
-    assert_eq!(pool.len(), 1);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(pool.idle_replicas(), 1);
 }

@@ -140,17 +140,17 @@ pub(crate) async fn embed(
                 .map_err(ApiError::from_encode)?,
         );
     }
-    // Dropping this future (the client went away) cancels what is still queued.
-    let answers =
-        futures_util::future::join_all(sequences.into_iter().map(|ids| state.serving.infer(ids)))
-            .await;
-    let mut embeddings = Vec::with_capacity(answers.len());
-    for answer in answers {
-        let mut embedding = answer.map_err(ApiError::from_serving)?;
-        if request.normalize {
-            normalize(&mut embedding);
-        }
-        embeddings.push(embedding);
+    // The first failure answers the request at once; dropping the others
+    // (as when the client goes away) cancels what is still queued.
+    let mut embeddings = futures_util::future::try_join_all(
+        sequences.into_iter().map(|ids| state.serving.infer(ids)),
+    )
+    .await
+    .map_err(ApiError::from_serving)?;
+    if request.normalize {
+        embeddings
+            .iter_mut()
+            .for_each(|embedding| normalize(embedding));
     }
     Ok(Json(embeddings))
 }

@@ -1,10 +1,13 @@
 //! The future returned by [`Batch`](super::Batch).
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
-use pin_project::pin_project;
+use pin_project::{pin_project, pinned_drop};
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
@@ -17,15 +20,16 @@ use crate::error::{Closed, DeadlineExceeded};
 /// Dropping it cancels the request: if it has not been batched yet, it never
 /// reaches the model. The same happens at the request's deadline, which
 /// answers [`DeadlineExceeded`].
-#[pin_project]
-#[derive(Debug)]
+#[pin_project(PinnedDrop)]
 pub struct ResponseFuture<O> {
     #[pin]
     state: State<O>,
+    /// Counts this request if the future goes away before its answer, so
+    /// that a full queue knows to look for cancelled requests.
+    abandoned: Option<Arc<AtomicUsize>>,
 }
 
 #[pin_project(project = StateProj)]
-#[derive(Debug)]
 enum State<O> {
     Failed(Option<BoxError>),
     Queued {
@@ -40,19 +44,34 @@ impl<O> ResponseFuture<O> {
     pub(super) fn new(
         rx: oneshot::Receiver<Result<O, BoxError>>,
         deadline: Option<Instant>,
+        abandoned: Arc<AtomicUsize>,
     ) -> Self {
         Self {
             state: State::Queued {
                 rx,
                 deadline: deadline.map(tokio::time::sleep_until),
             },
+            abandoned: Some(abandoned),
         }
     }
 
     pub(super) fn failed(err: BoxError) -> Self {
         Self {
             state: State::Failed(Some(err)),
+            abandoned: None,
         }
+    }
+}
+
+impl<O> fmt::Debug for ResponseFuture<O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Failed(_) => "failed",
+            State::Queued { .. } => "queued",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 
@@ -60,12 +79,14 @@ impl<O> Future for ResponseFuture<O> {
     type Output = Result<O, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let this = self.project();
+        match this.state.project() {
             StateProj::Failed(err) => {
                 Poll::Ready(Err(err.take().expect("polled after completion")))
             }
             StateProj::Queued { mut rx, deadline } => {
                 if let Poll::Ready(result) = rx.as_mut().poll(cx) {
+                    this.abandoned.take();
                     // The worker dropped the request without answering: it stopped.
                     return Poll::Ready(result.unwrap_or_else(|_| Err(Closed::new().into())));
                 }
@@ -75,12 +96,24 @@ impl<O> Future for ResponseFuture<O> {
                     // an answer that raced the deadline still wins.
                     rx.close();
                     return Poll::Ready(match rx.try_recv() {
-                        Ok(result) => result,
+                        Ok(result) => {
+                            this.abandoned.take();
+                            result
+                        }
                         Err(_) => Err(DeadlineExceeded::new().into()),
                     });
                 }
                 Poll::Pending
             }
+        }
+    }
+}
+
+#[pinned_drop]
+impl<O> PinnedDrop for ResponseFuture<O> {
+    fn drop(self: Pin<&mut Self>) {
+        if let Some(abandoned) = self.project().abandoned.take() {
+            abandoned.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

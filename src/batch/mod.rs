@@ -211,6 +211,16 @@ impl RequestOptions {
         self.priority = priority;
         self
     }
+
+    /// These options with the deadline defaulted from `config`.
+    fn resolve(mut self, config: &BatchConfig) -> Self {
+        if self.deadline.is_none() {
+            self.deadline = config
+                .default_timeout
+                .map(|timeout| tokio::time::Instant::now() + timeout);
+        }
+        self
+    }
 }
 
 impl Default for BatchConfig {

@@ -30,6 +30,17 @@ pub(super) struct Entry<I, O> {
 }
 
 impl<I, O> Entry<I, O> {
+    fn into_parts(self) -> (I, Ticket<O>) {
+        let ticket = Ticket {
+            id: self.id,
+            reply: self.reply,
+            span: self.span,
+            arrived: self.arrived,
+            deadline: self.deadline,
+        };
+        (self.input, ticket)
+    }
+
     fn is_cancelled(&self) -> bool {
         self.reply.is_closed()
     }
@@ -39,14 +50,44 @@ impl<I, O> Entry<I, O> {
     }
 }
 
-/// Requests taken from the queue to run as one batch.
+/// Requests taken from the queue to run as one batch: the inputs for the
+/// inner service, and a ticket per input to answer it by.
 pub(super) struct Taken<I, O> {
     pub(super) inputs: Vec<I>,
-    pub(super) replies: Vec<Reply<O>>,
-    pub(super) spans: Vec<tracing::Span>,
-    pub(super) ids: Vec<u64>,
-    pub(super) arrived: Vec<Instant>,
+    pub(super) tickets: Vec<Ticket<O>>,
     pub(super) cost: usize,
+}
+
+/// Where the answer to one batched request goes.
+pub(super) struct Ticket<O> {
+    pub(super) id: u64,
+    pub(super) reply: Reply<O>,
+    pub(super) span: tracing::Span,
+    pub(super) arrived: Instant,
+    pub(super) deadline: Option<Instant>,
+}
+
+impl<O> Ticket<O> {
+    /// Sends `answer`, recording `outcome` if the caller got it, and why not
+    /// otherwise (its own future gave up at the deadline, or it went away).
+    pub(super) fn answer(
+        self,
+        answer: Result<O, BoxError>,
+        outcome: Outcome,
+        metrics: &BatchMetrics,
+    ) {
+        let now = Instant::now();
+        if self.reply.send(answer).is_ok() {
+            metrics.outcome(outcome);
+            metrics
+                .request_duration
+                .record(now.saturating_duration_since(self.arrived));
+        } else if self.deadline.is_some_and(|deadline| deadline <= now) {
+            metrics.outcome(Outcome::Deadline);
+        } else {
+            metrics.outcome(Outcome::Cancelled);
+        }
+    }
 }
 
 /// What the worker should do next.
@@ -63,6 +104,8 @@ pub(super) struct Queue<I, O> {
     state: Mutex<State<I, O>>,
     /// Wakes the worker: a request arrived, or the last handle went away.
     pub(super) wake: Notify,
+    /// Wakes drains: requests left the queue, or a batch finished.
+    pub(super) progress: Notify,
     /// Live service handles; the worker stops once this is 0 and the queue is
     /// drained.
     handles: AtomicUsize,
@@ -81,6 +124,8 @@ struct State<I, O> {
     cost: usize,
     /// Sum of the costs of the batches running.
     running_cost: usize,
+    /// Set by [`Queue::close`]: nothing is admitted any more.
+    closed: bool,
 }
 
 fn lane(priority: Priority) -> usize {
@@ -99,8 +144,10 @@ impl<I, O> Queue<I, O> {
                 len: 0,
                 cost: 0,
                 running_cost: 0,
+                closed: false,
             }),
             wake: Notify::new(),
+            progress: Notify::new(),
             handles: AtomicUsize::new(1),
             in_flight: AtomicUsize::new(0),
         }
@@ -110,14 +157,19 @@ impl<I, O> Queue<I, O> {
         self.state.lock().expect("batch queue lock")
     }
 
-    pub(super) fn push(&self, entry: Entry<I, O>) {
+    /// Queues `entry`, or hands it back if the queue was closed.
+    pub(super) fn push(&self, entry: Entry<I, O>) -> Result<(), Entry<I, O>> {
         let mut state = self.lock();
+        if state.closed {
+            return Err(entry);
+        }
         state.cost += entry.cost;
         state.len += 1;
         state.lanes[lane(entry.priority)].push_back(entry);
         state.publish_depth();
         drop(state);
         self.wake.notify_one();
+        Ok(())
     }
 
     /// The number of queued requests and their total cost.
@@ -145,24 +197,26 @@ impl<I, O> Queue<I, O> {
         self.is_abandoned() && self.lock().len == 0
     }
 
-    /// Answers every queued request with [`Closed`]; returns how many were
-    /// still waiting for an answer.
+    /// Admits nothing more and answers every queued request with
+    /// [`Closed`]; returns how many were still waiting for an answer.
     pub(super) fn close(&self) -> usize {
-        let lanes = {
-            let mut state = self.lock();
-            state.cost = 0;
-            state.len = 0;
-            std::mem::take(&mut state.lanes)
-        };
+        let mut state = self.lock();
+        state.closed = true;
+        state.cost = 0;
+        state.len = 0;
+        state.publish_depth();
+        let lanes = std::mem::take(&mut state.lanes);
+        let metrics = state.metrics.clone();
+        drop(state);
         let mut answered = 0;
         for entry in lanes.into_iter().flatten() {
-            if entry.reply.send(Err(Closed::new().into())).is_ok() {
+            let (_, ticket) = entry.into_parts();
+            if !ticket.reply.is_closed() {
                 answered += 1;
             }
+            ticket.answer(Err(Closed::new().into()), Outcome::Closed, &metrics);
         }
-        let state = self.lock();
-        state.publish_depth();
-        state.metrics.outcome_n(Outcome::Closed, answered);
+        self.progress.notify_waiters();
         answered
     }
 
@@ -184,6 +238,10 @@ impl<I, O> Queue<I, O> {
             state.forget(entry, now);
         }
         state.publish_depth();
+        drop(state);
+        if count > 0 {
+            self.progress.notify_waiters();
+        }
         count
     }
 
@@ -208,6 +266,8 @@ impl<I, O> Queue<I, O> {
             .map(|e| e.arrived)
             .min()
         else {
+            drop(state);
+            self.progress.notify_waiters();
             return Next::Empty;
         };
         let due_at = oldest + config.max_wait;
@@ -221,6 +281,9 @@ impl<I, O> Queue<I, O> {
         let taken = state.take(now, config);
         state.publish_depth();
         if taken.inputs.is_empty() {
+            drop(state);
+            // What was purged may have been all a drain waited for.
+            self.progress.notify_waiters();
             return Next::Empty;
         }
         let metrics = &state.metrics;
@@ -235,10 +298,13 @@ impl<I, O> Queue<I, O> {
     /// Marks a batch of `size` and `cost` taken by [`next`](Self::next) as
     /// answered.
     pub(super) fn finish_batch(&self, size: usize, cost: usize) {
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        let mut state = self.lock();
-        state.running_cost -= cost;
-        state.metrics.in_flight.decrement(size as f64);
+        {
+            let mut state = self.lock();
+            state.running_cost -= cost;
+            state.metrics.in_flight.decrement(size as f64);
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.progress.notify_waiters();
     }
 
     /// The cost of everything a request admitted now waits for: the queue and
@@ -286,10 +352,7 @@ impl<I, O> State<I, O> {
         let capacity = max.min(self.len);
         let mut taken = Taken {
             inputs: Vec::with_capacity(capacity),
-            replies: Vec::with_capacity(capacity),
-            spans: Vec::with_capacity(capacity),
-            ids: Vec::with_capacity(capacity),
-            arrived: Vec::with_capacity(capacity),
+            tickets: Vec::with_capacity(capacity),
             cost: 0,
         };
         // The high lane goes first, unless the normal lane's oldest request
@@ -324,11 +387,9 @@ impl<I, O> State<I, O> {
                 self.metrics
                     .queue_wait
                     .record(now.saturating_duration_since(entry.arrived));
-                taken.arrived.push(entry.arrived);
-                taken.ids.push(entry.id);
-                taken.inputs.push(entry.input);
-                taken.replies.push(entry.reply);
-                taken.spans.push(entry.span);
+                let (input, ticket) = entry.into_parts();
+                taken.inputs.push(input);
+                taken.tickets.push(ticket);
             }
         }
         taken

@@ -1,10 +1,10 @@
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::sync::PollSemaphore;
@@ -46,8 +46,9 @@ pub(super) struct Shared<I, O> {
     draining: AtomicBool,
     /// Cancelled when a drain runs out of time.
     pub(super) abort: CancellationToken,
-    /// Notified whenever a batch finishes.
-    pub(super) progress: Notify,
+    /// Response futures dropped before their answer: the queue may hold
+    /// cancelled requests.
+    abandoned: Arc<AtomicUsize>,
     /// Requests answered by the inner service.
     pub(super) completed: AtomicU64,
     /// The id of the next request, for tracing.
@@ -128,7 +129,7 @@ where
             closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             abort: CancellationToken::new(),
-            progress: Notify::new(),
+            abandoned: Arc::default(),
             completed: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
@@ -185,11 +186,14 @@ impl<I, O> Batch<I, O> {
         shared.queue.wake.notify_one();
         let finished = async {
             loop {
-                let progress = shared.progress.notified();
+                // Requests whose callers left count as done.
+                shared.queue.remove_cancelled();
+                let progress = shared.queue.progress.notified();
                 if shared.queue.is_idle() {
                     return;
                 }
-                progress.await;
+                // Cancellations do not notify; look again now and then.
+                let _ = tokio::time::timeout(Duration::from_millis(10), progress).await;
             }
         };
         if tokio::time::timeout_at(deadline, finished).await.is_err() {
@@ -198,7 +202,7 @@ impl<I, O> Batch<I, O> {
             shared.abort.cancel();
             // Every running batch answers at once now; wait for their tasks.
             loop {
-                let progress = shared.progress.notified();
+                let progress = shared.queue.progress.notified();
                 if shared.queue.batches_in_flight() == 0 {
                     break;
                 }
@@ -234,16 +238,27 @@ impl<I, O> Batch<I, O> {
 
     /// Like [`infer`](Self::infer), with a deadline and priority of its own.
     pub async fn infer_with(&self, input: I, options: RequestOptions) -> Result<O, BoxError> {
-        let slot = match self.shared.config.admission {
+        let shared = &self.shared;
+        let options = options.resolve(&shared.config);
+        let slot = match shared.config.admission {
             Admission::Shed => None,
-            Admission::Wait => Some(
-                self.shared
-                    .slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Closed::new())?,
-            ),
+            Admission::Wait => {
+                let acquire = shared.slots.clone().acquire_owned();
+                let slot = match options.deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, acquire)
+                        .await
+                        .map_err(|_| BoxError::from(DeadlineExceeded::new())),
+                    None => Ok(acquire.await),
+                }
+                .and_then(|slot| slot.map_err(|_| Closed::new().into()));
+                match slot {
+                    Ok(slot) => Some(slot),
+                    Err(err) => {
+                        shared.metrics.outcome(Outcome::of_error(&*err));
+                        return Err(err);
+                    }
+                }
+            }
         };
         self.enqueue(input, options, slot).await
     }
@@ -255,24 +270,20 @@ impl<I, O> Batch<I, O> {
         slot: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture<O> {
         let now = Instant::now();
-        let deadline = options.deadline.or_else(|| {
-            self.shared
-                .config
-                .default_timeout
-                .map(|timeout| now + timeout)
-        });
+        let deadline = options.resolve(&self.shared.config).deadline;
+        let refuse = |err: BoxError| {
+            self.shared.metrics.outcome(Outcome::of_error(&*err));
+            ResponseFuture::failed(err)
+        };
         let (cost, slot) = match self.admit(&input, now, deadline, slot) {
             Ok(admitted) => admitted,
-            Err(err) => {
-                self.shared.metrics.outcome(Outcome::of_error(&*err));
-                return ResponseFuture::failed(err);
-            }
+            Err(err) => return refuse(err),
         };
         let (reply, rx) = oneshot::channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let span =
             tracing::debug_span!("candlewick.request", id, cost, priority = ?options.priority);
-        self.shared.queue.push(Entry {
+        let entry = Entry {
             id,
             input,
             cost,
@@ -282,8 +293,12 @@ impl<I, O> Batch<I, O> {
             reply,
             _slot: slot,
             span,
-        });
-        ResponseFuture::new(rx, deadline)
+        };
+        // The worker stopped after admission checked: nothing was queued.
+        if self.shared.queue.push(entry).is_err() {
+            return refuse(Closed::new().into());
+        }
+        ResponseFuture::new(rx, deadline, self.shared.abandoned.clone())
     }
 
     /// Checks `input` and claims a queue slot for it.
@@ -337,8 +352,10 @@ impl<I, O> Batch<I, O> {
             Err(TryAcquireError::NoPermits) => {}
         }
         // Requests whose callers went away still hold slots until the worker
-        // meets them; reclaim those before turning anyone away.
-        if self.shared.queue.remove_cancelled() > 0
+        // meets them; reclaim those before turning anyone away (and only
+        // when some went away: the scan costs a pass over the queue).
+        if self.shared.abandoned.swap(0, Ordering::AcqRel) > 0
+            && self.shared.queue.remove_cancelled() > 0
             && let Ok(slot) = slots.clone().try_acquire_owned()
         {
             return Ok(slot);
@@ -402,6 +419,7 @@ where
 
     fn call(&mut self, input: I) -> Self::Future {
         let slot = self.reserved.take();
-        self.enqueue(input, RequestOptions::default(), slot)
+        let options = RequestOptions::default().resolve(&self.shared.config);
+        self.enqueue(input, options, slot)
     }
 }

@@ -9,7 +9,7 @@ use tower::Service;
 use tracing::Instrument;
 
 use super::Shared;
-use super::queue::{Next, Taken};
+use super::queue::{Next, Taken, Ticket};
 use crate::BoxError;
 use crate::error::{Closed, FailureKind, ModelFailed};
 use crate::metrics::Outcome;
@@ -76,17 +76,15 @@ where
 {
     let Taken {
         inputs,
-        replies,
-        spans,
-        ids,
-        arrived,
+        tickets,
         cost,
     } = batch;
     let size = inputs.len();
     // The batch span names the requests it carried, and links to their spans.
+    let ids: Vec<u64> = tickets.iter().map(|ticket| ticket.id).collect();
     let span = tracing::debug_span!("candlewick.batch", size, cost, requests = ?ids);
-    for request in &spans {
-        span.follows_from(request);
+    for ticket in &tickets {
+        span.follows_from(&ticket.span);
     }
     let future = span.in_scope(|| inner.call(inputs));
     shared
@@ -99,21 +97,18 @@ where
         async move {
             let served = tokio::select! {
                 result = future => {
-                    answer(&shared, replies, &arrived, result.map_err(Into::into));
+                    answer(&shared, tickets, result.map_err(Into::into));
                     shared.completed.fetch_add(size as u64, Ordering::Relaxed);
                     cost
                 }
                 // A drain ran out of time: the model's answer will not come
                 // in time, so say so now.
                 () = shared.abort.cancelled() => {
-                    let mut aborted = 0;
-                    for reply in replies {
-                        if reply.send(Err(Closed::new().into())).is_ok() {
-                            aborted += 1;
-                        }
+                    let waiting = tickets.iter().filter(|t| !t.reply.is_closed()).count();
+                    for ticket in tickets {
+                        ticket.answer(Err(Closed::new().into()), Outcome::Closed, &shared.metrics);
                     }
-                    shared.metrics.outcome_n(Outcome::Closed, aborted);
-                    shared.aborted.fetch_add(aborted as u64, Ordering::Relaxed);
+                    shared.aborted.fetch_add(waiting as u64, Ordering::Relaxed);
                     0
                 }
             };
@@ -124,7 +119,6 @@ where
                 .expect("rate lock")
                 .finished(Instant::now(), served, queued);
             shared.queue.finish_batch(size, cost);
-            shared.progress.notify_waiters();
         }
         .instrument(span),
     );
@@ -132,13 +126,8 @@ where
 
 /// Sends every request of a batch its own answer, recording its outcome and
 /// latency.
-fn answer<I, O>(
-    shared: &Shared<I, O>,
-    replies: Vec<super::queue::Reply<O>>,
-    arrived: &[Instant],
-    result: Result<Vec<O>, BoxError>,
-) {
-    let n = replies.len();
+fn answer<I, O>(shared: &Shared<I, O>, tickets: Vec<Ticket<O>>, result: Result<Vec<O>, BoxError>) {
+    let n = tickets.len();
     let answers: Box<dyn Iterator<Item = Result<O, BoxError>>> = match result {
         Ok(outputs) if outputs.len() == n => Box::new(outputs.into_iter().map(Ok)),
         Ok(outputs) => {
@@ -151,22 +140,13 @@ fn answer<I, O>(
         }
         Err(err) => Box::new(fan_out(err).map(Err)),
     };
-    let metrics = &shared.metrics;
-    let now = Instant::now();
-    for ((reply, answer), arrived) in replies.into_iter().zip(answers).zip(arrived) {
+    for (ticket, answer) in tickets.into_iter().zip(answers) {
         let outcome = match &answer {
             Ok(output) if (shared.failed)(output) => Outcome::ModelError,
             Ok(_) => Outcome::Ok,
             Err(err) => Outcome::of_error(&**err),
         };
-        if reply.send(answer).is_ok() {
-            metrics.outcome(outcome);
-            metrics
-                .request_duration
-                .record(now.saturating_duration_since(*arrived));
-        } else {
-            metrics.outcome(Outcome::Cancelled);
-        }
+        ticket.answer(answer, outcome, &shared.metrics);
     }
 }
 

@@ -59,7 +59,8 @@ use crate::pool::{ReplicaStatus, RosterSource};
 #[non_exhaustive]
 pub struct HealthConfig {
     /// Replicas that must be able to serve for the service to be ready.
-    /// Default: 1.
+    /// Default: 1; 0 counts as 1 (a service with no replica serving is never
+    /// ready).
     pub min_ready_replicas: usize,
     /// Failed loads after which a replica that never loaded counts as settled
     /// for `started`, so one bad device cannot hold startup forever.
@@ -288,7 +289,11 @@ impl Health {
         let serving = replicas.iter().filter(|r| r.state.is_serving()).count();
         let settled = replicas
             .iter()
-            .filter(|r| r.load_time.is_some() || r.load_failures >= config.startup_failures)
+            .filter(|r| {
+                r.load_time.is_some()
+                    || r.failed_for_good
+                    || r.load_failures >= config.startup_failures
+            })
             .count();
 
         let started = if settled == total {

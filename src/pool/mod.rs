@@ -68,6 +68,7 @@ pub use service::{Pool, ResponseFuture};
 #[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default))]
+#[non_exhaustive]
 pub struct PoolConfig {
     /// The devices to place replicas on. Default: the CPU.
     #[cfg_attr(feature = "serde", serde(with = "crate::device::serde_locations"))]
@@ -245,6 +246,9 @@ pub struct ReplicaStatus {
     pub stalls: u64,
     /// How often loading its model failed.
     pub load_failures: u64,
+    /// Whether it stopped trying: its thread could not set up (no loader
+    /// runtime, no CPU thread pool). See [`last_error`](Self::last_error).
+    pub failed_for_good: bool,
     /// Why its last load failed, if it did.
     pub last_error: Option<String>,
 }
@@ -259,6 +263,7 @@ impl ReplicaStatus {
             warmup_time: None,
             stalls: 0,
             load_failures: 0,
+            failed_for_good: false,
             last_error: None,
         }
     }
@@ -270,6 +275,8 @@ impl ReplicaStatus {
 pub enum PoolError {
     /// The configuration names no device.
     NoDevices,
+    /// The stall watchdog's thread could not be started.
+    Watchdog(std::io::Error),
     /// A replica thread could not be started.
     Spawn {
         /// The index of the replica.
@@ -283,6 +290,7 @@ impl std::fmt::Display for PoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NoDevices => f.write_str("the pool configuration names no device"),
+            Self::Watchdog(_) => f.write_str("cannot start the stall watchdog's thread"),
             Self::Spawn { replica, .. } => {
                 write!(f, "cannot start the thread of replica {replica}")
             }
@@ -294,6 +302,7 @@ impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Self::NoDevices => None,
+            Self::Watchdog(source) => Some(source),
             Self::Spawn { source, .. } => Some(source),
         }
     }

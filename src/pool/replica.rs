@@ -187,10 +187,7 @@ where
         match replica.cpu_threads() {
             Ok(None) => replica.run(&jobs),
             Ok(Some(threads)) => threads.install(move || replica.run(&jobs)),
-            Err(err) => {
-                tracing::error!(replica = index, %err, "cannot build the replica's CPU thread pool");
-                replica.board.set_state(index, ReplicaState::Failed);
-            }
+            Err(err) => replica.give_up(&format!("cannot build its CPU thread pool: {err}")),
         }
     })?;
     Ok(())
@@ -211,10 +208,22 @@ impl<L, O> Replica<L, O> {
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
     {
-        let mut permit = None;
+        // Loaders may use async I/O: they run on a runtime of this thread's own.
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(err) => return self.give_up(&format!("cannot build its loader runtime: {err}")),
+        };
+        let mut permit: Option<OwnedSemaphorePermit> = None;
         let mut failures = 0u32;
         loop {
-            let Some(model) = self.load_until_ready(&mut failures) else {
+            let Some(model) = self.load_until_ready(&runtime, &mut failures, jobs) else {
+                // The pool is gone; so is the point of the permit.
+                if let Some(permit) = permit {
+                    permit.forget();
+                }
                 return;
             };
             self.board.make_idle(self.index, permit.take());
@@ -302,30 +311,39 @@ impl<L, O> Replica<L, O> {
             .map(Some)
     }
 
+    /// Marks this replica failed for good, with the reason.
+    fn give_up(&self, reason: &str) {
+        tracing::error!(replica = self.index, device = ?self.location, reason, "replica failed for good");
+        self.board.update(self.index, |status| {
+            status.state = ReplicaState::Failed;
+            status.failed_for_good = true;
+            status.last_error = Some(reason.to_owned());
+        });
+    }
+
     /// Loads and warms up the model, retrying with back-off until it works.
-    /// Returns `None` if no runtime can be built for loading.
-    fn load_until_ready<I>(&self, failures: &mut u32) -> Option<L::Model>
+    /// Returns `None` once the pool is dropped.
+    fn load_until_ready<I>(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        failures: &mut u32,
+        jobs: &mpsc::Receiver<Job<I, O>>,
+    ) -> Option<L::Model>
     where
         L: Loader<I>,
     {
-        let runtime = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(runtime) => runtime,
-            Err(err) => {
-                tracing::error!(replica = self.index, %err, "cannot build the replica's loader runtime");
-                self.board.set_state(self.index, ReplicaState::Failed);
-                return None;
-            }
-        };
         loop {
             let delay = self.config.restart_backoff.delay(*failures);
             if !delay.is_zero() {
                 self.board.set_state(self.index, ReplicaState::Restarting);
                 std::thread::sleep(delay);
             }
-            match self.load_once(&runtime) {
+            // No job is sent to a replica that is not idle, so the channel
+            // can only be empty, or closed because every handle is gone.
+            if let Err(mpsc::TryRecvError::Disconnected) = jobs.try_recv() {
+                return None;
+            }
+            match self.load_once(runtime) {
                 Ok(model) => return Some(model),
                 Err(err) => {
                     *failures += 1;
@@ -477,11 +495,13 @@ fn device(location: DeviceLocation) -> Result<Device, BoxError> {
     })
 }
 
-/// Exponential back-off between reload attempts.
+/// Exponential back-off between load attempts: the first load is immediate;
+/// after a failed load or a panic, a replica waits `initial`, doubled for each
+/// further consecutive failure, up to `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Backoff {
-    /// Delay before the second consecutive attempt; the first is immediate.
+    /// Delay after one failure.
     pub initial: Duration,
     /// Upper bound on the delay.
     pub max: Duration,

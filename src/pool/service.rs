@@ -118,6 +118,11 @@ impl<I, O> Pool<I, O> {
         self.shared.board.clone()
     }
 
+    /// The number of replicas idle now, ready for a batch.
+    pub fn idle_replicas(&self) -> usize {
+        self.shared.board.semaphore.available_permits()
+    }
+
     /// The number of replicas, whatever their state.
     pub fn len(&self) -> usize {
         self.shared.jobs.len()
@@ -150,10 +155,7 @@ where
             }
         })
         .map(drop)
-        .map_err(|source| PoolError::Spawn {
-            replica: usize::MAX,
-            source,
-        })
+        .map_err(PoolError::Watchdog)
 }
 
 fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Duration) {
@@ -191,10 +193,17 @@ fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Durati
     });
     let _ = reply.send(replica::failures(err, size).collect());
     // The stuck thread keeps its model until `forward` returns, then retires.
+    // Its replacement's channel goes in before the replacement starts: once
+    // it is idle, jobs for this index must reach it.
     let (tx, rx) = mpsc::channel();
-    match (shared.spawn)(index, rx) {
-        Ok(()) => *shared.jobs[index].lock().expect("jobs lock") = tx,
-        Err(err) => tracing::error!(replica = index, %err, "cannot start a replacement replica"),
+    *shared.jobs[index].lock().expect("jobs lock") = tx;
+    if let Err(err) = (shared.spawn)(index, rx) {
+        tracing::error!(replica = index, %err, "cannot start a replacement replica");
+        shared.board.update(index, |status| {
+            status.state = ReplicaState::Failed;
+            status.failed_for_good = true;
+            status.last_error = Some(format!("cannot start a replacement thread: {err}"));
+        });
     }
 }
 
