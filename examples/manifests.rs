@@ -70,7 +70,6 @@ fn builder(args: &Args) -> ManifestBuilder {
     let builder = ManifestBuilder::new(&config, "embedder", args.image.clone())
         .with_namespace("ml")
         .with_port(8080)
-        .with_drain_timeout(Duration::from_secs(30))
         .with_load_time(Duration::from_secs(args.load_secs))
         .with_resources(Resources::new("2", "4Gi"))
         .with_spread(Spread::default().with_anti_affinity(true))

@@ -27,6 +27,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use pin_project::pin_project;
 use tower::Service;
@@ -39,7 +40,7 @@ use crate::model::{Loader, Model, ModelInfo};
 use crate::pool::{Pool, PoolConfig, PoolError, ReplicaStatus};
 
 /// Everything the standard stack runs with.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(default))]
 #[non_exhaustive]
@@ -53,11 +54,28 @@ pub struct ServingConfig {
     /// What is being served: labels every metric, and is reported by
     /// [`Serving::model`].
     pub model: ModelInfo,
+    /// How long a shutdown may take to finish accepted work
+    /// ([`Serving::shutdown_within`]); the generated Kubernetes grace period
+    /// is derived from it. Default: 30 s.
+    pub drain_timeout: Duration,
     /// Where the probes are served (used by [`ProbeService`] and by the
     /// generated Kubernetes probes).
     ///
     /// [`ProbeService`]: crate::health::ProbeService
     pub probes: ProbePaths,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        Self {
+            pool: PoolConfig::default(),
+            batch: BatchConfig::default(),
+            health: HealthConfig::default(),
+            model: ModelInfo::default(),
+            drain_timeout: Duration::from_secs(30),
+            probes: ProbePaths::default(),
+        }
+    }
 }
 
 impl ServingConfig {
@@ -74,6 +92,12 @@ impl ServingConfig {
     /// Sets [`model`](Self::model).
     pub fn with_model(mut self, model: ModelInfo) -> Self {
         self.model = model;
+        self
+    }
+
+    /// Sets [`drain_timeout`](Self::drain_timeout).
+    pub fn with_drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = timeout;
         self
     }
 
@@ -101,6 +125,7 @@ pub struct Serving<I, O> {
     health: Health,
     probes: ProbePaths,
     model: Arc<ModelInfo>,
+    drain_timeout: Duration,
 }
 
 impl<I, O> std::fmt::Debug for Serving<I, O> {
@@ -130,6 +155,7 @@ impl<I, O> Clone for Serving<I, O> {
             health: self.health.clone(),
             probes: self.probes.clone(),
             model: self.model.clone(),
+            drain_timeout: self.drain_timeout,
         }
     }
 }
@@ -170,6 +196,7 @@ where
             health,
             probes: config.probes,
             model: Arc::new(model),
+            drain_timeout: config.drain_timeout,
         })
     }
 
@@ -216,6 +243,17 @@ impl<I, O> Serving<I, O> {
     /// finish until `deadline`, and whatever is left then is answered with
     /// [`Closed`](crate::error::Closed). See [`Batch::drain`].
     pub async fn shutdown(&self, deadline: tokio::time::Instant) -> DrainReport {
+        self.shutdown_until(deadline).await
+    }
+
+    /// [`shutdown`](Self::shutdown) within the configured
+    /// [`drain_timeout`](ServingConfig::drain_timeout) from now.
+    pub async fn shutdown_within(&self) -> DrainReport {
+        self.shutdown_until(tokio::time::Instant::now() + self.drain_timeout)
+            .await
+    }
+
+    async fn shutdown_until(&self, deadline: tokio::time::Instant) -> DrainReport {
         self.health.set_lifecycle(Lifecycle::Draining);
         let report = self.batch.drain(deadline).await;
         self.health.set_lifecycle(Lifecycle::Stopped);

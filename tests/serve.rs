@@ -370,6 +370,10 @@ fn sigterm_during_load_answers_every_accepted_request_and_exits_zero() {
 #[test]
 fn all_minilm_l6_v2_ranks_a_paraphrase_above_an_unrelated_sentence() {
     let Some(dir) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
+        assert!(
+            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
+            "required but CANDLEWICK_MINILM_DIR is not set"
+        );
         eprintln!(
             "skipped: set CANDLEWICK_MINILM_DIR to the all-MiniLM-L6-v2 directory (.ci/run does)"
         );

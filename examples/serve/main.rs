@@ -84,7 +84,7 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     max_client_batch: usize,
     /// How long to finish accepted work after SIGTERM, in seconds.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
 }
 
@@ -118,7 +118,9 @@ impl Args {
             .with_admission(Admission::Shed)
             .with_max_queue_time(Some(Duration::from_millis(self.max_queue_time_ms)))
             .with_default_timeout(Some(Duration::from_millis(self.request_timeout_ms)));
-        Ok(ServingConfig::new(pool, batch).with_model(model))
+        Ok(ServingConfig::new(pool, batch)
+            .with_model(model)
+            .with_drain_timeout(Duration::from_secs(self.drain_timeout_s)))
     }
 }
 
@@ -172,21 +174,20 @@ async fn serve(args: Args) -> Result<(), BoxError> {
         replicas = config.pool.replicas(),
         "listening"
     );
-    let drain = Duration::from_secs(args.drain_timeout_s);
     axum::serve(listener, app)
-        .with_graceful_shutdown(drain_on_signal(serving, drain))
+        .with_graceful_shutdown(drain_on_signal(serving))
         .await?;
     tracing::info!("stopped");
     Ok(())
 }
 
 /// Completes once a SIGTERM or SIGINT has been handled: readiness off at once,
-/// accepted work finished (or answered) within `drain`. The HTTP server then
-/// stops accepting and closes its connections.
-async fn drain_on_signal(serving: Serving<Vec<u32>, Vec<f32>>, drain: Duration) {
+/// accepted work finished (or answered) within the drain timeout. The HTTP
+/// server then stops accepting and closes its connections.
+async fn drain_on_signal(serving: Serving<Vec<u32>, Vec<f32>>) {
     let signal = wait_for_signal().await;
-    tracing::info!(signal, ?drain, "shutting down: draining");
-    let report = serving.shutdown(tokio::time::Instant::now() + drain).await;
+    tracing::info!(signal, "shutting down: draining");
+    let report = serving.shutdown_within().await;
     tracing::info!(
         completed = report.completed,
         rejected = report.rejected,

@@ -70,7 +70,7 @@ impl ManifestBuilder {
     /// Objects named `name` running `image`, serving as `config` says: probe
     /// paths and model metadata come from it.
     ///
-    /// Defaults: namespace `name`, port 8080, drain timeout 30 s, preStop
+    /// Defaults: namespace `name`, port 8080, the config's drain timeout, preStop
     /// sleep 5 s, 2 replicas, [`Resources::default`], no GPU, a PDB with
     /// `maxUnavailable: 1`, zone and node spread, one region. The load time
     /// has no default: set it with [`with_load_time`](Self::with_load_time)
@@ -85,7 +85,7 @@ impl ManifestBuilder {
             probes: config.probes.clone(),
             port: 8080,
             metrics_path: "/metrics".to_owned(),
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: config.drain_timeout,
             pre_stop: Duration::from_secs(5),
             load_time: None,
             startup_budget: None,
