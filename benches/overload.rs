@@ -232,8 +232,7 @@ fn main() {
     println!("|---------|------:|--------|-----|");
     println!(
         "| requests offered / accepted / rejected / other errors | {offered} / {} / {} / {other_errors} | | |",
-        accepted.total,
-        rejected.total
+        accepted.total, rejected.total
     );
     println!(
         "| accepted throughput | {:.0} req/s ({:.3} of the limit) | | |",
