@@ -462,3 +462,26 @@ fn every_request_is_counted_once_whatever_its_fate() {
     assert_eq!(outcomes["cancelled"], 1, "{outcomes:?}");
     assert_eq!(outcomes["closed"], 1, "{outcomes:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_inner_service_leaves_no_request_unanswered() {
+    let inner = tower::service_fn(|batch: Vec<u32>| {
+        assert!(!batch.contains(&13), "the inner service panicked");
+        std::future::ready(Ok::<_, BoxError>(batch))
+    });
+    let service = Batch::new(inner, config(1, 0));
+    let doomed = send(&service, 13);
+    let queued = send(&service, 14);
+    for request in [doomed, queued] {
+        let err = request.await.unwrap().unwrap_err();
+        assert!(err.is::<candlewick::error::Closed>(), "{err}");
+    }
+    // And nothing more is admitted.
+    assert!(
+        service
+            .infer(1)
+            .await
+            .unwrap_err()
+            .is::<candlewick::error::Closed>()
+    );
+}

@@ -72,6 +72,15 @@ impl<I, O> Shared<I, O> {
     }
 }
 
+/// Closes the queue when the worker task ends or unwinds.
+struct CloseOnExit<I, O>(Arc<Shared<I, O>>);
+
+impl<I, O> Drop for CloseOnExit<I, O> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// A `Service<I, Response = O>` that collects requests into batches for an
 /// inner `Service<Vec<I>, Response = Vec<O>>`. See the [module docs](super).
 ///
@@ -135,7 +144,14 @@ where
             next_id: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
         });
-        tokio::spawn(worker::run(inner, shared.clone()));
+        let worker = shared.clone();
+        tokio::spawn(async move {
+            // However the worker ends (all handles gone, the inner service
+            // failed, a panic inside it), nothing queued is left unanswered
+            // and nothing more is admitted.
+            let _close = CloseOnExit(worker.clone());
+            worker::run(inner, worker).await;
+        });
         Self {
             shared,
             slots: PollSemaphore::new(slots),
