@@ -181,15 +181,14 @@ where
         let loader = Arc::new(loader);
         let model = config.model;
         let pool = Pool::from_arc(loader.clone(), config.pool, &model)?;
-        let health = Health::new(config.health, pool.roster_source());
-        let labels = crate::metrics::labels(&model, &[]);
-        health.publish_state(&labels);
-        publish_model_info(&model);
         let (batch_config, hooks) = BatchLayer::new(config.batch)
             .hooks_from(loader)
             .model(&model)
             .into_hooks();
         let batch = Batch::with_hooks(pool.clone(), batch_config, hooks, Result::is_err);
+        let health = Health::new(config.health, pool.roster_source(), batch.stopped_probe());
+        health.publish_state(&crate::metrics::labels(&model, &[]));
+        publish_model_info(&model);
         Ok(Self {
             batch,
             pool,

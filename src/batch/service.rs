@@ -171,6 +171,27 @@ impl<I, O> Batch<I, O> {
         self.shared.queue.depth()
     }
 
+    /// Whether the worker has stopped for good (its inner service failed or
+    /// panicked): every request is then answered with [`Closed`].
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// A check of [`is_closed`](Self::is_closed) that does not keep the
+    /// queue open, for health.
+    pub(crate) fn stopped_probe(&self) -> Box<dyn Fn() -> bool + Send + Sync>
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+    {
+        let shared = Arc::downgrade(&self.shared);
+        Box::new(move || {
+            shared
+                .upgrade()
+                .is_none_or(|shared| shared.closed.load(Ordering::Acquire))
+        })
+    }
+
     /// The number of batches running in the inner service.
     pub fn batches_in_flight(&self) -> usize {
         self.shared.queue.batches_in_flight()

@@ -9,8 +9,9 @@
 //!   [`min_ready_replicas`](HealthConfig::min_ready_replicas) replicas can take
 //!   batches, and the service is not draining.
 //! * **live** — false only when a restart would help: no replica has been able
-//!   to serve for [`dead_after`](HealthConfig::dead_after). Never false because
-//!   the queue is full or batches are long: a busy pod is not a dead pod.
+//!   to serve for [`dead_after`](HealthConfig::dead_after), or the batching
+//!   worker stopped outside a shutdown. Never false because the queue is full
+//!   or batches are long: a busy pod is not a dead pod.
 //!
 //! A [`Health`] answers from state that the pool and the batcher keep up to
 //! date; it never waits behind model work. [`ProbeService`] serves the three
@@ -205,6 +206,7 @@ pub struct Health {
 struct Inner {
     config: HealthConfig,
     roster: Arc<dyn RosterSource>,
+    batcher_stopped: Box<dyn Fn() -> bool + Send + Sync>,
     lifecycle: AtomicU8,
     /// Bumped when the lifecycle changes, for watchers.
     lifecycle_changes: watch::Sender<u8>,
@@ -220,11 +222,18 @@ impl fmt::Debug for Health {
 }
 
 impl Health {
-    pub(crate) fn new(config: HealthConfig, roster: Arc<dyn RosterSource>) -> Self {
+    /// Health of replicas from `roster`, and of the batching worker whose
+    /// stop `batcher_stopped` tells.
+    pub(crate) fn new(
+        config: HealthConfig,
+        roster: Arc<dyn RosterSource>,
+        batcher_stopped: Box<dyn Fn() -> bool + Send + Sync>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
                 roster,
+                batcher_stopped,
                 lifecycle: AtomicU8::new(Lifecycle::Running as u8),
                 lifecycle_changes: watch::channel(0).0,
             }),
@@ -302,18 +311,23 @@ impl Health {
             Check::new(false, format!("{settled} of {total} replicas loaded"))
         };
         let down_for = roster.none_serving_since.map(|since| since.elapsed());
+        let lifecycle = self.lifecycle();
         let live = match down_for {
+            // Outside a shutdown, a stopped batcher answers nothing again.
+            _ if lifecycle == Lifecycle::Running && (self.inner.batcher_stopped)() => {
+                Check::new(false, "the batching worker stopped")
+            }
             Some(down) if started.ok && down >= config.dead_after => Check::new(
                 false,
                 format!("no replica has served for {}s", down.as_secs()),
             ),
             _ => Check::new(true, format!("{serving} of {total} replicas serving")),
         };
-        let lifecycle = self.lifecycle();
         let enough = serving >= config.min_ready_replicas.max(1);
         let ready = match lifecycle {
             Lifecycle::Draining => Check::new(false, "draining"),
             Lifecycle::Stopped => Check::new(false, "stopped"),
+            Lifecycle::Running if !live.ok => Check::new(false, live.reason.clone()),
             Lifecycle::Running if !started.ok => Check::new(false, "starting"),
             Lifecycle::Running if !enough => Check::new(
                 false,
@@ -413,5 +427,56 @@ impl HealthWatch {
             Ok(()) = self.lifecycle.changed() => {}
             else => std::future::pending().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+    use std::time::Instant;
+
+    use candle_core::DeviceLocation;
+
+    use super::*;
+    use crate::pool::{ReplicaState, Roster};
+
+    /// One replica, idle and loaded.
+    struct OneIdle(watch::Sender<u64>);
+
+    impl RosterSource for OneIdle {
+        fn roster(&self) -> Roster {
+            let mut replica = ReplicaStatus::new(DeviceLocation::Cpu);
+            replica.state = ReplicaState::Idle;
+            replica.load_time = Some(Duration::from_millis(1));
+            Roster {
+                replicas: vec![replica],
+                none_serving_since: None::<Instant>,
+            }
+        }
+
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.0.subscribe()
+        }
+    }
+
+    #[test]
+    fn a_stopped_batcher_is_not_live_until_shutdown() {
+        let stopped = Arc::new(AtomicBool::new(false));
+        let probe = stopped.clone();
+        let health = Health::new(
+            HealthConfig::default(),
+            Arc::new(OneIdle(watch::channel(0).0)),
+            Box::new(move || probe.load(Ordering::Acquire)),
+        );
+        assert_eq!(health.report().state, HealthState::Ready);
+        stopped.store(true, Ordering::Release);
+        let report = health.report();
+        assert_eq!(report.state, HealthState::Dead);
+        assert_eq!(report.live.reason, "the batching worker stopped");
+        assert!(!report.ready.ok);
+        // A shutdown stops the batcher on purpose: that is not death.
+        health.set_lifecycle(Lifecycle::Stopped);
+        assert!(health.live().ok);
+        assert_eq!(health.report().state, HealthState::Stopped);
     }
 }

@@ -61,6 +61,8 @@ use std::time::Duration;
 use candle_core::DeviceLocation;
 
 pub use replica::Backoff;
+#[cfg(test)]
+pub(crate) use replica::Roster;
 pub(crate) use replica::RosterSource;
 pub use service::{Pool, ResponseFuture};
 
@@ -254,7 +256,7 @@ pub struct ReplicaStatus {
 }
 
 impl ReplicaStatus {
-    fn new(device: DeviceLocation) -> Self {
+    pub(crate) fn new(device: DeviceLocation) -> Self {
         Self {
             device,
             state: ReplicaState::Loading,
