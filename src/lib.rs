@@ -40,6 +40,10 @@
 //! * [`batch`]: the batching layer, which forms batches when a replica is free.
 //! * [`Serving`]: both, assembled from one [`ServingConfig`].
 //! * [`health`]: started / ready / live with reasons, probe endpoints, drain.
+//! * [`metrics`]: every hop through the `metrics` facade, and a `/metrics`
+//!   service.
+//! * `k8s` (feature `k8s`): the Kubernetes objects to run it, derived from the
+//!   same configuration.
 //! * [`collate`]: padding token sequences into tensors and splitting outputs.
 //! * [`error`]: the typed errors and the HTTP status each maps to.
 //!
@@ -47,7 +51,9 @@
 //!
 //! | feature | what it enables |
 //! |---------|-----------------|
+//! | `prometheus` (default) | [`metrics::PrometheusService`], a `/metrics` endpoint |
 //! | `serde` | `Serialize`/`Deserialize` for the configuration types |
+//! | `full`  | every feature that builds on any machine (all but `cuda` and `metal`) |
 //! | `cuda`  | replicas on CUDA GPUs (forwards to `candle-core/cuda`) |
 //! | `metal` | replicas on Apple GPUs (forwards to `candle-core/metal`) |
 //! | `k8s`   | the `k8s` module: Kubernetes objects derived from the serving configuration |
