@@ -30,9 +30,12 @@
 #[allow(dead_code, unused_imports)]
 #[path = "../examples/serve/bert.rs"]
 mod bert;
+// Shared with the other benches; this one needs only part of it.
+#[allow(dead_code)]
+#[path = "common/mod.rs"]
+mod common;
 
 use std::num::NonZeroUsize;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -43,16 +46,7 @@ use candlewick::pool::{PoolConfig, ReplicaState};
 use candlewick::{BoxError, Loader, Model, Serving, ServingConfig};
 
 use bert::BertLoader;
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(value) => value
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?} does not parse")),
-        Err(_) => default,
-    }
-}
+use common::env_or;
 
 /// Batches and inputs the replicas ran.
 #[derive(Debug, Default)]

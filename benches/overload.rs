@@ -17,6 +17,9 @@
 // A bench binary reports its results on stdout.
 #![allow(clippy::print_stdout)]
 
+#[path = "common/mod.rs"]
+mod common;
+
 use std::num::NonZeroUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +29,7 @@ use candlewick::batch::{Admission, BatchConfig};
 use candlewick::error::Overloaded;
 use candlewick::pool::PoolConfig;
 use candlewick::{BoxError, Serving, ServingConfig};
+use common::{SplitMix64, env_or};
 
 const FIXED: Duration = Duration::from_millis(2);
 const PER_ITEM: Duration = Duration::from_micros(20);
@@ -34,13 +38,6 @@ const MAX_QUEUE_TIME: Duration = Duration::from_millis(50);
 
 fn batch_time(n: usize) -> Duration {
     FIXED + PER_ITEM * n as u32
-}
-
-fn env_or(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The model: waits out the virtual batch time, sleeping most of it and
@@ -103,19 +100,6 @@ impl Histogram {
             }
         }
         Duration::ZERO
-    }
-}
-
-/// A small seeded PRNG for exponential inter-arrival times.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_f64(&mut self) -> f64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
@@ -198,7 +182,7 @@ fn main() {
                     }
                 });
                 id += 1;
-                next += Duration::from_secs_f64(-(1.0 - rng.next_f64()).ln() / rate);
+                next += rng.exponential(rate);
             }
             // Reap finished tasks so the generator's own memory stays flat.
             while let Some(done) = tasks.try_join_next() {

@@ -58,6 +58,8 @@
 // A bench binary reports its results on stdout.
 #![allow(clippy::print_stdout)]
 
+#[path = "common/mod.rs"]
+mod common;
 #[path = "virtual_accelerator/contenders.rs"]
 mod contenders;
 #[path = "virtual_accelerator/svg.rs"]
@@ -65,7 +67,6 @@ mod svg;
 
 use std::cell::Cell;
 use std::num::NonZeroUsize;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,6 +75,7 @@ use candlewick::error::Overloaded;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
+use common::{SplitMix64, env_or};
 use contenders::{Contender, Running, Svc};
 
 /// Everything a run is parameterised by.
@@ -92,16 +94,6 @@ struct Params {
     sweep_secs: Duration,
     reps: usize,
     plot_dir: String,
-}
-
-fn env_or<T: FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(value) => value
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?} does not parse")),
-        Err(_) => default,
-    }
 }
 
 impl Params {
@@ -390,30 +382,6 @@ async fn closed_loop(params: &Params, running: Running, replicas: usize) -> Vec<
         errors.load(Ordering::Relaxed) as f64,
         window.gap_us,
     ]
-}
-
-/// SplitMix64: a small, seeded PRNG, plenty for inter-arrival times.
-#[derive(Debug)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// A uniform sample from [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-
-    /// An exponentially distributed sample with mean `1 / rate`.
-    fn exponential(&mut self, rate: f64) -> Duration {
-        Duration::from_secs_f64(-(1.0 - self.next_f64()).ln() / rate)
-    }
 }
 
 #[derive(Debug, Default)]

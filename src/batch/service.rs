@@ -40,8 +40,6 @@ pub(super) struct Shared<I, O> {
     /// One permit per free queue slot.
     slots: Arc<Semaphore>,
     pub(super) rate: Mutex<ServiceRate>,
-    /// Set when the worker has stopped for good.
-    closed: AtomicBool,
     /// Set when a drain began: admit nothing more, dispatch without waiting.
     draining: AtomicBool,
     /// Cancelled when a drain runs out of time.
@@ -60,13 +58,17 @@ pub(super) struct Shared<I, O> {
 }
 
 impl<I, O> Shared<I, O> {
+    /// Whether the worker has stopped for good: its queue slots are closed.
+    fn is_closed(&self) -> bool {
+        self.slots.is_closed()
+    }
+
     pub(super) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
     /// Stops admitting requests and answers every queued one with [`Closed`].
     pub(super) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
         self.slots.close();
         self.queue.close();
     }
@@ -135,7 +137,6 @@ where
             hooks,
             slots: slots.clone(),
             rate: Mutex::new(ServiceRate::new()),
-            closed: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             abort: CancellationToken::new(),
             abandoned: Arc::default(),
@@ -174,7 +175,7 @@ impl<I, O> Batch<I, O> {
     /// Whether the worker has stopped for good (its inner service failed or
     /// panicked): every request is then answered with [`Closed`].
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
+        self.shared.is_closed()
     }
 
     /// A check of [`is_closed`](Self::is_closed) that does not keep the
@@ -185,11 +186,7 @@ impl<I, O> Batch<I, O> {
         O: Send + 'static,
     {
         let shared = Arc::downgrade(&self.shared);
-        Box::new(move || {
-            shared
-                .upgrade()
-                .is_none_or(|shared| shared.closed.load(Ordering::Acquire))
-        })
+        Box::new(move || shared.upgrade().is_none_or(|shared| shared.is_closed()))
     }
 
     /// The number of batches running in the inner service.
@@ -300,6 +297,8 @@ impl<I, O> Batch<I, O> {
         self.enqueue(input, options, slot).await
     }
 
+    /// Admits and queues `input`; `options` come resolved, with the default
+    /// deadline applied.
     fn enqueue(
         &self,
         input: I,
@@ -307,7 +306,7 @@ impl<I, O> Batch<I, O> {
         slot: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture<O> {
         let now = Instant::now();
-        let deadline = options.resolve(&self.shared.config).deadline;
+        let deadline = options.deadline;
         let refuse = |err: BoxError| {
             self.shared.metrics.outcome(Outcome::of_error(&*err));
             ResponseFuture::failed(err)
@@ -347,7 +346,7 @@ impl<I, O> Batch<I, O> {
         slot: Option<OwnedSemaphorePermit>,
     ) -> Result<(usize, OwnedSemaphorePermit), BoxError> {
         let shared = &self.shared;
-        if shared.closed.load(Ordering::Acquire) {
+        if shared.is_closed() {
             return Err(Closed::new().into());
         }
         if shared.is_draining() {

@@ -44,7 +44,6 @@ mod probe;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -189,11 +188,10 @@ pub struct HealthReport {
 
 /// Where the lifecycle stands, as set by shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub(crate) enum Lifecycle {
-    Running = 0,
-    Draining = 1,
-    Stopped = 2,
+    Running,
+    Draining,
+    Stopped,
 }
 
 /// The health of one serving stack. Cheap to clone; see the
@@ -207,9 +205,8 @@ struct Inner {
     config: HealthConfig,
     roster: Arc<dyn RosterSource>,
     batcher_stopped: Box<dyn Fn() -> bool + Send + Sync>,
-    lifecycle: AtomicU8,
-    /// Bumped when the lifecycle changes, for watchers.
-    lifecycle_changes: watch::Sender<u8>,
+    /// The lifecycle, and its watchers.
+    lifecycle: watch::Sender<Lifecycle>,
 }
 
 impl fmt::Debug for Health {
@@ -234,27 +231,17 @@ impl Health {
                 config,
                 roster,
                 batcher_stopped,
-                lifecycle: AtomicU8::new(Lifecycle::Running as u8),
-                lifecycle_changes: watch::channel(0).0,
+                lifecycle: watch::channel(Lifecycle::Running).0,
             }),
         }
     }
 
     pub(crate) fn set_lifecycle(&self, lifecycle: Lifecycle) {
-        self.inner
-            .lifecycle
-            .store(lifecycle as u8, Ordering::Release);
-        self.inner
-            .lifecycle_changes
-            .send_modify(|v| *v = v.wrapping_add(1));
+        self.inner.lifecycle.send_replace(lifecycle);
     }
 
     fn lifecycle(&self) -> Lifecycle {
-        match self.inner.lifecycle.load(Ordering::Acquire) {
-            0 => Lifecycle::Running,
-            1 => Lifecycle::Draining,
-            _ => Lifecycle::Stopped,
-        }
+        *self.inner.lifecycle.borrow()
     }
 
     /// The thresholds this health runs with.
@@ -400,7 +387,7 @@ impl Health {
     pub fn watch(&self) -> HealthWatch {
         HealthWatch {
             replicas: self.inner.roster.subscribe(),
-            lifecycle: self.inner.lifecycle_changes.subscribe(),
+            lifecycle: self.inner.lifecycle.subscribe(),
         }
     }
 }
@@ -409,7 +396,7 @@ impl Health {
 #[derive(Debug)]
 pub struct HealthWatch {
     replicas: watch::Receiver<u64>,
-    lifecycle: watch::Receiver<u8>,
+    lifecycle: watch::Receiver<Lifecycle>,
 }
 
 impl HealthWatch {
@@ -432,7 +419,7 @@ impl HealthWatch {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Instant;
 
     use candle_core::DeviceLocation;
