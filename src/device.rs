@@ -15,7 +15,7 @@
 
 use std::fmt;
 
-use candle_core::DeviceLocation;
+use candle_core::{Device, DeviceLocation};
 
 /// The text of a device name that is not `cpu`, `cuda:N` or `metal:N`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,6 +72,31 @@ pub fn format_location(location: DeviceLocation) -> String {
     }
 }
 
+/// Why this build cannot run replicas on `location` at all, if it cannot:
+/// candle was compiled without the backend it needs. Retrying cannot help.
+pub fn unsupported(location: DeviceLocation) -> Option<&'static str> {
+    match location {
+        DeviceLocation::Cpu => None,
+        DeviceLocation::Cuda { .. } if !candle_core::utils::cuda_is_available() => {
+            Some("this build has no CUDA support (enable candlewick's `cuda` feature)")
+        }
+        DeviceLocation::Metal { .. } if !candle_core::utils::metal_is_available() => {
+            Some("this build has no Metal support (enable candlewick's `metal` feature)")
+        }
+        DeviceLocation::Cuda { .. } | DeviceLocation::Metal { .. } => None,
+    }
+}
+
+/// Opens the candle device for `location` on the current thread (a GPU
+/// context belongs to the thread that uses it).
+pub(crate) fn open(location: DeviceLocation) -> candle_core::Result<Device> {
+    match location {
+        DeviceLocation::Cpu => Ok(Device::Cpu),
+        DeviceLocation::Cuda { gpu_id } => Device::new_cuda(gpu_id),
+        DeviceLocation::Metal { gpu_id } => Device::new_metal(gpu_id),
+    }
+}
+
 #[cfg(feature = "serde")]
 pub(crate) mod serde_locations {
     use candle_core::DeviceLocation;
@@ -111,6 +136,15 @@ mod tests {
         ] {
             assert_eq!(parse_location(&format_location(location)), Ok(location));
         }
+    }
+
+    #[test]
+    fn the_cpu_is_always_supported() {
+        assert_eq!(unsupported(DeviceLocation::Cpu), None);
+        assert_eq!(
+            unsupported(DeviceLocation::Cuda { gpu_id: 0 }).is_some(),
+            !cfg!(feature = "cuda")
+        );
     }
 
     #[test]

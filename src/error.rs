@@ -45,7 +45,10 @@ impl Overloaded {
     /// [`retry_after`](Self::retry_after) rounded up to whole seconds (at
     /// least 1), as the `Retry-After` header wants it.
     pub fn retry_after_secs(&self) -> u64 {
-        let secs = self.retry_after.as_secs() + u64::from(self.retry_after.subsec_nanos() > 0);
+        let secs = self
+            .retry_after
+            .as_secs()
+            .saturating_add(u64::from(self.retry_after.subsec_nanos() > 0));
         secs.max(1)
     }
 }
@@ -99,25 +102,105 @@ impl fmt::Display for Draining {
 
 impl Error for Draining {}
 
-/// The service has shut down, or its worker is gone. HTTP 503.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Closed;
+/// The service has shut down, its worker is gone, or no replica can serve
+/// any more. HTTP 503.
+///
+/// When the service closed for a reason (every replica failed for good, the
+/// inner service failed), [`reason`](Self::reason) and `source()` carry it.
+#[derive(Debug, Clone, Default)]
+pub struct Closed {
+    reason: Option<Arc<dyn Error + Send + Sync>>,
+}
 
 impl Closed {
-    /// A new `Closed` error.
+    /// A new `Closed` error, with no reason beyond a shutdown.
     pub fn new() -> Self {
-        Self
+        Self::default()
+    }
+
+    /// A `Closed` error caused by `reason`.
+    pub fn because(reason: impl Into<BoxError>) -> Self {
+        Self {
+            reason: Some(Arc::from(reason.into())),
+        }
+    }
+
+    /// Why the service closed, if it was not a plain shutdown.
+    pub fn reason(&self) -> Option<&(dyn Error + Send + Sync + 'static)> {
+        self.reason.as_deref()
+    }
+}
+
+/// Equal when both have no reason, or reasons with the same message.
+impl PartialEq for Closed {
+    fn eq(&self, other: &Self) -> bool {
+        self.reason.as_ref().map(ToString::to_string)
+            == other.reason.as_ref().map(ToString::to_string)
     }
 }
 
 impl fmt::Display for Closed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("service closed")
+        match &self.reason {
+            None => f.write_str("service closed"),
+            Some(reason) => write!(f, "service closed: {reason}"),
+        }
     }
 }
 
-impl Error for Closed {}
+impl Error for Closed {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.reason
+            .as_deref()
+            .map(|reason| reason as &(dyn Error + 'static))
+    }
+}
+
+/// A load error that no retry can fix: a [`Loader`](crate::Loader) wraps its
+/// error in this to say so (missing or malformed weights, a configuration the
+/// model cannot run).
+///
+/// The replica then fails for good at once instead of retrying with
+/// back-off: health reports it not live with this reason, and once no
+/// replica can serve, requests are answered at once with [`Closed`]
+/// carrying it.
+#[derive(Debug)]
+pub struct Unrecoverable {
+    source: BoxError,
+}
+
+impl Unrecoverable {
+    /// Marks `source` as a load error no retry can fix.
+    pub fn new(source: impl Into<BoxError>) -> Self {
+        Self {
+            source: source.into(),
+        }
+    }
+
+    /// Whether `err`, or an error in its `source()` chain, is `Unrecoverable`.
+    pub fn is_in(err: &(dyn Error + 'static)) -> bool {
+        let mut next = Some(err);
+        while let Some(err) = next {
+            if err.is::<Self>() {
+                return true;
+            }
+            next = err.source();
+        }
+        false
+    }
+}
+
+impl fmt::Display for Unrecoverable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl Error for Unrecoverable {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        Some(&*self.source)
+    }
+}
 
 /// The input was rejected at admission by the model's validation and never
 /// entered a batch. HTTP 422.

@@ -65,6 +65,7 @@
 
 pub mod batch;
 pub mod collate;
+mod contain;
 pub mod device;
 pub mod error;
 pub mod health;

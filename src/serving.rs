@@ -232,6 +232,28 @@ impl<I, O> Serving<I, O> {
         self.health.clone()
     }
 
+    /// Waits until every replica has loaded once or settled as failed (see
+    /// [`Health::started`]).
+    ///
+    /// Fails with [`Closed`](crate::error::Closed), naming each replica's
+    /// reason, when no replica can ever serve: every one failed for good
+    /// (its loader reported an [`Unrecoverable`](crate::error::Unrecoverable)
+    /// error, or its thread could not start). A server that must not run
+    /// without its model awaits this beside its listener and exits with the
+    /// message.
+    pub async fn started(&self) -> Result<(), BoxError> {
+        let mut watch = self.health.watch();
+        loop {
+            if let Some(closed) = self.pool.unavailable() {
+                return Err(closed.into());
+            }
+            if self.health.started().ok {
+                return Ok(());
+            }
+            watch.changed().await;
+        }
+    }
+
     /// The probe endpoints for this stack, on the configured paths.
     pub fn probes(&self) -> ProbeService {
         ProbeService::new(self.health.clone(), self.probes.clone())
@@ -248,7 +270,8 @@ impl<I, O> Serving<I, O> {
     /// [`shutdown`](Self::shutdown) within the configured
     /// [`drain_timeout`](ServingConfig::drain_timeout) from now.
     pub async fn shutdown_within(&self) -> DrainReport {
-        self.shutdown_until(tokio::time::Instant::now() + self.drain_timeout)
+        let now = tokio::time::Instant::now();
+        self.shutdown_until(crate::contain::saturating_deadline(now, self.drain_timeout))
             .await
     }
 

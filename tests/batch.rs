@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use candlewick::BoxError;
 use candlewick::batch::{Admission, Batch, BatchConfig, BatchLayer, CostMode};
-use candlewick::error::{InvalidInput, Overloaded};
+use candlewick::error::{FailureKind, InvalidInput, ModelFailed, Overloaded};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_test::mock;
@@ -464,7 +464,7 @@ fn every_request_is_counted_once_whatever_its_fate() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_panicking_inner_service_leaves_no_request_unanswered() {
+async fn a_panicking_inner_service_fails_its_batch_and_serves_the_next() {
     let inner = tower::service_fn(|batch: Vec<u32>| {
         assert!(!batch.contains(&13), "the inner service panicked");
         std::future::ready(Ok::<_, BoxError>(batch))
@@ -472,16 +472,10 @@ async fn a_panicking_inner_service_leaves_no_request_unanswered() {
     let service = Batch::new(inner, config(1, 0));
     let doomed = send(&service, 13);
     let queued = send(&service, 14);
-    for request in [doomed, queued] {
-        let err = request.await.unwrap().unwrap_err();
-        assert!(err.is::<candlewick::error::Closed>(), "{err}");
-    }
-    // And nothing more is admitted.
-    assert!(
-        service
-            .infer(1)
-            .await
-            .unwrap_err()
-            .is::<candlewick::error::Closed>()
-    );
+    let err = doomed.await.unwrap().unwrap_err();
+    let failed = err.downcast_ref::<ModelFailed>().expect("a model failure");
+    assert_eq!(failed.kind(), FailureKind::Panic);
+    assert_eq!(queued.await.unwrap().unwrap(), 14);
+    assert!(!service.is_closed());
+    assert_eq!(service.infer(1).await.unwrap(), 1);
 }

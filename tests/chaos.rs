@@ -1,16 +1,22 @@
 //! Chaos: thousands of requests through the real stack (replica threads and
-//! the batching layer) with random cancellations, model errors, panics, stalls
-//! and overload bursts. Every request gets exactly one answer — its own output
-//! or a typed error — and the service keeps serving afterwards.
+//! the batching layer) with random cancellations, model errors, panics in
+//! `forward`, in warm-up, in the model's `Drop` and in the admission hooks,
+//! stalls and overload bursts. Every request gets exactly one answer — its
+//! own output or a typed error — no model outlives its replica, and the
+//! service keeps serving afterwards.
 
+use std::collections::HashSet;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_trait::async_trait;
 use candle_core::Device;
 use candlewick::batch::BatchConfig;
 use candlewick::error::{DeadlineExceeded, FailureKind, ModelFailed, Overloaded};
 use candlewick::pool::{Backoff, PoolConfig};
-use candlewick::{BoxError, Serving, ServingConfig};
+use candlewick::{BoxError, Loader, Model, Serving, ServingConfig};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +24,11 @@ enum Fate {
     Fine,
     Fails,
     Panics,
+    /// Panics in `forward`, and makes the reload's warm-up panic once.
+    PanicsThenWarmupPanics,
     Stalls,
+    CostPanics,
+    ValidatePanics,
 }
 
 #[derive(Debug, Clone)]
@@ -32,10 +42,13 @@ struct Request {
 
 fn request() -> impl Strategy<Value = Request> {
     let fate = prop_oneof![
-        930 => Just(Fate::Fine),
+        920 => Just(Fate::Fine),
         50 => Just(Fate::Fails),
-        10 => Just(Fate::Panics),
+        8 => Just(Fate::Panics),
+        3 => Just(Fate::PanicsThenWarmupPanics),
         2 => Just(Fate::Stalls),
+        5 => Just(Fate::CostPanics),
+        5 => Just(Fate::ValidatePanics),
     ];
     let gap_us = prop_oneof![95 => Just(0u64), 5 => 500u64..5_000];
     (fate, prop::option::weighted(0.1, 0u64..3_000), gap_us).prop_map(
@@ -49,20 +62,92 @@ fn request() -> impl Strategy<Value = Request> {
 
 type Input = (u64, Fate);
 
-fn model(_: &Device) -> Result<impl Fn(&[Input]) -> Result<Vec<u64>, BoxError> + use<>, BoxError> {
-    Ok(|batch: &[Input]| -> Result<Vec<u64>, BoxError> {
-        if batch.iter().any(|(_, fate)| *fate == Fate::Panics) {
+/// Stalls end after 150 ms, so a replica rarely has more than two threads
+/// stuck at once; this bound is never reached.
+const MAX_STUCK: usize = 8;
+
+/// What the chaos models share with the test.
+#[derive(Default)]
+struct Ledger {
+    alive: AtomicUsize,
+    most_alive: AtomicUsize,
+    warmup_panic_armed: AtomicBool,
+    /// Requests that shared a failing forward pass with two or more failing
+    /// inputs: bisection may stop there, as for a systemic failure.
+    systemic_mates: Mutex<HashSet<u64>>,
+}
+
+#[derive(Clone, Default)]
+struct ChaosLoader(Arc<Ledger>);
+
+struct ChaosModel(Arc<Ledger>);
+
+#[async_trait]
+impl Loader<Input> for ChaosLoader {
+    type Model = ChaosModel;
+
+    async fn load(&self, _: &Device) -> Result<ChaosModel, BoxError> {
+        let alive = self.0.alive.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.most_alive.fetch_max(alive, Ordering::SeqCst);
+        Ok(ChaosModel(self.0.clone()))
+    }
+
+    fn cost(&self, (_, fate): &Input) -> usize {
+        assert_ne!(*fate, Fate::CostPanics, "chaos cost panic");
+        1
+    }
+
+    fn validate(&self, (_, fate): &Input) -> Result<(), BoxError> {
+        assert_ne!(*fate, Fate::ValidatePanics, "chaos validate panic");
+        Ok(())
+    }
+}
+
+impl Model<Input> for ChaosModel {
+    type Output = u64;
+
+    fn forward(&self, batch: &[Input]) -> Result<Vec<u64>, BoxError> {
+        let has = |f: Fate| batch.iter().any(|(_, fate)| *fate == f);
+        if has(Fate::PanicsThenWarmupPanics) {
+            self.0.warmup_panic_armed.store(true, Ordering::SeqCst);
             panic!("chaos panic");
         }
-        if batch.iter().any(|(_, fate)| *fate == Fate::Stalls) {
+        if has(Fate::Panics) {
+            panic!("chaos panic");
+        }
+        if has(Fate::Stalls) {
             std::thread::sleep(Duration::from_millis(150));
         }
-        if batch.iter().any(|(_, fate)| *fate == Fate::Fails) {
+        let failing = batch
+            .iter()
+            .filter(|(_, fate)| *fate == Fate::Fails)
+            .count();
+        if failing >= 2 {
+            let mut mates = self.0.systemic_mates.lock().unwrap();
+            mates.extend(batch.iter().map(|(id, _)| *id));
+        }
+        if failing > 0 {
             return Err("chaos error".into());
         }
         std::thread::sleep(Duration::from_micros(500 + 20 * batch.len() as u64));
         Ok(batch.iter().map(|(id, _)| id * 7 + 3).collect())
-    })
+    }
+
+    fn warmup_inputs(&self) -> Vec<Input> {
+        if self.0.warmup_panic_armed.swap(false, Ordering::SeqCst) {
+            panic!("chaos warm-up panic");
+        }
+        vec![(u64::MAX / 8, Fate::Fine)]
+    }
+}
+
+impl Drop for ChaosModel {
+    fn drop(&mut self) {
+        self.0.alive.fetch_sub(1, Ordering::SeqCst);
+        if !std::thread::panicking() {
+            panic!("chaos drop panic");
+        }
+    }
 }
 
 fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
@@ -75,6 +160,7 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
         let pool = PoolConfig::default()
             .with_replicas_per_device(NonZeroUsize::new(2).unwrap())
             .with_stall_timeout(Some(Duration::from_millis(50)))
+            .with_max_stuck_threads(NonZeroUsize::new(MAX_STUCK).unwrap())
             .with_restart_backoff(Backoff {
                 initial: Duration::from_millis(1),
                 max: Duration::from_millis(5),
@@ -84,7 +170,9 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
             .with_max_wait(Duration::from_millis(1))
             .with_queue_capacity(NonZeroUsize::new(32).unwrap())
             .with_default_timeout(Some(Duration::from_secs(2)));
-        let serving = Serving::start(model, ServingConfig::new(pool, batch)).unwrap();
+        let loader = ChaosLoader::default();
+        let ledger = loader.0.clone();
+        let serving = Serving::start(loader, ServingConfig::new(pool, batch)).unwrap();
 
         let mut tasks = Vec::with_capacity(requests.len());
         for (id, request) in requests.iter().enumerate() {
@@ -133,10 +221,15 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
                 Err(err) => {
                     if let Some(failed) = err.downcast_ref::<ModelFailed>() {
                         // A good input fails only with a batch-mate that
-                        // panicked or stalled: errors are isolated by bisection.
+                        // panicked or stalled, or beside two failing inputs
+                        // (where bisection may judge the failure systemic):
+                        // errors are isolated by bisection.
                         if request.fate == Fate::Fine {
+                            let systemic_mate =
+                                ledger.systemic_mates.lock().unwrap().contains(&(id as u64));
                             prop_assert!(
-                                matches!(failed.kind(), FailureKind::Panic | FailureKind::Stalled),
+                                matches!(failed.kind(), FailureKind::Panic | FailureKind::Stalled)
+                                    || systemic_mate,
                                 "good request {} failed: {}",
                                 id,
                                 failed
@@ -159,6 +252,20 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
             let output = serving.infer((id, Fate::Fine)).await;
             prop_assert_eq!(output.map_err(|e| e.to_string()), Ok(id * 7 + 3));
         }
+        prop_assert!(serving.health().live().ok, "{:?}", serving.health().live());
+        // Stuck threads free their models once their stall ends: one model
+        // per replica is left, and no more than the bound ever lived.
+        let replicas = 2;
+        let bound = replicas * (1 + MAX_STUCK);
+        let most = ledger.most_alive.load(Ordering::SeqCst);
+        prop_assert!(most <= bound, "{} models alive at once", most);
+        for _ in 0..200 {
+            if ledger.alive.load(Ordering::SeqCst) == replicas {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        prop_assert_eq!(ledger.alive.load(Ordering::SeqCst), replicas);
         Ok(())
     })
 }

@@ -153,6 +153,7 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
     let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
     let mut histograms: BTreeMap<String, usize> = BTreeMap::new();
     let mut gauges: BTreeMap<String, f64> = BTreeMap::new();
+    let mut counters: BTreeMap<String, u64> = BTreeMap::new();
     for (key, unit, help, value) in snapshot {
         let (kind, key) = key.into_parts();
         let name = key.name().to_owned();
@@ -173,8 +174,11 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
         assert!(unit.is_some() && help.is_some(), "{name} is not described");
         seen.insert(name.clone(), kind);
         match value {
-            DebugValue::Counter(n) => {
+            DebugValue::Counter(n) if name == "candlewick_requests_total" => {
                 *outcomes.entry(labels["outcome"].clone()).or_default() += n;
+            }
+            DebugValue::Counter(n) => {
+                *counters.entry(name).or_default() += n;
             }
             DebugValue::Histogram(values) => {
                 *histograms.entry(name).or_default() += values.len();
@@ -200,7 +204,9 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
             Some((name.to_owned(), cells[2].to_owned()))
         })
         .collect();
-    assert_eq!(documented.len(), 14);
+    assert_eq!(documented.len(), 15);
+    // Failed batches are not bisected under `FailBatch`: none is systemic.
+    assert_eq!(counters["candlewick_batch_systemic_failures_total"], 0);
     for (name, kind) in &documented {
         let actual = seen
             .get(name)

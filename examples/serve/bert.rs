@@ -16,6 +16,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config, HiddenAct};
 use candlewick::collate::pad_sequences;
+use candlewick::error::Unrecoverable;
 use candlewick::{BoxError, Loader, Model};
 use tokenizers::Tokenizer;
 use tokenizers::models::wordpiece::WordPiece;
@@ -321,11 +322,17 @@ impl Loader<Vec<u32>> for BertLoader {
             Weights::Builtin { seed } => builtin_weights(&inner.config, *seed)?,
             // Read on the CPU: only the tensors the model uses go to `device`,
             // converted to f32 on the way.
-            Weights::File(path) => candle_core::safetensors::load(path, &Device::Cpu)
-                .map_err(|error| format!("cannot read {}: {error}", path.display()))?,
+            // Unreadable or malformed weights stay so: no retry can help.
+            Weights::File(path) => {
+                candle_core::safetensors::load(path, &Device::Cpu).map_err(|error| {
+                    Unrecoverable::new(format!("cannot read {}: {error}", path.display()))
+                })?
+            }
         };
         let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-        let model = BertModel::load(vb, &inner.config)?;
+        let model = BertModel::load(vb, &inner.config).map_err(|error| {
+            Unrecoverable::new(format!("the weights do not fit the model: {error}"))
+        })?;
         let warmup = ["warm up", "a longer sentence to warm up the model with"]
             .into_iter()
             .map(|text| inner.encoder.encode(text, true))

@@ -124,7 +124,7 @@ impl Args {
     }
 }
 
-fn main() -> Result<(), BoxError> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -134,11 +134,27 @@ fn main() -> Result<(), BoxError> {
         .with_writer(std::io::stderr)
         .init();
     // Replicas bring their own threads; the HTTP side needs few.
-    tokio::runtime::Builder::new_multi_thread()
+    let served = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?
-        .block_on(serve(args))
+        .build()
+        .map_err(BoxError::from)
+        .and_then(|runtime| runtime.block_on(serve(args)));
+    match served {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            // A sentence for a person, with its causes: never `Debug`.
+            let mut message = err.to_string();
+            let mut source = err.source();
+            while let Some(cause) = source {
+                message = format!("{message}: {cause}");
+                source = cause.source();
+            }
+            tracing::error!("{message}");
+            eprintln!("error: {message}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn serve(args: Args) -> Result<(), BoxError> {
@@ -174,9 +190,14 @@ async fn serve(args: Args) -> Result<(), BoxError> {
         replicas = config.pool.replicas(),
         "listening"
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drain_on_signal(serving))
-        .await?;
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(drain_on_signal(serving.clone()));
+    tokio::select! {
+        served = server => served?,
+        // No replica can ever serve (e.g. its weights are malformed): exit
+        // with the reason instead of answering 503 forever.
+        Err(err) = serving.started() => return Err(err),
+    }
     tracing::info!("stopped");
     Ok(())
 }

@@ -103,6 +103,7 @@ use service::Shared;
 pub use service::{Batch, DrainReport};
 
 use crate::BoxError;
+use crate::contain::saturating_deadline;
 
 /// What to do with a request when the queue is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -201,9 +202,10 @@ impl RequestOptions {
         self
     }
 
-    /// Sets [`deadline`](Self::deadline) to `timeout` from now.
+    /// Sets [`deadline`](Self::deadline) to `timeout` from now. A timeout
+    /// too large for an instant (such as `Duration::MAX`) means decades.
     pub fn with_timeout(self, timeout: Duration) -> Self {
-        self.with_deadline(tokio::time::Instant::now() + timeout)
+        self.with_deadline(saturating_deadline(tokio::time::Instant::now(), timeout))
     }
 
     /// Sets [`priority`](Self::priority).
@@ -217,7 +219,7 @@ impl RequestOptions {
         if self.deadline.is_none() {
             self.deadline = config
                 .default_timeout
-                .map(|timeout| tokio::time::Instant::now() + timeout);
+                .map(|timeout| saturating_deadline(tokio::time::Instant::now(), timeout));
         }
         self
     }

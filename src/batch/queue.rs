@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::{BatchConfig, CostMode, Priority};
 use crate::BoxError;
+use crate::contain::{drop_contained, duration_at_rate, lock, saturating_deadline};
 use crate::error::{Closed, DeadlineExceeded};
 use crate::metrics::{BatchMetrics, Outcome};
 
@@ -120,10 +121,10 @@ struct State<I, O> {
     lanes: [VecDeque<Entry<I, O>>; 2],
     /// The number of entries in all lanes.
     len: usize,
-    /// Sum of the costs of all entries.
-    cost: usize,
+    /// Sum of the costs of all entries (wide enough never to overflow).
+    cost: u128,
     /// Sum of the costs of the batches running.
-    running_cost: usize,
+    running_cost: u128,
     /// Set by [`Queue::close`]: nothing is admitted any more.
     closed: bool,
 }
@@ -153,8 +154,10 @@ impl<I, O> Queue<I, O> {
         }
     }
 
+    /// The state. No user code runs under this lock (requests leave it
+    /// before they are answered or dropped), and a poisoned lock is recovered.
     fn lock(&self) -> std::sync::MutexGuard<'_, State<I, O>> {
-        self.state.lock().expect("batch queue lock")
+        lock(&self.state)
     }
 
     /// Queues `entry`, or hands it back if the queue was closed.
@@ -163,7 +166,7 @@ impl<I, O> Queue<I, O> {
         if state.closed {
             return Err(entry);
         }
-        state.cost += entry.cost;
+        state.cost += entry.cost as u128;
         state.len += 1;
         state.lanes[lane(entry.priority)].push_back(entry);
         state.publish_depth();
@@ -175,7 +178,7 @@ impl<I, O> Queue<I, O> {
     /// The number of queued requests and their total cost.
     pub(super) fn depth(&self) -> (usize, usize) {
         let state = self.lock();
-        (state.len, state.cost)
+        (state.len, saturate(state.cost))
     }
 
     pub(super) fn add_handle(&self) {
@@ -197,9 +200,9 @@ impl<I, O> Queue<I, O> {
         self.is_abandoned() && self.lock().len == 0
     }
 
-    /// Admits nothing more and answers every queued request with
-    /// [`Closed`]; returns how many were still waiting for an answer.
-    pub(super) fn close(&self) -> usize {
+    /// Admits nothing more and answers every queued request with `closed`;
+    /// returns how many were still waiting for an answer.
+    pub(super) fn close(&self, closed: &Closed) -> usize {
         let mut state = self.lock();
         state.closed = true;
         state.cost = 0;
@@ -210,11 +213,12 @@ impl<I, O> Queue<I, O> {
         drop(state);
         let mut answered = 0;
         for entry in lanes.into_iter().flatten() {
-            let (_, ticket) = entry.into_parts();
+            let (input, ticket) = entry.into_parts();
             if !ticket.reply.is_closed() {
                 answered += 1;
             }
-            ticket.answer(Err(Closed::new().into()), Outcome::Closed, &metrics);
+            ticket.answer(Err(closed.clone().into()), Outcome::Closed, &metrics);
+            drop_contained(input, "a request's input");
         }
         self.progress.notify_waiters();
         answered
@@ -234,11 +238,13 @@ impl<I, O> Queue<I, O> {
             removed.extend::<VecDeque<_>>(gone);
         }
         let count = removed.len();
-        for entry in removed {
-            state.forget(entry, now);
+        for entry in &removed {
+            state.forget(entry);
         }
         state.publish_depth();
+        let metrics = state.metrics.clone();
         drop(state);
+        retire(removed, now, &metrics);
         if count > 0 {
             self.progress.notify_waiters();
         }
@@ -249,6 +255,9 @@ impl<I, O> Queue<I, O> {
     /// module docs; with `flush`, whatever is queued is due.
     pub(super) fn next(&self, now: Instant, config: &BatchConfig, flush: bool) -> Next<I, O> {
         let mut state = self.lock();
+        // Requests that leave without a batch; answered and dropped once the
+        // lock is released.
+        let mut gone = Vec::new();
         // Drop what is cancelled or expired at the heads, so that the oldest
         // live request sets the time to dispatch.
         for lane in 0..2 {
@@ -256,43 +265,52 @@ impl<I, O> Queue<I, O> {
                 && (entry.is_cancelled() || entry.is_expired(now))
             {
                 let entry = state.lanes[lane].pop_front().expect("front exists");
-                state.forget(entry, now);
+                state.forget(&entry);
+                gone.push(entry);
             }
         }
-        let Some(oldest) = state
+        let oldest = state
             .lanes
             .iter()
             .filter_map(|lane| lane.front())
             .map(|e| e.arrived)
-            .min()
-        else {
-            drop(state);
-            self.progress.notify_waiters();
-            return Next::Empty;
+            .min();
+        let next = match oldest {
+            None => Next::Empty,
+            Some(oldest) => {
+                let due_at = saturating_deadline(oldest, config.max_wait);
+                let full = state.len >= config.max_batch_size.get()
+                    || config
+                        .max_batch_cost
+                        .is_some_and(|budget| state.cost >= budget.get() as u128);
+                if full || flush || now >= due_at || self.is_abandoned() {
+                    let taken = state.take(now, config, &mut gone);
+                    state.publish_depth();
+                    if taken.inputs.is_empty() {
+                        Next::Empty
+                    } else {
+                        state.running_cost += taken.cost as u128;
+                        self.in_flight.fetch_add(1, Ordering::AcqRel);
+                        let metrics = &state.metrics;
+                        metrics.batch_size.record(taken.inputs.len() as f64);
+                        metrics.batch_cost.record(taken.cost as f64);
+                        metrics.in_flight.increment(taken.inputs.len() as f64);
+                        Next::Run(taken)
+                    }
+                } else {
+                    Next::WaitUntil(due_at)
+                }
+            }
         };
-        let due_at = oldest + config.max_wait;
-        let full = state.len >= config.max_batch_size.get()
-            || config
-                .max_batch_cost
-                .is_some_and(|budget| state.cost >= budget.get());
-        if !(full || flush || now >= due_at || self.is_abandoned()) {
-            return Next::WaitUntil(due_at);
-        }
-        let taken = state.take(now, config);
-        state.publish_depth();
-        if taken.inputs.is_empty() {
-            drop(state);
-            // What was purged may have been all a drain waited for.
+        let metrics = state.metrics.clone();
+        drop(state);
+        let purged = !gone.is_empty();
+        retire(gone, now, &metrics);
+        // What was purged may have been all a drain waited for.
+        if purged || matches!(next, Next::Empty) {
             self.progress.notify_waiters();
-            return Next::Empty;
         }
-        let metrics = &state.metrics;
-        metrics.batch_size.record(taken.inputs.len() as f64);
-        metrics.batch_cost.record(taken.cost as f64);
-        metrics.in_flight.increment(taken.inputs.len() as f64);
-        state.running_cost += taken.cost;
-        self.in_flight.fetch_add(1, Ordering::AcqRel);
-        Next::Run(taken)
+        next
     }
 
     /// Marks a batch of `size` and `cost` taken by [`next`](Self::next) as
@@ -300,7 +318,7 @@ impl<I, O> Queue<I, O> {
     pub(super) fn finish_batch(&self, size: usize, cost: usize) {
         {
             let mut state = self.lock();
-            state.running_cost -= cost;
+            state.running_cost -= cost as u128;
             state.metrics.in_flight.decrement(size as f64);
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
@@ -311,7 +329,7 @@ impl<I, O> Queue<I, O> {
     /// the batches running.
     pub(super) fn outstanding_cost(&self) -> usize {
         let state = self.lock();
-        state.cost + state.running_cost
+        saturate(state.cost + state.running_cost)
     }
 
     /// The number of batches taken and not yet answered.
@@ -332,22 +350,21 @@ impl<I, O> State<I, O> {
         self.metrics.queue_cost.set(self.cost as f64);
     }
 
-    /// Accounts for an entry leaving the queue without being batched, and
-    /// answers it if it expired.
-    fn forget(&mut self, entry: Entry<I, O>, now: Instant) {
+    /// Accounts for an entry leaving the queue without being batched; the
+    /// caller [`retire`]s it once the lock is released.
+    fn forget(&mut self, entry: &Entry<I, O>) {
         self.len -= 1;
-        self.cost -= entry.cost;
-        // A request whose own future gave up at its deadline is cancelled
-        // and expired: it counts as a deadline, not a cancellation.
-        if entry.is_expired(now) {
-            self.metrics.outcome(Outcome::Deadline);
-            let _ = entry.reply.send(Err(DeadlineExceeded::new().into()));
-        } else {
-            self.metrics.outcome(Outcome::Cancelled);
-        }
+        self.cost -= entry.cost as u128;
     }
 
-    fn take(&mut self, now: Instant, config: &BatchConfig) -> Taken<I, O> {
+    /// Takes the next batch; cancelled and expired requests met on the way
+    /// go to `gone`.
+    fn take(
+        &mut self,
+        now: Instant,
+        config: &BatchConfig,
+        gone: &mut Vec<Entry<I, O>>,
+    ) -> Taken<I, O> {
         let max = config.max_batch_size.get();
         let capacity = max.min(self.len);
         let mut taken = Taken {
@@ -376,12 +393,11 @@ impl<I, O> State<I, O> {
                     break 'lanes;
                 }
                 let entry = self.lanes[lane].pop_front().expect("front exists");
+                self.forget(&entry);
                 if !live {
-                    self.forget(entry, now);
+                    gone.push(entry);
                     continue;
                 }
-                self.len -= 1;
-                self.cost -= entry.cost;
                 longest = longest.max(entry.cost);
                 taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
                 self.metrics
@@ -396,11 +412,36 @@ impl<I, O> State<I, O> {
     }
 }
 
-/// The cost of `taken` once `next` joins it.
+/// Answers requests that left the queue without a batch (those that expired
+/// get [`DeadlineExceeded`]), records why they left, and drops them. Runs
+/// outside the queue's lock: dropping an input runs user code.
+fn retire<I, O>(gone: Vec<Entry<I, O>>, now: Instant, metrics: &BatchMetrics) {
+    for entry in gone {
+        // A request whose own future gave up at its deadline is cancelled
+        // and expired: it counts as a deadline, not a cancellation.
+        let (input, ticket) = entry.into_parts();
+        if ticket.deadline.is_some_and(|deadline| deadline <= now) {
+            metrics.outcome(Outcome::Deadline);
+            let _ = ticket.reply.send(Err(DeadlineExceeded::new().into()));
+        } else {
+            metrics.outcome(Outcome::Cancelled);
+        }
+        drop_contained(input, "a request's input");
+    }
+}
+
+/// A wide sum as a `usize`, saturating.
+fn saturate(sum: u128) -> usize {
+    usize::try_from(sum).unwrap_or(usize::MAX)
+}
+
+/// The cost of `taken` once `next` joins it, saturating.
 fn batch_cost<I, O>(mode: CostMode, taken: &Taken<I, O>, longest: usize, next: usize) -> usize {
     match mode {
-        CostMode::Sum => taken.cost + next,
-        CostMode::Padded => longest.max(next) * (taken.inputs.len() + 1),
+        CostMode::Sum => taken.cost.saturating_add(next),
+        CostMode::Padded => longest
+            .max(next)
+            .saturating_mul(taken.inputs.len().saturating_add(1)),
     }
 }
 
@@ -451,7 +492,7 @@ impl ServiceRate {
             self.busy += now.saturating_duration_since(since);
             self.busy_since = (self.running > 0 || queued).then_some(now);
         }
-        self.cost += cost as u64;
+        self.cost = self.cost.saturating_add(cost as u64);
         if self.history.len() > Self::WINDOW {
             self.history.pop_front();
         }
@@ -469,6 +510,6 @@ impl ServiceRate {
     /// How long `cost` units of queued work take to serve, once measured.
     pub(super) fn time_for(&self, cost: usize) -> Option<Duration> {
         let rate = self.per_second()?;
-        Some(Duration::from_secs_f64(cost as f64 / rate))
+        Some(duration_at_rate(cost as f64, rate))
     }
 }

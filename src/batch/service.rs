@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,7 +14,10 @@ use super::future::ResponseFuture;
 use super::queue::{Entry, Queue, ServiceRate};
 use super::{Admission, BatchConfig, Hooks, RequestOptions, worker};
 use crate::BoxError;
-use crate::error::{Closed, DeadlineExceeded, Draining, InvalidInput, Overloaded};
+use crate::contain::{catch, lock};
+use crate::error::{
+    Closed, DeadlineExceeded, Draining, FailureKind, InvalidInput, ModelFailed, Overloaded,
+};
 use crate::metrics::{BatchMetrics, Outcome};
 
 /// What a [`Batch::drain`] did.
@@ -39,6 +42,8 @@ pub(super) struct Shared<I, O> {
     pub(super) hooks: Hooks<I>,
     /// One permit per free queue slot.
     slots: Arc<Semaphore>,
+    /// Why the worker stopped for good, once it did.
+    closed: OnceLock<Closed>,
     pub(super) rate: Mutex<ServiceRate>,
     /// Set when a drain began: admit nothing more, dispatch without waiting.
     draining: AtomicBool,
@@ -67,10 +72,17 @@ impl<I, O> Shared<I, O> {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Stops admitting requests and answers every queued one with [`Closed`].
-    pub(super) fn close(&self) {
+    /// The error for requests refused because the worker stopped.
+    fn closed(&self) -> Closed {
+        self.closed.get().cloned().unwrap_or_default()
+    }
+
+    /// Stops admitting requests and answers every queued one with `closed`
+    /// (the first reason given wins).
+    pub(super) fn close(&self, closed: Closed) {
+        let _ = self.closed.set(closed);
         self.slots.close();
-        self.queue.close();
+        self.queue.close(&self.closed());
     }
 }
 
@@ -79,7 +91,12 @@ struct CloseOnExit<I, O>(Arc<Shared<I, O>>);
 
 impl<I, O> Drop for CloseOnExit<I, O> {
     fn drop(&mut self) {
-        self.0.close();
+        let closed = if std::thread::panicking() {
+            Closed::because("the batch worker panicked")
+        } else {
+            Closed::new()
+        };
+        self.0.close(closed);
     }
 }
 
@@ -136,6 +153,7 @@ where
             config,
             hooks,
             slots: slots.clone(),
+            closed: OnceLock::new(),
             rate: Mutex::new(ServiceRate::new()),
             draining: AtomicBool::new(false),
             abort: CancellationToken::new(),
@@ -197,7 +215,7 @@ impl<I, O> Batch<I, O> {
     /// The measured rate, in cost units per second, at which the inner
     /// service works off queued requests; `None` before the first batch.
     pub fn service_rate(&self) -> Option<f64> {
-        self.shared.rate.lock().expect("rate lock").per_second()
+        lock(&self.shared.rate).per_second()
     }
 
     /// How long a request arriving now would wait for the work queued and
@@ -231,7 +249,7 @@ impl<I, O> Batch<I, O> {
             }
         };
         if tokio::time::timeout_at(deadline, finished).await.is_err() {
-            let queued = shared.queue.close();
+            let queued = shared.queue.close(&Closed::new());
             shared.aborted.fetch_add(queued as u64, Ordering::Relaxed);
             shared.abort.cancel();
             // Every running batch answers at once now; wait for their tasks.
@@ -251,12 +269,7 @@ impl<I, O> Batch<I, O> {
     }
 
     fn retry_after(&self, queued_cost: usize) -> Duration {
-        let measured = self
-            .shared
-            .rate
-            .lock()
-            .expect("rate lock")
-            .time_for(queued_cost);
+        let measured = lock(&self.shared.rate).time_for(queued_cost);
         // Before anything was measured, a second is a modest, honest guess.
         measured.unwrap_or(Duration::from_secs(1))
     }
@@ -284,7 +297,7 @@ impl<I, O> Batch<I, O> {
                         .map_err(|_| BoxError::from(DeadlineExceeded::new())),
                     None => Ok(acquire.await),
                 }
-                .and_then(|slot| slot.map_err(|_| Closed::new().into()));
+                .and_then(|slot| slot.map_err(|_| shared.closed().into()));
                 match slot {
                     Ok(slot) => Some(slot),
                     Err(err) => {
@@ -332,7 +345,7 @@ impl<I, O> Batch<I, O> {
         };
         // The worker stopped after admission checked: nothing was queued.
         if self.shared.queue.push(entry).is_err() {
-            return refuse(Closed::new().into());
+            return refuse(self.shared.closed().into());
         }
         ResponseFuture::new(rx, deadline, self.shared.abandoned.clone())
     }
@@ -347,14 +360,18 @@ impl<I, O> Batch<I, O> {
     ) -> Result<(usize, OwnedSemaphorePermit), BoxError> {
         let shared = &self.shared;
         if shared.is_closed() {
-            return Err(Closed::new().into());
+            return Err(shared.closed().into());
         }
         if shared.is_draining() {
             shared.rejected.fetch_add(1, Ordering::Relaxed);
             return Err(Draining::new().into());
         }
-        (shared.hooks.validate)(input).map_err(InvalidInput::new)?;
-        let cost = (shared.hooks.cost)(input);
+        // The hooks are user code: a panic there fails this request alone.
+        catch(|| (shared.hooks.validate)(input))
+            .map_err(|message| hook_panicked("validate", message))?
+            .map_err(InvalidInput::new)?;
+        let cost = catch(|| (shared.hooks.cost)(input))
+            .map_err(|message| hook_panicked("cost", message))?;
         if let Some(budget) = shared.config.max_batch_cost
             && cost > budget.get()
         {
@@ -368,7 +385,7 @@ impl<I, O> Batch<I, O> {
         }
         if let Some(max) = shared.config.max_queue_time {
             let ahead = shared.queue.outstanding_cost();
-            let wait = shared.rate.lock().expect("rate lock").time_for(ahead);
+            let wait = lock(&shared.rate).time_for(ahead);
             if let Some(wait) = wait.filter(|wait| *wait > max) {
                 return Err(Overloaded::new(wait).into());
             }
@@ -384,7 +401,7 @@ impl<I, O> Batch<I, O> {
         let slots = &self.shared.slots;
         match slots.clone().try_acquire_owned() {
             Ok(slot) => return Ok(slot),
-            Err(TryAcquireError::Closed) => return Err(Closed::new().into()),
+            Err(TryAcquireError::Closed) => return Err(self.shared.closed().into()),
             Err(TryAcquireError::NoPermits) => {}
         }
         // Requests whose callers went away still hold slots until the worker
@@ -445,7 +462,8 @@ where
             Admission::Shed => Poll::Ready(Ok(())),
             Admission::Wait => {
                 if self.reserved.is_none() {
-                    let slot = ready!(self.slots.poll_acquire(cx)).ok_or_else(Closed::new)?;
+                    let slot =
+                        ready!(self.slots.poll_acquire(cx)).ok_or_else(|| self.shared.closed())?;
                     self.reserved = Some(slot);
                 }
                 Poll::Ready(Ok(()))
@@ -458,4 +476,13 @@ where
         let options = RequestOptions::default().resolve(&self.shared.config);
         self.enqueue(input, options, slot)
     }
+}
+
+/// The error for a request whose admission hook panicked.
+fn hook_panicked(hook: &str, message: String) -> BoxError {
+    ModelFailed::new(
+        FailureKind::Panic,
+        format!("the model's {hook} hook panicked: {message}"),
+    )
+    .into()
 }

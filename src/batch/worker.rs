@@ -3,6 +3,7 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 
 use tokio::time::Instant;
 use tower::Service;
@@ -11,11 +12,13 @@ use tracing::Instrument;
 use super::Shared;
 use super::queue::{Next, Taken, Ticket};
 use crate::BoxError;
+use crate::contain::{CatchUnwind, catch, lock};
 use crate::error::{Closed, FailureKind, ModelFailed};
 use crate::metrics::Outcome;
 
 /// Runs until every handle is gone and the queue is drained, or the inner
-/// service fails.
+/// service fails. A panic in the inner service's `call` or future fails
+/// that batch only; one in its `poll_ready` counts as the service failing.
 pub(super) async fn run<S, I, O>(mut inner: S, shared: Arc<Shared<I, O>>)
 where
     S: Service<Vec<I>, Response = Vec<O>>,
@@ -38,10 +41,21 @@ where
 
         // Pull: form a batch only once the inner service can take it, so that
         // requests keep accumulating while every replica is busy.
-        if let Err(err) = poll_fn(|cx| inner.poll_ready(cx)).await {
-            let err: BoxError = err.into();
+        let ready = poll_fn(|cx| match catch(|| inner.poll_ready(cx)) {
+            Ok(poll) => poll.map_err(Into::into),
+            Err(message) => Poll::Ready(Err(format!(
+                "the inner service panicked in poll_ready: {message}"
+            )
+            .into())),
+        })
+        .await;
+        if let Err(err) = ready {
+            let err: BoxError = err;
             tracing::error!(%err, "inner service failed; the batch queue is closing");
-            shared.close();
+            let closed = err
+                .downcast::<Closed>()
+                .map_or_else(Closed::because, |closed| *closed);
+            shared.close(closed);
             return;
         }
 
@@ -86,20 +100,39 @@ where
     for ticket in &tickets {
         span.follows_from(&ticket.span);
     }
-    let future = span.in_scope(|| inner.call(inputs));
-    shared
-        .rate
-        .lock()
-        .expect("rate lock")
-        .started(Instant::now());
-    let shared = shared.clone();
+    lock(&shared.rate).started(Instant::now());
+    // From here the batch's bookkeeping is done however it ends.
+    let mut finish = Finish {
+        shared: shared.clone(),
+        size,
+        cost,
+        served: 0,
+    };
+    let future = match span.in_scope(|| catch(|| inner.call(inputs))) {
+        Ok(future) => future,
+        Err(message) => {
+            let err = ModelFailed::new(
+                FailureKind::Panic,
+                format!("the inner service panicked in call: {message}"),
+            );
+            return answer(shared, tickets, Err(err.into()));
+        }
+    };
     tokio::spawn(
         async move {
-            let served = tokio::select! {
-                result = future => {
-                    answer(&shared, tickets, result.map_err(Into::into));
+            let shared = finish.shared.clone();
+            tokio::select! {
+                result = CatchUnwind(future) => {
+                    let result = match result {
+                        Ok(result) => result.map_err(Into::into),
+                        Err(message) => {
+                            let message = format!("the inner service's future panicked: {message}");
+                            Err(ModelFailed::new(FailureKind::Panic, message).into())
+                        }
+                    };
+                    answer(&shared, tickets, result);
                     shared.completed.fetch_add(size as u64, Ordering::Relaxed);
-                    cost
+                    finish.served(cost);
                 }
                 // A drain ran out of time: the model's answer will not come
                 // in time, so say so now.
@@ -109,19 +142,37 @@ where
                         ticket.answer(Err(Closed::new().into()), Outcome::Closed, &shared.metrics);
                     }
                     shared.aborted.fetch_add(waiting as u64, Ordering::Relaxed);
-                    0
                 }
-            };
-            let queued = shared.queue.depth().0 > 0;
-            shared
-                .rate
-                .lock()
-                .expect("rate lock")
-                .finished(Instant::now(), served, queued);
-            shared.queue.finish_batch(size, cost);
+            }
         }
         .instrument(span),
     );
+}
+
+/// The bookkeeping of one dispatched batch, done when it is dropped: when the
+/// batch was answered, and equally when the inner service panicked or the
+/// task was dropped, so the service rate and the in-flight counts never leak.
+struct Finish<I, O> {
+    shared: Arc<Shared<I, O>>,
+    size: usize,
+    cost: usize,
+    /// The cost the inner service served, for the service rate.
+    served: usize,
+}
+
+impl<I, O> Finish<I, O> {
+    /// The inner service answered, having served `cost`.
+    fn served(&mut self, cost: usize) {
+        self.served = cost;
+    }
+}
+
+impl<I, O> Drop for Finish<I, O> {
+    fn drop(&mut self) {
+        let queued = self.shared.queue.depth().0 > 0;
+        lock(&self.shared.rate).finished(Instant::now(), self.served, queued);
+        self.shared.queue.finish_batch(self.size, self.cost);
+    }
 }
 
 /// Sends every request of a batch its own answer, recording its outcome and
@@ -157,8 +208,9 @@ fn fan_out(err: BoxError) -> impl Iterator<Item = BoxError> {
         if let Some(err) = err.downcast_ref::<ModelFailed>() {
             let err = err.clone();
             Box::new(move || err.clone().into())
-        } else if err.is::<Closed>() {
-            Box::new(|| Closed::new().into())
+        } else if let Some(closed) = err.downcast_ref::<Closed>() {
+            let closed = closed.clone();
+            Box::new(move || closed.clone().into())
         } else {
             let err = ModelFailed::new(FailureKind::Error, err);
             Box::new(move || err.clone().into())

@@ -9,8 +9,10 @@
 //!   [`min_ready_replicas`](HealthConfig::min_ready_replicas) replicas can take
 //!   batches, and the service is not draining.
 //! * **live** — false only when a restart would help: no replica has been able
-//!   to serve for [`dead_after`](HealthConfig::dead_after), or the batching
-//!   worker stopped outside a shutdown. Never false because the queue is full
+//!   to serve for [`dead_after`](HealthConfig::dead_after), a replica failed
+//!   for good (its device cannot be opened, its loader reported an
+//!   unrecoverable error, or too many of its threads are stuck holding
+//!   models), or the batching worker stopped outside a shutdown. Never false because the queue is full
 //!   or batches are long: a busy pod is not a dead pod.
 //!
 //! A [`Health`] answers from state that the pool and the batcher keep up to
@@ -299,12 +301,26 @@ impl Health {
         };
         let down_for = roster.none_serving_since.map(|since| since.elapsed());
         let lifecycle = self.lifecycle();
-        let live = match down_for {
+        // A replica that failed for good never comes back, and may hold
+        // memory (threads stuck with their models) that only a restart frees.
+        let failed_for_good = replicas
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.failed_for_good)
+            .map(|(index, replica)| {
+                format!(
+                    "replica {index} ({}) failed for good: {}",
+                    crate::device::format_location(replica.device),
+                    replica.last_error.as_deref().unwrap_or("unknown reason")
+                )
+            });
+        let live = match (down_for, failed_for_good) {
+            (_, Some(reason)) => Check::new(false, reason),
             // Outside a shutdown, a stopped batcher answers nothing again.
             _ if lifecycle == Lifecycle::Running && (self.inner.batcher_stopped)() => {
                 Check::new(false, "the batching worker stopped")
             }
-            Some(down) if started.ok && down >= config.dead_after => Check::new(
+            (Some(down), None) if started.ok && down >= config.dead_after => Check::new(
                 false,
                 format!("no replica has served for {}s", down.as_secs()),
             ),

@@ -43,6 +43,10 @@ pub mod names {
     pub const BATCH_COST: &str = "candlewick_batch_cost";
     /// Histogram, seconds: one batch on one replica, by `device`.
     pub const BATCH_DURATION: &str = "candlewick_batch_duration_seconds";
+    /// Counter: failed batches whose halves both failed again when bisected,
+    /// so isolating poisoned inputs stopped (a lost device or a model bug
+    /// fails every input alike).
+    pub const SYSTEMIC_FAILURES: &str = "candlewick_batch_systemic_failures_total";
     /// Gauge: requests waiting in the queue.
     pub const QUEUE_DEPTH: &str = "candlewick_queue_depth";
     /// Gauge: total cost of the queued requests.
@@ -100,6 +104,11 @@ pub fn describe() {
         BATCH_DURATION,
         Unit::Seconds,
         "Time one replica spent on one batch; rate of the sum is busy time."
+    );
+    describe_counter!(
+        SYSTEMIC_FAILURES,
+        Unit::Count,
+        "Failed batches whose halves both failed again, so bisection stopped."
     );
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting in the queue.");
     describe_gauge!(
@@ -241,6 +250,7 @@ pub(crate) struct ReplicaMetrics {
     /// Replicas of this device in each state, indexed by `ReplicaState as usize`.
     states: Vec<Gauge>,
     pub(crate) batch_duration: Histogram,
+    pub(crate) systemic_failures: Counter,
     pub(crate) load_time: Gauge,
     pub(crate) warmup_time: Gauge,
 }
@@ -266,7 +276,14 @@ impl ReplicaMetrics {
         let per_replica = with(&[("device", device.clone()), ("replica", replica.to_string())]);
         Self {
             states,
-            batch_duration: metrics::histogram!(names::BATCH_DURATION, with(&[("device", device)])),
+            batch_duration: metrics::histogram!(
+                names::BATCH_DURATION,
+                with(&[("device", device.clone())])
+            ),
+            systemic_failures: metrics::counter!(
+                names::SYSTEMIC_FAILURES,
+                with(&[("device", device)])
+            ),
             load_time: metrics::gauge!(names::LOAD_TIME, per_replica.clone()),
             warmup_time: metrics::gauge!(names::WARMUP_TIME, per_replica),
         }

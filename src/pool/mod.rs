@@ -21,9 +21,15 @@
 //!   [`FailureKind::OutputCount`]; outputs are never silently matched up.
 //! * A panic in `forward` fails that batch with [`FailureKind::Panic`]; the
 //!   replica drops its model and reloads it while the others keep serving.
-//! * A failed or panicking `load` is retried with exponential [`Backoff`].
+//! * A failed or panicking `load` or warm-up is retried with exponential
+//!   [`Backoff`]; a load error marked [`Unrecoverable`] fails the replica for
+//!   good at once. A device this build cannot run fails [`Pool::new`].
 //! * A batch that outruns the [stall timeout](PoolConfig::stall_timeout) is
-//!   answered with [`FailureKind::Stalled`] and its replica replaced.
+//!   answered with [`FailureKind::Stalled`] and its replica replaced, until
+//!   [`max_stuck_threads`](PoolConfig::max_stuck_threads) of its threads are
+//!   stuck; then it fails for good.
+//! * Once every replica failed for good, `poll_ready` fails with
+//!   [`Closed`] naming why: nothing waits on a pool that cannot serve.
 //!
 //! # Examples
 //!
@@ -51,6 +57,8 @@
 //! [`FailureKind::Panic`]: crate::error::FailureKind::Panic
 //! [`FailureKind::Stalled`]: crate::error::FailureKind::Stalled
 //! [`Loader`]: crate::Loader
+//! [`Unrecoverable`]: crate::error::Unrecoverable
+//! [`Closed`]: crate::error::Closed
 
 mod replica;
 mod service;
@@ -95,8 +103,20 @@ pub struct PoolConfig {
     /// disables the watchdog. Default: 60 s.
     ///
     /// The stuck thread cannot be interrupted: it keeps its model, and its
-    /// device memory, until `forward` returns, and then exits.
+    /// device memory, until `forward` returns, and then exits. See
+    /// [`max_stuck_threads`](Self::max_stuck_threads).
     pub stall_timeout: Option<Duration>,
+    /// How many of a replica's threads may be stuck in `forward` at once
+    /// before it is no longer replaced. Default: 2.
+    ///
+    /// Each stuck thread keeps its model, and on a GPU its device memory, so
+    /// replacing a replica that hangs again and again would end in an
+    /// out-of-memory crash. Once this many of its threads are stuck, the
+    /// replica fails for good instead: health reports the service not live,
+    /// naming the replica, so the orchestrator restarts the process and the
+    /// memory comes back. At most `replicas × max_stuck_threads` stuck models
+    /// exist at any time. 1 means a replica is never replaced after a stall.
+    pub max_stuck_threads: NonZeroUsize,
 }
 
 /// What a model error does to the rest of its batch.
@@ -109,9 +129,14 @@ pub enum FailurePolicy {
     FailBatch,
     /// The failed batch is split in halves and each half re-run, recursively,
     /// so that a poisoned input fails alone and the others get their outputs.
-    /// A batch of n with one poisoned input costs about 2·log2(n) extra
-    /// forward passes; `max_depth` bounds them. Panics are not retried (the
-    /// model is reloaded instead), nor are wrong output counts (a model bug).
+    /// A batch of n with one poisoned input costs 2·⌈log2 n⌉ extra forward
+    /// passes; `max_depth` bounds them. A failure that looks systemic (both
+    /// halves fail, and both halves of a half fail again) stops the
+    /// splitting: a batch whose every input fails, as on a lost device,
+    /// costs no more forward passes than isolating one poisoned input, and
+    /// counts in `candlewick_batch_systemic_failures_total`. Panics are not
+    /// retried (the model is reloaded instead), nor are wrong output counts
+    /// (a model bug).
     Bisect {
         /// How many times a batch may be halved.
         max_depth: u32,
@@ -133,6 +158,7 @@ impl Default for PoolConfig {
             restart_backoff: Backoff::default(),
             failure_policy: FailurePolicy::default(),
             stall_timeout: Some(Duration::from_secs(60)),
+            max_stuck_threads: NonZeroUsize::new(2).expect("nonzero"),
         }
     }
 }
@@ -174,6 +200,12 @@ impl PoolConfig {
         self
     }
 
+    /// Sets [`max_stuck_threads`](Self::max_stuck_threads).
+    pub fn with_max_stuck_threads(mut self, threads: NonZeroUsize) -> Self {
+        self.max_stuck_threads = threads;
+        self
+    }
+
     /// The total number of replicas: devices × replicas per device.
     pub fn replicas(&self) -> usize {
         self.devices.len() * self.replicas_per_device.get()
@@ -196,7 +228,9 @@ pub enum ReplicaState {
     Failed,
     /// Waiting out the back-off before reloading.
     Restarting,
-    /// Its batch outran the stall timeout; a replacement is starting.
+    /// Its batch outran the stall timeout; a replacement is starting (or,
+    /// past [`max_stuck_threads`](PoolConfig::max_stuck_threads), it failed
+    /// for good).
     Stalled,
 }
 
@@ -244,14 +278,18 @@ pub struct ReplicaStatus {
     pub load_time: Option<Duration>,
     /// How long its last warm-up took.
     pub warmup_time: Option<Duration>,
-    /// How often one of its batches stalled and it was replaced.
+    /// How often one of its batches stalled.
     pub stalls: u64,
+    /// Its threads still stuck in a stalled `forward`, each holding a model.
+    pub stuck_threads: usize,
     /// How often loading its model failed.
     pub load_failures: u64,
-    /// Whether it stopped trying: its thread could not set up (no loader
-    /// runtime, no CPU thread pool). See [`last_error`](Self::last_error).
+    /// Whether it stopped trying for good: its thread could not set up, its
+    /// loader reported an [`Unrecoverable`](crate::error::Unrecoverable)
+    /// error, or too many of its threads are stuck. See
+    /// [`last_error`](Self::last_error).
     pub failed_for_good: bool,
-    /// Why its last load failed, if it did.
+    /// Why its last load failed, or why it failed for good.
     pub last_error: Option<String>,
 }
 
@@ -264,6 +302,7 @@ impl ReplicaStatus {
             load_time: None,
             warmup_time: None,
             stalls: 0,
+            stuck_threads: 0,
             load_failures: 0,
             failed_for_good: false,
             last_error: None,
@@ -277,6 +316,14 @@ impl ReplicaStatus {
 pub enum PoolError {
     /// The configuration names no device.
     NoDevices,
+    /// A configured device cannot exist in this build, such as `cuda:0`
+    /// without the `cuda` feature.
+    DeviceUnsupported {
+        /// The device.
+        device: DeviceLocation,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
     /// The stall watchdog's thread could not be started.
     Watchdog(std::io::Error),
     /// A replica thread could not be started.
@@ -292,6 +339,11 @@ impl std::fmt::Display for PoolError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::NoDevices => f.write_str("the pool configuration names no device"),
+            Self::DeviceUnsupported { device, reason } => write!(
+                f,
+                "cannot run replicas on {}: {reason}",
+                crate::device::format_location(*device)
+            ),
             Self::Watchdog(_) => f.write_str("cannot start the stall watchdog's thread"),
             Self::Spawn { replica, .. } => {
                 write!(f, "cannot start the thread of replica {replica}")
@@ -303,7 +355,7 @@ impl std::fmt::Display for PoolError {
 impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::NoDevices => None,
+            Self::NoDevices | Self::DeviceUnsupported { .. } => None,
             Self::Watchdog(source) => Some(source),
             Self::Spawn { source, .. } => Some(source),
         }

@@ -1,19 +1,25 @@
 //! One replica: a dedicated OS thread that loads, owns and runs one model.
+//!
+//! Every call into user code (the loader, `warmup_inputs`, `forward`, the
+//! model's `Drop`, dropping inputs and outputs) is contained: a panic there
+//! fails a batch or a load, never the thread, and the replica's bookkeeping
+//! (its [`Lease`] on the idle set, the slot the watchdog watches) lives in
+//! values whose `Drop` keeps it whole.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-use candle_core::{Device, DeviceLocation};
+use candle_core::DeviceLocation;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::{FailurePolicy, PoolConfig, ReplicaState, ReplicaStatus};
 use crate::BoxError;
+use crate::contain::{catch, drop_contained, lock};
 use crate::device::format_location;
-use crate::error::{FailureKind, ModelFailed};
+use crate::error::{FailureKind, ModelFailed, Unrecoverable};
 use crate::metrics::ReplicaMetrics;
 use crate::model::{Loader, Model};
 
@@ -25,10 +31,37 @@ pub(super) type Reply<O> = oneshot::Sender<Outcomes<O>>;
 pub(super) struct Job<I, O> {
     pub(super) inputs: Vec<I>,
     pub(super) reply: Reply<O>,
-    /// The reservation of this replica: held while it works, released once it
-    /// is idle again.
-    pub(super) permit: OwnedSemaphorePermit,
+    pub(super) lease: Lease,
     pub(super) span: tracing::Span,
+}
+
+/// A replica taken off the idle set for one batch: its index and the permit
+/// that counted it idle, as one value, so the two cannot diverge.
+///
+/// Only [`Board::make_idle`] puts the index back and releases the permit.
+/// A lease dropped any other way (a thread that unwinds, a stuck thread
+/// that was replaced) forgets its permit: the replica is not idle, and the
+/// semaphore must not say it is.
+pub(super) struct Lease {
+    pub(super) index: usize,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Lease {
+    pub(super) fn new(index: usize, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            index,
+            permit: Some(permit),
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            permit.forget();
+        }
+    }
 }
 
 /// The batch a replica is running, where the stall watchdog can reach it.
@@ -47,9 +80,11 @@ pub(super) type Slot<O> = Arc<Mutex<Option<Running<O>>>>;
 /// What the pool's handles, the replica threads and the watchdog share.
 pub(super) struct Board<O> {
     /// Indices of idle replicas. Its length equals the semaphore's free permits
-    /// plus the permits reserved but not yet used.
+    /// plus the permits reserved but not yet used: an index goes in before
+    /// its permit is released, and a permit leaves only with an index (as a
+    /// [`Lease`]).
     pub(super) idle: Mutex<Vec<usize>>,
-    /// One permit per idle replica.
+    /// One permit per idle replica. Closed once every replica failed for good.
     pub(super) semaphore: Arc<Semaphore>,
     status: Mutex<Roster>,
     pub(super) metrics: Vec<ReplicaMetrics>,
@@ -108,48 +143,91 @@ impl<O> Board<O> {
     }
 
     pub(super) fn roster(&self) -> Roster {
-        self.status.lock().expect("status lock").clone()
+        lock(&self.status).clone()
     }
 
     pub(super) fn device(&self, index: usize) -> DeviceLocation {
-        self.status.lock().expect("status lock").replicas[index].device
+        lock(&self.status).replicas[index].device
     }
 
-    /// Changes the status of replica `index` and tells the watchers.
-    pub(super) fn update(&self, index: usize, change: impl FnOnce(&mut ReplicaStatus)) {
-        {
-            let mut roster = self.status.lock().expect("status lock");
+    /// Changes the status of replica `index`, tells the watchers, and returns
+    /// what `change` returned.
+    pub(super) fn update<T>(
+        &self,
+        index: usize,
+        change: impl FnOnce(&mut ReplicaStatus) -> T,
+    ) -> T {
+        let result = {
+            let mut roster = lock(&self.status);
             let before = roster.replicas[index].state;
-            change(&mut roster.replicas[index]);
+            let result = change(&mut roster.replicas[index]);
             let after = roster.replicas[index].state;
-            if after != before {
-                self.metrics[index].transition(Some(before), after);
-            }
             let serving = roster.replicas.iter().any(|r| r.state.is_serving());
             match (serving, roster.none_serving_since) {
                 (true, _) => roster.none_serving_since = None,
                 (false, None) => roster.none_serving_since = Some(Instant::now()),
                 (false, Some(_)) => {}
             }
-        }
+            drop(roster);
+            if after != before {
+                self.metrics[index].transition(Some(before), after);
+            }
+            result
+        };
         self.changes.send_modify(|version| *version += 1);
+        result
     }
 
     pub(super) fn set_state(&self, index: usize, state: ReplicaState) {
         self.update(index, |status| status.state = state);
     }
 
-    /// The slot of the current thread of replica `index`.
-    pub(super) fn slot(&self, index: usize) -> MutexGuard<'_, Slot<O>> {
-        self.running[index].lock().expect("slot lock")
+    /// Marks replica `index` failed for good, with the reason. Once every
+    /// replica has, the semaphore closes: the pool reports itself unable to
+    /// serve instead of letting callers wait on an empty pool.
+    pub(super) fn fail_for_good(&self, index: usize, reason: &str) {
+        tracing::error!(replica = index, reason, "replica failed for good");
+        self.update(index, |status| {
+            status.state = ReplicaState::Failed;
+            status.failed_for_good = true;
+            status.last_error = Some(reason.to_owned());
+        });
+        if self.unavailable().is_some() {
+            self.semaphore.close();
+        }
     }
 
-    /// Makes `index` available to callers again, releasing `permit` if the
-    /// replica held one.
-    fn make_idle(&self, index: usize, permit: Option<OwnedSemaphorePermit>) {
+    /// Why no replica can serve, once every one failed for good; `None`
+    /// while any replica may still serve.
+    pub(super) fn unavailable(&self) -> Option<String> {
+        let roster = lock(&self.status);
+        if !roster.replicas.iter().all(|r| r.failed_for_good) {
+            return None;
+        }
+        let reasons: Vec<String> = roster
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(index, r)| {
+                let why = r.last_error.as_deref().unwrap_or("unknown reason");
+                format!("replica {index} ({}): {why}", format_location(r.device))
+            })
+            .collect();
+        Some(format!("no replica can serve; {}", reasons.join("; ")))
+    }
+
+    /// The slot of the current thread of replica `index`.
+    pub(super) fn slot(&self, index: usize) -> MutexGuard<'_, Slot<O>> {
+        lock(&self.running[index])
+    }
+
+    /// Makes `index` available to callers again, releasing the permit of its
+    /// `lease` if it held one.
+    fn make_idle(&self, index: usize, lease: Option<Lease>) {
+        debug_assert!(lease.as_ref().is_none_or(|lease| lease.index == index));
         self.set_state(index, ReplicaState::Idle);
-        self.idle.lock().expect("idle lock").push(index);
-        match permit {
+        lock(&self.idle).push(index);
+        match lease.and_then(|mut lease| lease.permit.take()) {
             Some(permit) => drop(permit),
             None => self.semaphore.add_permits(1),
         }
@@ -185,9 +263,11 @@ where
         // from contending with the other replicas' for the same threads. The
         // replica then lives on that pool's first thread.
         match replica.cpu_threads() {
-            Ok(None) => replica.run(&jobs),
-            Ok(Some(threads)) => threads.install(move || replica.run(&jobs)),
-            Err(err) => replica.give_up(&format!("cannot build its CPU thread pool: {err}")),
+            Ok(None) => replica.run_contained(&jobs),
+            Ok(Some(threads)) => threads.install(move || replica.run_contained(&jobs)),
+            Err(err) => replica
+                .board
+                .fail_for_good(index, &format!("cannot build its CPU thread pool: {err}")),
         }
     })?;
     Ok(())
@@ -203,6 +283,20 @@ struct Replica<L, O> {
 }
 
 impl<L, O> Replica<L, O> {
+    /// [`run`](Self::run), with a last line of defence: user code is
+    /// contained where it is called, so a panic reaching here is a bug of
+    /// this crate, and the replica says so instead of vanishing.
+    fn run_contained<I>(&self, jobs: &mpsc::Receiver<Job<I, O>>)
+    where
+        L: Loader<I>,
+        L::Model: Model<I, Output = O>,
+    {
+        if let Err(message) = catch(|| self.run(jobs)) {
+            let reason = format!("its thread panicked outside the model: {message}");
+            self.board.fail_for_good(self.index, &reason);
+        }
+    }
+
     fn run<I>(&self, jobs: &mpsc::Receiver<Job<I, O>>)
     where
         L: Loader<I>,
@@ -214,39 +308,54 @@ impl<L, O> Replica<L, O> {
             .build()
         {
             Ok(runtime) => runtime,
-            Err(err) => return self.give_up(&format!("cannot build its loader runtime: {err}")),
+            Err(err) => {
+                let reason = format!("cannot build its loader runtime: {err}");
+                return self.board.fail_for_good(self.index, &reason);
+            }
         };
-        let mut permit: Option<OwnedSemaphorePermit> = None;
+        // The lease of the batch whose panic made this replica reload.
+        let mut lease: Option<Lease> = None;
         let mut failures = 0u32;
         loop {
+            // `None`: the pool is gone, or the load can never succeed.
             let Some(model) = self.load_until_ready(&runtime, &mut failures, jobs) else {
-                // The pool is gone; so is the point of the permit.
-                if let Some(permit) = permit {
-                    permit.forget();
-                }
                 return;
             };
-            self.board.make_idle(self.index, permit.take());
+            self.board.make_idle(self.index, lease.take());
             // Serve until the pool is dropped, the model panics, or the
             // watchdog replaced this replica.
             loop {
-                let Ok(job) = jobs.recv() else { return };
-                match self.serve(&model, job) {
-                    Served::Ok => failures = 0,
-                    Served::Panicked(job_permit) => {
-                        permit = Some(job_permit);
-                        failures += 1;
+                let Ok(job) = jobs.recv() else {
+                    return drop_contained(model, "the model");
+                };
+                match catch(|| self.serve(&model, job)) {
+                    Ok(Served::Ok) => failures = 0,
+                    Ok(Served::Panicked(job_lease)) => {
+                        lease = Some(job_lease);
+                        failures = failures.saturating_add(1);
                         break;
                     }
-                    Served::Replaced(job_permit) => {
-                        // The replacement brought a permit of its own.
-                        job_permit.forget();
+                    Ok(Served::Replaced) => {
+                        // The replacement brought a permit of its own. This
+                        // thread's model stops counting as stuck once dropped.
+                        drop_contained(model, "the model");
+                        self.board.update(self.index, |status| {
+                            status.stuck_threads = status.stuck_threads.saturating_sub(1);
+                        });
                         return;
+                    }
+                    Err(message) => {
+                        // Outside `forward` (dropping inputs or outputs, a
+                        // metrics recorder): the batch was answered by its
+                        // slot guard; reload to be safe.
+                        tracing::error!(replica = self.index, %message, "replica panicked around a batch; reloading");
+                        failures = failures.saturating_add(1);
+                        break;
                     }
                 }
             }
             self.board.update(self.index, |status| status.restarts += 1);
-            drop(model);
+            drop_contained(model, "the model");
         }
     }
 
@@ -258,40 +367,43 @@ impl<L, O> Replica<L, O> {
         let Job {
             inputs,
             reply,
-            permit,
+            lease,
             span,
         } = job;
         self.board.set_state(self.index, ReplicaState::Busy);
-        *self.slot.lock().expect("slot lock") = Some(Running {
+        *lock(&self.slot) = Some(Running {
             started: Instant::now(),
             size: inputs.len(),
             reply: Some(reply),
         });
+        // Whatever happens from here, the batch is answered exactly once.
+        let guard = SlotGuard(&self.slot);
         let mut outcomes = Vec::with_capacity(inputs.len());
         let started = Instant::now();
-        let panicked = span
-            .in_scope(|| run_isolated(model, &inputs, self.config.failure_policy, &mut outcomes));
+        let panicked = span.in_scope(|| {
+            run_isolated(
+                model,
+                &inputs,
+                self.config.failure_policy,
+                &mut outcomes,
+                &self.board.metrics[self.index],
+            )
+        });
         self.board.metrics[self.index]
             .batch_duration
             .record(started.elapsed());
-        let reply = self
-            .slot
-            .lock()
-            .expect("slot lock")
-            .take()
-            .and_then(|r| r.reply);
-        let Some(reply) = reply else {
+        let Some(reply) = guard.take() else {
             // The watchdog answered this batch and replaced the replica.
-            return Served::Replaced(permit);
+            return Served::Replaced;
         };
         if panicked {
             let _ = reply.send(outcomes);
-            return Served::Panicked(permit);
+            return Served::Panicked(lease);
         }
         // Idle first, then answer: the batcher can hand this replica its next
         // batch while the callers of this one wake up. (The caller may have
         // gone away; its result is then dropped.)
-        self.board.make_idle(self.index, Some(permit));
+        self.board.make_idle(self.index, Some(lease));
         let _ = reply.send(outcomes);
         Served::Ok
     }
@@ -311,18 +423,9 @@ impl<L, O> Replica<L, O> {
             .map(Some)
     }
 
-    /// Marks this replica failed for good, with the reason.
-    fn give_up(&self, reason: &str) {
-        tracing::error!(replica = self.index, device = ?self.location, reason, "replica failed for good");
-        self.board.update(self.index, |status| {
-            status.state = ReplicaState::Failed;
-            status.failed_for_good = true;
-            status.last_error = Some(reason.to_owned());
-        });
-    }
-
     /// Loads and warms up the model, retrying with back-off until it works.
-    /// Returns `None` once the pool is dropped.
+    /// Returns `None` once the pool is dropped, or when the loader said no
+    /// retry can help ([`Unrecoverable`]): the replica then failed for good.
     fn load_until_ready<I>(
         &self,
         runtime: &tokio::runtime::Runtime,
@@ -345,8 +448,15 @@ impl<L, O> Replica<L, O> {
             }
             match self.load_once(runtime) {
                 Ok(model) => return Some(model),
+                Err(err) if Unrecoverable::is_in(&*err) => {
+                    self.board
+                        .update(self.index, |status| status.load_failures += 1);
+                    self.board
+                        .fail_for_good(self.index, &format!("cannot load its model: {err}"));
+                    return None;
+                }
                 Err(err) => {
-                    *failures += 1;
+                    *failures = failures.saturating_add(1);
                     tracing::warn!(replica = self.index, device = ?self.location, %err, "replica failed to load");
                     self.board.update(self.index, |status| {
                         status.state = ReplicaState::Failed;
@@ -364,15 +474,22 @@ impl<L, O> Replica<L, O> {
     {
         self.board.set_state(self.index, ReplicaState::Loading);
         let started = Instant::now();
-        let device = device(self.location)?;
+        let device = crate::device::open(self.location)?;
         let model = guard(|| runtime.block_on(self.loader.load(&device)))?;
         let loaded = started.elapsed();
 
         self.board.set_state(self.index, ReplicaState::WarmingUp);
         let started = Instant::now();
-        let inputs = model.warmup_inputs();
-        if !inputs.is_empty() {
-            guard(|| model.forward(&inputs))?;
+        let warmed_up = guard(|| {
+            let inputs = model.warmup_inputs();
+            if !inputs.is_empty() {
+                model.forward(&inputs)?;
+            }
+            Ok(())
+        });
+        if let Err(err) = warmed_up {
+            drop_contained(model, "a model that failed its warm-up");
+            return Err(format!("warm-up failed: {err}").into());
         }
         let warmed = started.elapsed();
 
@@ -390,32 +507,46 @@ impl<L, O> Replica<L, O> {
 enum Served {
     /// Answered, and idle again.
     Ok,
-    Panicked(OwnedSemaphorePermit),
-    Replaced(OwnedSemaphorePermit),
+    /// Answered; the model panicked and must be reloaded.
+    Panicked(Lease),
+    /// The watchdog answered it and replaced this thread.
+    Replaced,
+}
+
+/// Answers the batch in a replica's slot if `serve` unwinds before it could:
+/// the callers hear of the panic, and the watchdog never mistakes the
+/// unanswered batch for a stall.
+struct SlotGuard<'a, O>(&'a Slot<O>);
+
+impl<O> SlotGuard<'_, O> {
+    /// Takes the reply, if the watchdog did not.
+    fn take(self) -> Option<Reply<O>> {
+        lock(self.0).take().and_then(|running| running.reply)
+    }
+}
+
+impl<O> Drop for SlotGuard<'_, O> {
+    fn drop(&mut self) {
+        let Some(running) = lock(self.0).take() else {
+            return;
+        };
+        if let Some(reply) = running.reply {
+            let err = ModelFailed::new(FailureKind::Panic, "the replica panicked around the batch");
+            let _ = reply.send(failures(err, running.size).collect());
+        }
+    }
 }
 
 /// Runs `inputs`, appending one outcome per input to `outcomes`. Under
 /// [`FailurePolicy::Bisect`] a failed batch is split in halves and each half
-/// re-run, so that one poisoned input fails alone. Returns whether the model
+/// re-run, so that a poisoned input fails alone. Returns whether the model
 /// panicked; after a panic nothing more runs on this model.
 fn run_isolated<I, M: Model<I>>(
     model: &M,
     inputs: &[I],
     policy: FailurePolicy,
     outcomes: &mut Outcomes<M::Output>,
-) -> bool {
-    let depth = match policy {
-        FailurePolicy::FailBatch => 0,
-        FailurePolicy::Bisect { max_depth } => max_depth,
-    };
-    bisect(model, inputs, depth, outcomes)
-}
-
-fn bisect<I, M: Model<I>>(
-    model: &M,
-    inputs: &[I],
-    depth: u32,
-    outcomes: &mut Outcomes<M::Output>,
+    metrics: &ReplicaMetrics,
 ) -> bool {
     let err = match forward_checked(model, inputs) {
         Ok(outputs) => {
@@ -424,22 +555,99 @@ fn bisect<I, M: Model<I>>(
         }
         Err(err) => err,
     };
-    let retry = depth > 0 && inputs.len() > 1 && err.kind() == FailureKind::Error;
-    if !retry {
-        let panicked = err.kind() == FailureKind::Panic;
-        outcomes.extend(failures(err, inputs.len()));
-        return panicked;
+    let depth = match policy {
+        FailurePolicy::FailBatch => 0,
+        FailurePolicy::Bisect { max_depth } => max_depth,
+    };
+    let mut bisection = Bisection {
+        forwards: 1,
+        // What isolating one poisoned input costs: the batch, then both
+        // halves at every level.
+        systemic_budget: 1 + 2 * inputs.len().next_power_of_two().ilog2() as usize,
+        systemic: false,
+    };
+    let panicked = bisection.isolate(model, inputs, err, depth, false, outcomes);
+    if bisection.systemic {
+        metrics.systemic_failures.increment(1);
     }
-    let (left, right) = inputs.split_at(inputs.len() / 2);
-    if bisect(model, left, depth - 1, outcomes) {
-        let err = match outcomes.last() {
-            Some(Err(err)) => err.clone(),
-            _ => unreachable!("a panic leaves a failed outcome"),
-        };
-        outcomes.extend(failures(err, right.len()));
-        return true;
+    panicked
+}
+
+/// The state of one batch's bisection.
+struct Bisection {
+    forwards: usize,
+    systemic_budget: usize,
+    /// Whether it stopped because the failure looked systemic.
+    systemic: bool,
+}
+
+impl Bisection {
+    /// Isolates the poisoned inputs of `inputs`, which failed together with
+    /// `err`: runs each half once, and descends into each half that failed.
+    ///
+    /// When both halves fail, the failure may be systemic (a lost device, a
+    /// model bug), and splitting on would multiply it: both are descended
+    /// into only if that stays within `systemic_budget` forward passes, and
+    /// if both halves of either fail again, it stops there. A batch whose every input fails thus costs at most
+    /// 1 + 2·⌈log2 n⌉ forward passes, as many as isolating one poisoned
+    /// input, while a few poisoned inputs in different halves are still
+    /// isolated one by one.
+    fn isolate<I, M: Model<I>>(
+        &mut self,
+        model: &M,
+        inputs: &[I],
+        err: ModelFailed,
+        depth: u32,
+        both_failed_above: bool,
+        outcomes: &mut Outcomes<M::Output>,
+    ) -> bool {
+        let splittable = depth > 0 && inputs.len() > 1 && err.kind() == FailureKind::Error;
+        if !splittable {
+            let panicked = err.kind() == FailureKind::Panic;
+            outcomes.extend(failures(err, inputs.len()));
+            return panicked;
+        }
+        let (left, right) = inputs.split_at(inputs.len() / 2);
+        let left_result = self.forward(model, left);
+        if let Err(err) = &left_result
+            && err.kind() == FailureKind::Panic
+        {
+            outcomes.extend(failures(err.clone(), inputs.len()));
+            return true;
+        }
+        let right_result = self.forward(model, right);
+        let mut panicked = matches!(&right_result, Err(err) if err.kind() == FailureKind::Panic);
+        // Both halves failed: descend into them only if the failure did not
+        // already look systemic one level up, and within the budget.
+        let both_failed = left_result.is_err() && right_result.is_err();
+        let descend =
+            !both_failed || (!both_failed_above && self.forwards + 4 <= self.systemic_budget);
+        if !descend {
+            self.systemic = true;
+        }
+        for (half, result) in [(left, left_result), (right, right_result)] {
+            match result {
+                Ok(outputs) => outcomes.extend(outputs.into_iter().map(Ok)),
+                Err(err) if panicked || !descend => {
+                    panicked |= err.kind() == FailureKind::Panic;
+                    outcomes.extend(failures(err, half.len()));
+                }
+                Err(err) => {
+                    panicked = self.isolate(model, half, err, depth - 1, both_failed, outcomes);
+                }
+            }
+        }
+        panicked
     }
-    bisect(model, right, depth - 1, outcomes)
+
+    fn forward<I, M: Model<I>>(
+        &mut self,
+        model: &M,
+        inputs: &[I],
+    ) -> Result<Vec<M::Output>, ModelFailed> {
+        self.forwards += 1;
+        forward_checked(model, inputs)
+    }
 }
 
 /// `n` failed outcomes sharing `err`.
@@ -452,18 +660,18 @@ pub(super) fn failures<O>(
 
 /// One forward pass, with panics and wrong output counts turned into errors.
 fn forward_checked<I, M: Model<I>>(model: &M, inputs: &[I]) -> Result<Vec<M::Output>, ModelFailed> {
-    match catch_unwind(AssertUnwindSafe(|| model.forward(inputs))) {
+    match catch(|| model.forward(inputs)) {
         Ok(Ok(outputs)) if outputs.len() == inputs.len() => Ok(outputs),
         Ok(Ok(outputs)) => {
             let kind = FailureKind::OutputCount {
                 expected: inputs.len(),
                 actual: outputs.len(),
             };
+            drop_contained(outputs, "the outputs of a failed batch");
             Err(ModelFailed::new(kind, "wrong number of outputs"))
         }
         Ok(Err(err)) => Err(ModelFailed::new(FailureKind::Error, err)),
-        Err(payload) => {
-            let message = panic_message(&*payload);
+        Err(message) => {
             tracing::error!(%message, "model panicked in forward; reloading the replica");
             Err(ModelFailed::new(FailureKind::Panic, message))
         }
@@ -472,27 +680,7 @@ fn forward_checked<I, M: Model<I>>(model: &M, inputs: &[I]) -> Result<Vec<M::Out
 
 /// Runs `f`, turning a panic into an error.
 fn guard<T>(f: impl FnOnce() -> Result<T, BoxError>) -> Result<T, BoxError> {
-    catch_unwind(AssertUnwindSafe(f))
-        .unwrap_or_else(|payload| Err(format!("panicked: {}", panic_message(&*payload)).into()))
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
-
-/// Opens the candle device for `location` on the current thread.
-fn device(location: DeviceLocation) -> Result<Device, BoxError> {
-    Ok(match location {
-        DeviceLocation::Cpu => Device::Cpu,
-        DeviceLocation::Cuda { gpu_id } => Device::new_cuda(gpu_id)?,
-        DeviceLocation::Metal { gpu_id } => Device::new_metal(gpu_id)?,
-    })
+    catch(f).unwrap_or_else(|message| Err(format!("panicked: {message}").into()))
 }
 
 /// Exponential back-off between load attempts: the first load is immediate;

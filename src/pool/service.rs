@@ -1,5 +1,6 @@
 use std::fmt;
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, Weak};
@@ -10,9 +11,10 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
-use super::replica::{self, Board, Job, Outcomes, Slot};
+use super::replica::{self, Board, Job, Lease, Outcomes, Slot};
 use super::{PoolConfig, PoolError, ReplicaState, ReplicaStatus};
 use crate::BoxError;
+use crate::contain::lock;
 use crate::error::{Closed, FailureKind, ModelFailed};
 use crate::model::{Loader, Model, ModelInfo};
 
@@ -69,6 +71,11 @@ where
         if config.devices.is_empty() {
             return Err(PoolError::NoDevices);
         }
+        for &device in &config.devices {
+            if let Some(reason) = crate::device::unsupported(device) {
+                return Err(PoolError::DeviceUnsupported { device, reason });
+            }
+        }
         let status: Vec<_> = config
             .devices
             .iter()
@@ -94,7 +101,7 @@ where
         }
         let shared = Arc::new(Shared { jobs, board, spawn });
         if let Some(timeout) = config.stall_timeout {
-            watch_for_stalls(Arc::downgrade(&shared), timeout)?;
+            watch_for_stalls(Arc::downgrade(&shared), timeout, config.max_stuck_threads)?;
         }
         Ok(Self {
             semaphore: PollSemaphore::new(shared.board.semaphore.clone()),
@@ -118,6 +125,13 @@ impl<I, O> Pool<I, O> {
         self.shared.board.clone()
     }
 
+    /// Why the pool cannot serve at all, once every replica failed for good:
+    /// the error `poll_ready` then fails with. `None` while any replica may
+    /// still serve.
+    pub fn unavailable(&self) -> Option<Closed> {
+        self.shared.board.unavailable().map(Closed::because)
+    }
+
     /// The number of replicas idle now, ready for a batch.
     pub fn idle_replicas(&self) -> usize {
         self.shared.board.semaphore.available_permits()
@@ -135,7 +149,11 @@ impl<I, O> Pool<I, O> {
 }
 
 /// Starts the thread that answers stalled batches and replaces their replicas.
-fn watch_for_stalls<I, O>(shared: Weak<Shared<I, O>>, timeout: Duration) -> Result<(), PoolError>
+fn watch_for_stalls<I, O>(
+    shared: Weak<Shared<I, O>>,
+    timeout: Duration,
+    max_stuck: NonZeroUsize,
+) -> Result<(), PoolError>
 where
     I: Send + 'static,
     O: Send + 'static,
@@ -150,7 +168,7 @@ where
                     return;
                 };
                 for index in 0..shared.jobs.len() {
-                    replace_if_stalled(&shared, index, timeout);
+                    replace_if_stalled(&shared, index, timeout, max_stuck);
                 }
             }
         })
@@ -158,10 +176,15 @@ where
         .map_err(PoolError::Watchdog)
 }
 
-fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Duration) {
+fn replace_if_stalled<I, O>(
+    shared: &Shared<I, O>,
+    index: usize,
+    timeout: Duration,
+    max_stuck: NonZeroUsize,
+) {
     let (size, reply) = {
         let mut slot = shared.board.slot(index);
-        let mut running = slot.lock().expect("slot lock");
+        let mut running = lock(&slot);
         let Some(batch) = running
             .as_mut()
             .filter(|batch| batch.started.elapsed() >= timeout)
@@ -187,23 +210,31 @@ fn replace_if_stalled<I, O>(shared: &Shared<I, O>, index: usize, timeout: Durati
         format!("the batch ran longer than the stall timeout of {timeout:?}"),
     );
     // Record the stall before answering, so that callers see it in health.
-    shared.board.update(index, |status| {
+    let stuck = shared.board.update(index, |status| {
         status.state = ReplicaState::Stalled;
         status.stalls += 1;
+        status.stuck_threads += 1;
+        status.stuck_threads
     });
+    if stuck >= max_stuck.get() {
+        // Each stuck thread holds a model; another would only add one more.
+        let reason = format!(
+            "{stuck} of its threads are stuck in forward past the stall timeout of \
+             {timeout:?}, each holding a model; not replaced again"
+        );
+        shared.board.fail_for_good(index, &reason);
+        let _ = reply.send(replica::failures(err, size).collect());
+        return;
+    }
     let _ = reply.send(replica::failures(err, size).collect());
     // The stuck thread keeps its model until `forward` returns, then retires.
     // Its replacement's channel goes in before the replacement starts: once
     // it is idle, jobs for this index must reach it.
     let (tx, rx) = mpsc::channel();
-    *shared.jobs[index].lock().expect("jobs lock") = tx;
+    *lock(&shared.jobs[index]) = tx;
     if let Err(err) = (shared.spawn)(index, rx) {
-        tracing::error!(replica = index, %err, "cannot start a replacement replica");
-        shared.board.update(index, |status| {
-            status.state = ReplicaState::Failed;
-            status.failed_for_good = true;
-            status.last_error = Some(format!("cannot start a replacement thread: {err}"));
-        });
+        let reason = format!("cannot start a replacement thread: {err}");
+        shared.board.fail_for_good(index, &reason);
     }
 }
 
@@ -238,8 +269,11 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         if self.reserved.is_none() {
-            // The semaphore is never closed, so `None` cannot happen.
-            let permit = ready!(self.semaphore.poll_acquire(cx)).ok_or_else(Closed::new)?;
+            // The semaphore closes once every replica failed for good.
+            let Some(permit) = ready!(self.semaphore.poll_acquire(cx)) else {
+                let reason = self.shared.board.unavailable().unwrap_or_default();
+                return Poll::Ready(Err(Closed::because(reason).into()));
+            };
             self.reserved = Some(permit);
         }
         Poll::Ready(Ok(()))
@@ -250,24 +284,22 @@ where
             .reserved
             .take()
             .expect("Pool::call without a successful poll_ready");
-        let index = self
-            .shared
-            .board
-            .idle
-            .lock()
-            .expect("idle lock")
-            .pop()
-            .expect("a permit always stands for an idle replica");
         let (reply, rx) = oneshot::channel();
+        // A permit stands for an idle replica (see `Board::idle`), so this
+        // finds one; if it ever did not, the batch fails and nothing hangs.
+        let Some(index) = lock(&self.shared.board.idle).pop() else {
+            permit.forget();
+            return ResponseFuture { rx };
+        };
         let job = Job {
             inputs,
             reply,
-            permit,
+            lease: Lease::new(index, permit),
             span: tracing::Span::current(),
         };
         // A send fails only if the replica thread is gone; the job and its
         // reply sender are dropped, which the future reports as `Closed`.
-        let _ = self.shared.jobs[index].lock().expect("jobs lock").send(job);
+        let _ = lock(&self.shared.jobs[index]).send(job);
         ResponseFuture { rx }
     }
 }
