@@ -205,6 +205,31 @@ fn grace_period_covers_pre_stop_and_drain() {
 }
 
 #[test]
+fn durations_too_large_for_kubernetes_saturate_instead_of_overflowing() {
+    let b = builder()
+        .with_pre_stop(Duration::MAX)
+        .with_drain_timeout(Duration::MAX)
+        .with_load_time(Duration::MAX);
+    assert_eq!(b.termination_grace(), Duration::from_secs(u64::MAX));
+    assert!(b.startup_budget().unwrap() >= Duration::from_secs(u64::MAX / 2));
+    // A load time past what a probe can express is refused, with the reason.
+    let err = b.build().unwrap_err();
+    assert!(
+        matches!(err, ManifestError::StartupBudgetTooShort { .. }),
+        "{err}"
+    );
+    // So is a drain no grace period can cover.
+    let err = builder()
+        .with_drain_timeout(Duration::MAX)
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(err, ManifestError::GracePeriodTooShort { .. }),
+        "{err}"
+    );
+}
+
+#[test]
 fn probes_use_the_serving_config_paths_on_the_named_port() {
     for (layout, manifests) in layouts() {
         for deployment in of_kind(&manifests, "Deployment") {

@@ -1,3 +1,6 @@
+// Counts, costs and times here come from callers and run for months:
+// every operation that could overflow says how it saturates.
+#![warn(clippy::arithmetic_side_effects)]
 //! Dynamic batching: [`BatchLayer`] and [`Batch`].
 //!
 //! [`Batch`] is a `Service<I, Response = O>` over any inner

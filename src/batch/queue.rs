@@ -166,8 +166,8 @@ impl<I, O> Queue<I, O> {
         if state.closed {
             return Err(entry);
         }
-        state.cost += entry.cost as u128;
-        state.len += 1;
+        state.cost = state.cost.saturating_add(entry.cost as u128);
+        state.len = state.len.saturating_add(1);
         state.lanes[lane(entry.priority)].push_back(entry);
         state.publish_depth();
         drop(state);
@@ -211,11 +211,11 @@ impl<I, O> Queue<I, O> {
         let lanes = std::mem::take(&mut state.lanes);
         let metrics = state.metrics.clone();
         drop(state);
-        let mut answered = 0;
+        let mut answered = 0usize;
         for entry in lanes.into_iter().flatten() {
             let (input, ticket) = entry.into_parts();
             if !ticket.reply.is_closed() {
-                answered += 1;
+                answered = answered.saturating_add(1);
             }
             ticket.answer(Err(closed.clone().into()), Outcome::Closed, &metrics);
             drop_contained(input, "a request's input");
@@ -289,7 +289,7 @@ impl<I, O> Queue<I, O> {
                     if taken.inputs.is_empty() {
                         Next::Empty
                     } else {
-                        state.running_cost += taken.cost as u128;
+                        state.running_cost = state.running_cost.saturating_add(taken.cost as u128);
                         self.in_flight.fetch_add(1, Ordering::AcqRel);
                         let metrics = &state.metrics;
                         metrics.batch_size.record(taken.inputs.len() as f64);
@@ -318,7 +318,7 @@ impl<I, O> Queue<I, O> {
     pub(super) fn finish_batch(&self, size: usize, cost: usize) {
         {
             let mut state = self.lock();
-            state.running_cost -= cost as u128;
+            state.running_cost = state.running_cost.saturating_sub(cost as u128);
             state.metrics.in_flight.decrement(size as f64);
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
@@ -329,7 +329,7 @@ impl<I, O> Queue<I, O> {
     /// the batches running.
     pub(super) fn outstanding_cost(&self) -> usize {
         let state = self.lock();
-        saturate(state.cost + state.running_cost)
+        saturate(state.cost.saturating_add(state.running_cost))
     }
 
     /// The number of batches taken and not yet answered.
@@ -353,8 +353,8 @@ impl<I, O> State<I, O> {
     /// Accounts for an entry leaving the queue without being batched; the
     /// caller [`retire`]s it once the lock is released.
     fn forget(&mut self, entry: &Entry<I, O>) {
-        self.len -= 1;
-        self.cost -= entry.cost as u128;
+        self.len = self.len.saturating_sub(1);
+        self.cost = self.cost.saturating_sub(entry.cost as u128);
     }
 
     /// Takes the next batch; cancelled and expired requests met on the way
@@ -481,15 +481,17 @@ impl ServiceRate {
         if self.busy_since.is_none() {
             self.busy_since = Some(now);
         }
-        self.running += 1;
+        self.running = self.running.saturating_add(1);
     }
 
     /// A batch of `cost` finished at `now`; `queued` tells whether requests
     /// are waiting, in which case the service stays busy.
     pub(super) fn finished(&mut self, now: Instant, cost: usize, queued: bool) {
-        self.running -= 1;
+        self.running = self.running.saturating_sub(1);
         if let Some(since) = self.busy_since {
-            self.busy += now.saturating_duration_since(since);
+            self.busy = self
+                .busy
+                .saturating_add(now.saturating_duration_since(since));
             self.busy_since = (self.running > 0 || queued).then_some(now);
         }
         self.cost = self.cost.saturating_add(cost as u64);
@@ -503,7 +505,7 @@ impl ServiceRate {
     pub(super) fn per_second(&self) -> Option<f64> {
         let (busy_then, cost_then) = *self.history.front()?;
         let busy = self.busy.saturating_sub(busy_then).as_secs_f64();
-        let cost = self.cost - cost_then;
+        let cost = self.cost.saturating_sub(cost_then);
         (busy > 0.0 && cost > 0).then(|| cost as f64 / busy)
     }
 

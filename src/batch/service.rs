@@ -262,7 +262,10 @@ impl<I, O> Batch<I, O> {
             }
         }
         DrainReport {
-            completed: shared.completed.load(Ordering::Relaxed) - completed_before,
+            completed: shared
+                .completed
+                .load(Ordering::Relaxed)
+                .saturating_sub(completed_before),
             rejected: shared.rejected.load(Ordering::Relaxed),
             aborted: shared.aborted.load(Ordering::Relaxed),
         }

@@ -227,10 +227,10 @@ impl ManifestBuilder {
             return Ok(budget);
         }
         let load = self.load_time()?;
-        let budget = load + (load / 2).max(MIN_STARTUP_MARGIN);
-        let secs = budget.as_secs() + u64::from(budget.subsec_nanos() > 0);
+        let budget = load.saturating_add((load / 2).max(MIN_STARTUP_MARGIN));
+        let periods = whole_secs(budget).div_ceil(STARTUP_PERIOD_SECS);
         Ok(Duration::from_secs(
-            secs.div_ceil(STARTUP_PERIOD_SECS) * STARTUP_PERIOD_SECS,
+            periods.saturating_mul(STARTUP_PERIOD_SECS),
         ))
     }
 
@@ -238,8 +238,11 @@ impl ManifestBuilder {
     /// the drain timeout plus 5 s, in whole seconds.
     pub fn termination_grace(&self) -> Duration {
         self.termination_grace.unwrap_or_else(|| {
-            let required = self.pre_stop + self.drain_timeout + Duration::from_secs(5);
-            Duration::from_secs(required.as_secs() + u64::from(required.subsec_nanos() > 0))
+            let required = self
+                .pre_stop
+                .saturating_add(self.drain_timeout)
+                .saturating_add(Duration::from_secs(5));
+            Duration::from_secs(whole_secs(required))
         })
     }
 
@@ -438,7 +441,7 @@ impl ManifestBuilder {
                 load_time,
             });
         }
-        let required = self.pre_stop + self.drain_timeout;
+        let required = self.pre_stop.saturating_add(self.drain_timeout);
         if self.termination_grace() < required {
             return Err(ManifestError::GracePeriodTooShort {
                 object: format!("Deployment/{}", self.name),
@@ -545,4 +548,12 @@ fn is_label_value(value: &str) -> bool {
             .bytes()
             .last()
             .is_none_or(|b| b.is_ascii_alphanumeric())
+}
+
+/// `duration` in seconds, rounded up, saturating (a caller may pass
+/// `Duration::MAX`).
+fn whole_secs(duration: Duration) -> u64 {
+    duration
+        .as_secs()
+        .saturating_add(u64::from(duration.subsec_nanos() > 0))
 }

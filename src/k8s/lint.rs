@@ -224,8 +224,8 @@ impl Manifests {
                 .and_then(|l| l.pre_stop.as_ref())
                 .and_then(|h| h.sleep.as_ref())
                 .map_or(0, |s| s.seconds);
-            let required =
-                Duration::from_secs(u64::try_from(pre_stop).unwrap_or(0)) + expect.drain_timeout;
+            let required = Duration::from_secs(u64::try_from(pre_stop).unwrap_or(0))
+                .saturating_add(expect.drain_timeout);
             // Kubernetes' default grace period is 30 s.
             let grace = Duration::from_secs(
                 u64::try_from(pod.termination_grace_period_seconds.unwrap_or(30)).unwrap_or(0),
@@ -267,10 +267,9 @@ impl Manifests {
 /// How long a startup probe lets a container start.
 fn probe_budget(probe: &Probe) -> Duration {
     let secs = |v: Option<i32>, default: i32| u64::try_from(v.unwrap_or(default)).unwrap_or(0);
-    Duration::from_secs(
-        secs(probe.initial_delay_seconds, 0)
-            + secs(probe.period_seconds, 10) * secs(probe.failure_threshold, 3),
-    )
+    Duration::from_secs(secs(probe.initial_delay_seconds, 0).saturating_add(
+        secs(probe.period_seconds, 10).saturating_mul(secs(probe.failure_threshold, 3)),
+    ))
 }
 
 /// Is `name` a Prometheus series of a metric the process emits (including

@@ -1,3 +1,6 @@
+// Counts, costs and times here come from callers and run for months:
+// every operation that could overflow says how it saturates.
+#![warn(clippy::arithmetic_side_effects)]
 //! A pool of model replicas over a list of candle devices.
 //!
 //! [`Pool`] starts `replicas_per_device` replicas on every device of a
@@ -208,7 +211,9 @@ impl PoolConfig {
 
     /// The total number of replicas: devices × replicas per device.
     pub fn replicas(&self) -> usize {
-        self.devices.len() * self.replicas_per_device.get()
+        self.devices
+            .len()
+            .saturating_mul(self.replicas_per_device.get())
     }
 }
 

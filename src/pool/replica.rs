@@ -174,7 +174,8 @@ impl<O> Board<O> {
             }
             result
         };
-        self.changes.send_modify(|version| *version += 1);
+        self.changes
+            .send_modify(|version| *version = version.wrapping_add(1));
         result
     }
 
@@ -354,7 +355,9 @@ impl<L, O> Replica<L, O> {
                     }
                 }
             }
-            self.board.update(self.index, |status| status.restarts += 1);
+            self.board.update(self.index, |status| {
+                status.restarts = status.restarts.saturating_add(1);
+            });
             drop_contained(model, "the model");
         }
     }
@@ -449,8 +452,9 @@ impl<L, O> Replica<L, O> {
             match self.load_once(runtime) {
                 Ok(model) => return Some(model),
                 Err(err) if Unrecoverable::is_in(&*err) => {
-                    self.board
-                        .update(self.index, |status| status.load_failures += 1);
+                    self.board.update(self.index, |status| {
+                        status.load_failures = status.load_failures.saturating_add(1);
+                    });
                     self.board
                         .fail_for_good(self.index, &format!("cannot load its model: {err}"));
                     return None;
@@ -460,7 +464,7 @@ impl<L, O> Replica<L, O> {
                     tracing::warn!(replica = self.index, device = ?self.location, %err, "replica failed to load");
                     self.board.update(self.index, |status| {
                         status.state = ReplicaState::Failed;
-                        status.load_failures += 1;
+                        status.load_failures = status.load_failures.saturating_add(1);
                         status.last_error = Some(err.to_string());
                     });
                 }
@@ -563,7 +567,9 @@ fn run_isolated<I, M: Model<I>>(
         forwards: 1,
         // What isolating one poisoned input costs: the batch, then both
         // halves at every level.
-        systemic_budget: 1 + 2 * inputs.len().next_power_of_two().ilog2() as usize,
+        systemic_budget: (inputs.len().next_power_of_two().ilog2() as usize)
+            .saturating_mul(2)
+            .saturating_add(1),
         systemic: false,
     };
     let panicked = bisection.isolate(model, inputs, err, depth, false, outcomes);
@@ -620,8 +626,8 @@ impl Bisection {
         // Both halves failed: descend into them only if the failure did not
         // already look systemic one level up, and within the budget.
         let both_failed = left_result.is_err() && right_result.is_err();
-        let descend =
-            !both_failed || (!both_failed_above && self.forwards + 4 <= self.systemic_budget);
+        let descend = !both_failed
+            || (!both_failed_above && self.forwards.saturating_add(4) <= self.systemic_budget);
         if !descend {
             self.systemic = true;
         }
@@ -633,7 +639,8 @@ impl Bisection {
                     outcomes.extend(failures(err, half.len()));
                 }
                 Err(err) => {
-                    panicked = self.isolate(model, half, err, depth - 1, both_failed, outcomes);
+                    let depth = depth.saturating_sub(1);
+                    panicked = self.isolate(model, half, err, depth, both_failed, outcomes);
                 }
             }
         }
@@ -645,7 +652,7 @@ impl Bisection {
         model: &M,
         inputs: &[I],
     ) -> Result<Vec<M::Output>, ModelFailed> {
-        self.forwards += 1;
+        self.forwards = self.forwards.saturating_add(1);
         forward_checked(model, inputs)
     }
 }
@@ -711,7 +718,7 @@ impl Backoff {
             0 => Duration::ZERO,
             n => self
                 .initial
-                .saturating_mul(1u32.checked_shl(n - 1).unwrap_or(u32::MAX))
+                .saturating_mul(1u32.checked_shl(n.saturating_sub(1)).unwrap_or(u32::MAX))
                 .min(self.max),
         }
     }

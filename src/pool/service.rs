@@ -158,7 +158,8 @@ where
     I: Send + 'static,
     O: Send + 'static,
 {
-    let tick = (timeout / 4).clamp(Duration::from_millis(1), Duration::from_secs(1));
+    let tick = (timeout.checked_div(4).unwrap_or_default())
+        .clamp(Duration::from_millis(1), Duration::from_secs(1));
     std::thread::Builder::new()
         .name("candlewick-watchdog".to_owned())
         .spawn(move || {
@@ -212,8 +213,8 @@ fn replace_if_stalled<I, O>(
     // Record the stall before answering, so that callers see it in health.
     let stuck = shared.board.update(index, |status| {
         status.state = ReplicaState::Stalled;
-        status.stalls += 1;
-        status.stuck_threads += 1;
+        status.stalls = status.stalls.saturating_add(1);
+        status.stuck_threads = status.stuck_threads.saturating_add(1);
         status.stuck_threads
     });
     if stuck >= max_stuck.get() {
