@@ -397,3 +397,82 @@ fn all_minilm_l6_v2_ranks_a_paraphrase_above_an_unrelated_sentence() {
         "paraphrase {paraphrase}, unrelated {unrelated}"
     );
 }
+
+/// Runs the server to its exit (bounded); returns its status and stderr.
+fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(server_binary())
+        .args(["--port", "0"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        stderr.read_to_string(&mut text).unwrap();
+        text
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the server did not exit: {}", reader.join().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
+#[test]
+fn a_server_that_can_never_serve_exits_non_zero_with_a_sentence() {
+    if !cfg!(feature = "cuda") {
+        let (status, stderr) = run_to_exit(&["--devices", "cuda:0"]);
+        assert_eq!(status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains(
+                "error: cannot run replicas on cuda:0: this build has no CUDA support"
+            ),
+            "{stderr}"
+        );
+    }
+    let (status, stderr) = run_to_exit(&["--model-dir", "/nonexistent"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: missing /nonexistent"), "{stderr}");
+    assert!(!stderr.contains("Missing {"), "Debug output: {stderr}");
+
+    // Malformed weights: every replica fails for good, and the server says why.
+    let Some(minilm) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
+        assert!(
+            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
+            "required but CANDLEWICK_MINILM_DIR is not set"
+        );
+        eprintln!("skipped the malformed-weights case: set CANDLEWICK_MINILM_DIR");
+        return;
+    };
+    let broken = std::env::temp_dir().join(format!("candlewick-broken-{}", std::process::id()));
+    copy_dir(std::path::Path::new(&minilm), &broken);
+    std::fs::write(broken.join("model.safetensors"), b"not safetensors").unwrap();
+    let (status, stderr) = run_to_exit(&["--model-dir", broken.to_str().unwrap()]);
+    std::fs::remove_dir_all(&broken).unwrap();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: service closed: no replica can serve"), "{stderr}");
+    assert!(stderr.contains("cannot load its model: cannot read"), "{stderr}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}

@@ -143,14 +143,17 @@ fn main() -> std::process::ExitCode {
     match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            // A sentence for a person, with its causes: never `Debug`.
+            // A sentence for a person, with the causes it does not already
+            // name: never `Debug`.
             let mut message = err.to_string();
             let mut source = err.source();
             while let Some(cause) = source {
-                message = format!("{message}: {cause}");
+                let cause_text = cause.to_string();
+                if !message.contains(&cause_text) {
+                    message = format!("{message}: {cause_text}");
+                }
                 source = cause.source();
             }
-            tracing::error!("{message}");
             eprintln!("error: {message}");
             std::process::ExitCode::FAILURE
         }
