@@ -47,6 +47,31 @@
 //! * [`collate`]: padding token sequences into tensors and splitting outputs.
 //! * [`error`]: the typed errors and the HTTP status each maps to.
 //!
+//! # When your model misbehaves
+//!
+//! User code may fail anywhere; each way has one observable result, and
+//! every accepted request still gets exactly one answer. HTTP statuses are
+//! those of [`error::status_code`].
+//!
+//! | what happens | the requests concerned get | the service | where it shows |
+//! |---|---|---|---|
+//! | `forward` returns an error | under [`FailurePolicy::Bisect`](pool::FailurePolicy::Bisect) (the default), only the poisoned inputs: [`ModelFailed`](error::ModelFailed) of kind `Error` (500); the others their outputs | keeps serving | `candlewick_requests_total{outcome="model_error"}` |
+//! | every input fails (a lost device, a model bug) | all of them, `ModelFailed` `Error`, after at most 1 + 2·⌈log2 n⌉ forward passes for a batch of n | keeps serving | `candlewick_batch_systemic_failures_total` |
+//! | `forward` returns the wrong number of outputs | the whole batch, `ModelFailed` `OutputCount` (500) | keeps serving | `outcome="model_error"` |
+//! | `forward` panics | the whole batch, `ModelFailed` `Panic` (500) | the replica drops its model and reloads it with back-off; the others serve meanwhile | [`ReplicaStatus::restarts`](pool::ReplicaStatus::restarts), `candlewick_replicas{state="restarting"}` |
+//! | `load` or the warm-up errs or panics | nothing: requests wait for a serving replica, bounded by their deadline | the load is retried with back-off | `load_failures`, `last_error`, the readiness reason |
+//! | `load` fails with [`Unrecoverable`](error::Unrecoverable) | once no replica can serve, every request at once: [`Closed`](error::Closed) naming each replica's reason (503) | that replica fails for good; [`Serving::started`] fails once all have | not live, naming the replica |
+//! | a device this build cannot run (`cuda:0` without `cuda`) | — | [`Serving::start`] fails with [`PoolError::DeviceUnsupported`](pool::PoolError::DeviceUnsupported) | the error |
+//! | `forward` runs past [`stall_timeout`](pool::PoolConfig::stall_timeout) | the batch at once, `ModelFailed` `Stalled` (500) | the replica is replaced; the stuck thread keeps its model until `forward` returns. With [`max_stuck_threads`](pool::PoolConfig::max_stuck_threads) stuck, the replica fails for good instead, so a device that hangs again and again cannot pile up models in memory | `stalls`, `stuck_threads`; not live, naming the replica |
+//! | the model's `Drop`, or an input's or output's, panics | nothing | logged; the replica (or the batcher) goes on | an `ERROR` log line |
+//! | [`Loader::cost`] or [`Loader::validate`] panics | that request, `ModelFailed` `Panic` (500) | goes on | `outcome="model_error"` |
+//! | [`Loader::validate`] rejects | that request, [`InvalidInput`](error::InvalidInput) (422), before any batch | goes on | `outcome="invalid"` |
+//! | a hand-built inner service panics in `call` or its future | that batch, `ModelFailed` `Panic` (500) | goes on | `outcome="model_error"` |
+//! | a hand-built inner service fails or panics in `poll_ready` | every queued and later request, `Closed` with the reason (503) | the batcher stops for good | not live: "the batching worker stopped" |
+//!
+//! A caller may pass `Duration::MAX` for any timeout: deadlines saturate (to
+//! decades) instead of overflowing.
+//!
 //! # Features
 //!
 //! | feature | what it enables |

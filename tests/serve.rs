@@ -434,9 +434,7 @@ fn a_server_that_can_never_serve_exits_non_zero_with_a_sentence() {
         let (status, stderr) = run_to_exit(&["--devices", "cuda:0"]);
         assert_eq!(status.code(), Some(1), "{stderr}");
         assert!(
-            stderr.contains(
-                "error: cannot run replicas on cuda:0: this build has no CUDA support"
-            ),
+            stderr.contains("error: cannot run replicas on cuda:0: this build has no CUDA support"),
             "{stderr}"
         );
     }
@@ -460,8 +458,14 @@ fn a_server_that_can_never_serve_exits_non_zero_with_a_sentence() {
     let (status, stderr) = run_to_exit(&["--model-dir", broken.to_str().unwrap()]);
     std::fs::remove_dir_all(&broken).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("error: service closed: no replica can serve"), "{stderr}");
-    assert!(stderr.contains("cannot load its model: cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("error: service closed: no replica can serve"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("cannot load its model: cannot read"),
+        "{stderr}"
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
