@@ -97,6 +97,80 @@ pub(crate) fn open(location: DeviceLocation) -> candle_core::Result<Device> {
     }
 }
 
+/// The environment variables candle reads its CPU thread count from:
+/// `RAYON_NUM_THREADS` for matrix multiplies (on every call), and
+/// `CANDLE_NUM_THREADS` (else the former) for its own pool of element-wise
+/// kernels (once, at first use).
+pub const CANDLE_THREAD_VARS: [&str; 2] = ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"];
+
+/// The number of threads candle splits a CPU matrix multiply for, as it
+/// reads it now: `RAYON_NUM_THREADS`, else the number of physical cores.
+///
+/// A replica confined to a rayon pool of `n` threads
+/// ([`cpu_threads_per_replica`](crate::pool::PoolConfig::cpu_threads_per_replica))
+/// computes at that parallelism only if this is `n` too; otherwise candle
+/// splits each kernel for more threads than the pool has.
+pub fn candle_cpu_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
+/// Makes candle's CPU thread count `threads` for this process: returns at
+/// once if [`CANDLE_THREAD_VARS`] already say so, and otherwise re-executes
+/// the current program, with the same arguments, with them set.
+///
+/// candle reads its thread count from the environment, and a library cannot
+/// change the environment of a running process soundly (other threads may be
+/// reading it), so this is a launcher step: call it first thing in `main`,
+/// before any thread starts. On success it does not return on Unix (the
+/// process image is replaced); it returns the error if that fails, and an
+/// `Unsupported` error on other platforms, where the variables must be set by
+/// whatever starts the process. The generated Kubernetes Deployment sets
+/// them, so the re-execution is skipped there.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::num::NonZeroUsize;
+///
+/// // One single-threaded replica per core: candle must split for one thread.
+/// let threads = NonZeroUsize::MIN;
+/// if let Err(err) = candlewick::device::align_candle_threads(threads) {
+///     eprintln!("candle keeps {} threads: {err}", candlewick::device::candle_cpu_threads());
+/// }
+/// ```
+pub fn align_candle_threads(threads: std::num::NonZeroUsize) -> std::io::Result<()> {
+    let wanted = threads.to_string();
+    let aligned = CANDLE_THREAD_VARS
+        .iter()
+        .all(|var| std::env::var(var).is_ok_and(|value| value.trim() == wanted));
+    if aligned {
+        return Ok(());
+    }
+    relaunch(&wanted)
+}
+
+#[cfg(unix)]
+fn relaunch(threads: &str) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    if let Some(arg0) = args.next() {
+        command.arg0(arg0);
+    }
+    for var in CANDLE_THREAD_VARS {
+        command.env(var, threads);
+    }
+    Err(command.args(args).exec())
+}
+
+#[cfg(not(unix))]
+fn relaunch(_: &str) -> std::io::Result<()> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::Unsupported,
+        "cannot re-execute the process here: set RAYON_NUM_THREADS and CANDLE_NUM_THREADS before it starts",
+    ))
+}
+
 #[cfg(feature = "serde")]
 pub(crate) mod serde_locations {
     use candle_core::DeviceLocation;

@@ -102,7 +102,7 @@ mod model;
 pub mod pool;
 mod serving;
 
-pub use model::{Approval, Loader, Model, ModelInfo};
+pub use model::{Approval, LoadOnce, Loader, Model, ModelInfo};
 
 // Compiles and runs the README's examples as doctests.
 #[cfg(doctest)]

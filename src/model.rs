@@ -203,3 +203,92 @@ impl ModelInfo {
         self
     }
 }
+
+/// A value loaded once and shared by the loads of every replica: model
+/// weights read from disk once per process instead of once per replica.
+///
+/// Keep one in the [`Loader`] and build each replica's model from it. On the
+/// CPU, candle tensors taken from it share its storage, so N replicas hold
+/// one copy of the weights. A GPU replica copies them to its device, as it
+/// must: each replica opens a device handle of its own, and candle does not
+/// mix tensors of different handles. Cheap to clone; clones share the value.
+///
+/// If loading fails, the next caller tries again.
+///
+/// # Examples
+///
+/// ```
+/// use std::collections::HashMap;
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use candle_core::{Device, Tensor};
+/// use candlewick::{BoxError, LoadOnce};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let weights: LoadOnce<HashMap<String, Tensor>> = LoadOnce::new();
+/// let reads = AtomicUsize::new(0);
+/// let read = || async {
+///     reads.fetch_add(1, Ordering::SeqCst);
+///     // In a real loader: candle_core::safetensors::load(path, &Device::Cpu)
+///     let w = Tensor::ones((2, 2), candle_core::DType::F32, &Device::Cpu)?;
+///     Ok::<_, BoxError>(HashMap::from([("w".to_owned(), w)]))
+/// };
+/// let first = weights.get_or_try_load(read).await?;
+/// let second = weights.get_or_try_load(read).await?;
+/// assert!(Arc::ptr_eq(&first, &second));
+/// assert_eq!(reads.load(Ordering::SeqCst), 1);
+/// # Ok::<_, BoxError>(())
+/// # }).unwrap();
+/// ```
+pub struct LoadOnce<T> {
+    cell: std::sync::Arc<tokio::sync::OnceCell<std::sync::Arc<T>>>,
+}
+
+impl<T> LoadOnce<T> {
+    /// Nothing loaded yet.
+    pub fn new() -> Self {
+        Self {
+            cell: std::sync::Arc::default(),
+        }
+    }
+
+    /// The value, loaded by `load` if no caller has loaded it yet. Callers
+    /// that arrive while a load runs wait for it rather than load again.
+    pub async fn get_or_try_load<E, F, Fut>(&self, load: F) -> Result<std::sync::Arc<T>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        self.cell
+            .get_or_try_init(|| async { load().await.map(std::sync::Arc::new) })
+            .await
+            .cloned()
+    }
+
+    /// The value, if it was loaded.
+    pub fn get(&self) -> Option<std::sync::Arc<T>> {
+        self.cell.get().cloned()
+    }
+}
+
+impl<T> Default for LoadOnce<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Clone for LoadOnce<T> {
+    fn clone(&self) -> Self {
+        Self {
+            cell: self.cell.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for LoadOnce<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadOnce")
+            .field("loaded", &self.cell.initialized())
+            .finish()
+    }
+}

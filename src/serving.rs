@@ -244,10 +244,13 @@ impl<I, O> Serving<I, O> {
     pub async fn started(&self) -> Result<(), BoxError> {
         let mut watch = self.health.watch();
         loop {
+            // Started first: failing for good never reverses, so a replica
+            // that settled by failing is seen as such below.
+            let started = self.health.started().ok;
             if let Some(closed) = self.pool.unavailable() {
                 return Err(closed.into());
             }
-            if self.health.started().ok {
+            if started {
                 return Ok(());
             }
             watch.changed().await;

@@ -63,17 +63,18 @@ fn request() -> impl Strategy<Value = Request> {
 type Input = (u64, Fate);
 
 /// Stalls end after 150 ms, so a replica rarely has more than two threads
-/// stuck at once; this bound is never reached.
+/// stuck at once: a bound this high keeps every replica in service, which
+/// the test checks afterwards. (tests/faults.rs checks the bound itself.)
 const MAX_STUCK: usize = 8;
 
 /// What the chaos models share with the test.
 #[derive(Default)]
 struct Ledger {
     alive: AtomicUsize,
-    most_alive: AtomicUsize,
     warmup_panic_armed: AtomicBool,
-    /// Requests that shared a failing forward pass with two or more failing
-    /// inputs: bisection may stop there, as for a systemic failure.
+    /// Requests in a forward pass whose two halves (split as bisection
+    /// splits) both hold a failing input: bisection may judge such a failure
+    /// systemic and stop splitting there or one level down.
     systemic_mates: Mutex<HashSet<u64>>,
 }
 
@@ -87,8 +88,7 @@ impl Loader<Input> for ChaosLoader {
     type Model = ChaosModel;
 
     async fn load(&self, _: &Device) -> Result<ChaosModel, BoxError> {
-        let alive = self.0.alive.fetch_add(1, Ordering::SeqCst) + 1;
-        self.0.most_alive.fetch_max(alive, Ordering::SeqCst);
+        self.0.alive.fetch_add(1, Ordering::SeqCst);
         Ok(ChaosModel(self.0.clone()))
     }
 
@@ -118,15 +118,13 @@ impl Model<Input> for ChaosModel {
         if has(Fate::Stalls) {
             std::thread::sleep(Duration::from_millis(150));
         }
-        let failing = batch
-            .iter()
-            .filter(|(_, fate)| *fate == Fate::Fails)
-            .count();
-        if failing >= 2 {
+        let fails = |inputs: &[Input]| inputs.iter().any(|(_, fate)| *fate == Fate::Fails);
+        let (left, right) = batch.split_at(batch.len() / 2);
+        if fails(left) && fails(right) {
             let mut mates = self.0.systemic_mates.lock().unwrap();
             mates.extend(batch.iter().map(|(id, _)| *id));
         }
-        if failing > 0 {
+        if fails(batch) {
             return Err("chaos error".into());
         }
         std::thread::sleep(Duration::from_micros(500 + 20 * batch.len() as u64));
@@ -221,8 +219,8 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
                 Err(err) => {
                     if let Some(failed) = err.downcast_ref::<ModelFailed>() {
                         // A good input fails only with a batch-mate that
-                        // panicked or stalled, or beside two failing inputs
-                        // (where bisection may judge the failure systemic):
+                        // panicked or stalled, or in a split whose halves
+                        // both failed (which bisection may judge systemic):
                         // errors are isolated by bisection.
                         if request.fate == Fate::Fine {
                             let systemic_mate =
@@ -253,12 +251,9 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
             prop_assert_eq!(output.map_err(|e| e.to_string()), Ok(id * 7 + 3));
         }
         prop_assert!(serving.health().live().ok, "{:?}", serving.health().live());
-        // Stuck threads free their models once their stall ends: one model
-        // per replica is left, and no more than the bound ever lived.
+        // Stuck threads free their models once their stall ends, and reloads
+        // drop the models they replace: one model per replica is left.
         let replicas = 2;
-        let bound = replicas * (1 + MAX_STUCK);
-        let most = ledger.most_alive.load(Ordering::SeqCst);
-        prop_assert!(most <= bound, "{} models alive at once", most);
         for _ in 0..200 {
             if ledger.alive.load(Ordering::SeqCst) == replicas {
                 break;

@@ -278,15 +278,18 @@ async fn a_device_that_fails_every_input_costs_no_more_forwards_than_one_poisone
         }
     }
 
-    // Poisoned inputs in both halves are still isolated one by one.
-    let poisoned: Vec<u32> = (0..64)
-        .map(|x| if x == 5 || x == 50 { FAILS } else { x })
-        .collect();
-    let (outcomes, _) = one_batch(&mut pool, &control, poisoned).await;
-    for (x, outcome) in outcomes.into_iter().enumerate() {
-        match outcome {
-            Ok(y) => assert_eq!(y, 2 * x as u32),
-            Err(err) => assert!(x == 5 || x == 50, "input {x} failed: {err}"),
+    // A few poisoned inputs, far apart or close together, are still
+    // isolated one by one.
+    for poison in [[5, 50], [0, 2], [0, 4], [62, 63]] {
+        let batch: Vec<u32> = (0..64)
+            .map(|x| if poison.contains(&x) { FAILS } else { x })
+            .collect();
+        let (outcomes, _) = one_batch(&mut pool, &control, batch).await;
+        for (x, outcome) in outcomes.into_iter().enumerate() {
+            match outcome {
+                Ok(y) => assert_eq!(y, 2 * x as u32),
+                Err(err) => assert!(poison.contains(&(x as u32)), "input {x} failed: {err}"),
+            }
         }
     }
 
@@ -559,4 +562,51 @@ async fn an_input_whose_drop_panics_cannot_poison_the_queue() {
         assert_eq!(good.await.unwrap(), round * 2);
         assert!(!batch.is_closed());
     }
+}
+
+#[tokio::test]
+async fn a_panicking_drop_of_inputs_or_unwanted_outputs_leaves_the_replica_idle_once() {
+    /// Panics when dropped holding 0.
+    struct Boom(u32);
+
+    impl Drop for Boom {
+        fn drop(&mut self) {
+            if self.0 == 0 && !std::thread::panicking() {
+                panic!("drop crashed");
+            }
+        }
+    }
+
+    let loader = |_: &Device| -> Result<_, BoxError> {
+        Ok(|batch: &[Boom]| -> Result<Vec<Boom>, BoxError> {
+            // Slow enough for a caller to give up first.
+            std::thread::sleep(Duration::from_millis(20));
+            // 7 becomes an output whose `Drop` panics.
+            Ok(batch
+                .iter()
+                .map(|b| Boom(if b.0 == 7 { 0 } else { b.0 + 1 }))
+                .collect())
+        })
+    };
+    let mut pool = Pool::new(loader, quick_restarts()).unwrap();
+    for _ in 0..3 {
+        // Inputs whose `Drop` panics, dropped on the replica thread.
+        let outputs = pool
+            .ready()
+            .await
+            .unwrap()
+            .call(vec![Boom(0), Boom(1)])
+            .await
+            .unwrap();
+        let values: Vec<u32> = outputs.iter().map(|o| o.as_ref().unwrap().0).collect();
+        assert_eq!(values, [1, 2]);
+        // An output whose `Drop` panics, dropped on the replica thread
+        // because its caller went away.
+        let abandoned = pool.ready().await.unwrap().call(vec![Boom(7)]);
+        drop(abandoned);
+        eventually("the replica is idle again", || pool.idle_replicas() == 1).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(pool.idle_replicas(), 1, "one permit per idle replica");
+    }
+    assert_eq!(pool.replicas()[0].restarts, 0);
 }

@@ -53,6 +53,12 @@ impl AppState {
             "devices": config.pool.devices.iter().map(|d| candlewick::device::format_location(*d)).collect::<Vec<_>>(),
             "replicas_per_device": config.pool.replicas_per_device,
             "cpu_threads_per_replica": config.pool.cpu_threads_per_replica,
+            // What candle computes at, and what a mismatch costs.
+            "candle_cpu_threads": candlewick::device::candle_cpu_threads(),
+            "cpu_threads_warning": serving
+                .replicas()
+                .iter()
+                .find_map(|replica| replica.cpu_threads.and_then(|t| t.warning())),
             "batching": {
                 "max_batch_size": batch.max_batch_size,
                 "max_batch_tokens": batch.max_batch_cost,

@@ -17,7 +17,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config, HiddenAct};
 use candlewick::collate::pad_sequences;
 use candlewick::error::Unrecoverable;
-use candlewick::{BoxError, Loader, Model};
+use candlewick::{BoxError, LoadOnce, Loader, Model};
 use tokenizers::Tokenizer;
 use tokenizers::models::wordpiece::WordPiece;
 use tokenizers::normalizers::BertNormalizer;
@@ -159,6 +159,9 @@ enum Weights {
 #[derive(Debug)]
 struct Inner {
     weights: Weights,
+    /// The weights in host memory, read once for every replica: CPU replicas
+    /// build their models on this one copy (candle tensors share storage).
+    host_weights: LoadOnce<HashMap<String, Tensor>>,
     config: Config,
     pooling: Pooling,
     normalize: bool,
@@ -194,6 +197,7 @@ impl BertLoader {
         let tokenizer = builtin_tokenizer(&vocab).expect("the built-in vocabulary is valid");
         Self(Arc::new(Inner {
             weights: Weights::Builtin { seed },
+            host_weights: LoadOnce::new(),
             pooling: Pooling::Mean,
             normalize: true,
             name: format!("builtin-bert-{}d-seed{seed}", config.hidden_size),
@@ -268,6 +272,7 @@ impl BertLoader {
             );
         Ok(Self(Arc::new(Inner {
             weights: Weights::File(weights),
+            host_weights: LoadOnce::new(),
             config,
             pooling,
             normalize,
@@ -318,18 +323,24 @@ impl Loader<Vec<u32>> for BertLoader {
 
     async fn load(&self, device: &Device) -> Result<BertEmbedder, BoxError> {
         let inner = &self.0;
-        let tensors = match &inner.weights {
-            Weights::Builtin { seed } => builtin_weights(&inner.config, *seed)?,
-            // Read on the CPU: only the tensors the model uses go to `device`,
-            // converted to f32 on the way.
-            // Unreadable or malformed weights stay so: no retry can help.
-            Weights::File(path) => {
-                candle_core::safetensors::load(path, &Device::Cpu).map_err(|error| {
-                    Unrecoverable::new(format!("cannot read {}: {error}", path.display()))
-                })?
-            }
-        };
-        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+        // Read on the CPU, once: only the tensors the model uses go to
+        // `device`, converted to f32 on the way (on the CPU, f32 tensors are
+        // shared as they are).
+        let tensors = inner
+            .host_weights
+            .get_or_try_load(|| async {
+                match &inner.weights {
+                    Weights::Builtin { seed } => Ok(builtin_weights(&inner.config, *seed)?),
+                    // Unreadable or malformed weights stay so: no retry can help.
+                    Weights::File(path) => candle_core::safetensors::load(path, &Device::Cpu)
+                        .map_err(|error| {
+                            let message = format!("cannot read {}: {error}", path.display());
+                            BoxError::from(Unrecoverable::new(message))
+                        }),
+                }
+            })
+            .await?;
+        let vb = VarBuilder::from_tensors((*tensors).clone(), DType::F32, device);
         let model = BertModel::load(vb, &inner.config).map_err(|error| {
             Unrecoverable::new(format!("the weights do not fit the model: {error}"))
         })?;

@@ -126,6 +126,15 @@ impl Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    // candle must compute at the replicas' parallelism; it reads that from
+    // the environment, so set it before any thread starts (a re-execution,
+    // skipped when the environment already says so, as in the container).
+    let on_cpu = args.devices.contains(&DeviceLocation::Cpu);
+    if let (true, Some(threads)) = (on_cpu, NonZeroUsize::new(args.cpu_threads))
+        && let Err(err) = candlewick::device::align_candle_threads(threads)
+    {
+        eprintln!("warning: cannot set candle's thread count to {threads}: {err}");
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -78,16 +78,20 @@ impl<O> Ticket<O> {
         metrics: &BatchMetrics,
     ) {
         let now = Instant::now();
-        if self.reply.send(answer).is_ok() {
+        let Err(unsent) = self.reply.send(answer) else {
             metrics.outcome(outcome);
             metrics
                 .request_duration
                 .record(now.saturating_duration_since(self.arrived));
-        } else if self.deadline.is_some_and(|deadline| deadline <= now) {
+            return;
+        };
+        if self.deadline.is_some_and(|deadline| deadline <= now) {
             metrics.outcome(Outcome::Deadline);
         } else {
             metrics.outcome(Outcome::Cancelled);
         }
+        // Nobody waits for it; its `Drop` is user code.
+        drop_contained(unsent, "an answer nobody waited for");
     }
 }
 

@@ -171,8 +171,14 @@ fn body(name: &str, check: &Check, report: &HealthReport) -> String {
             replica.restarts,
             replica.stalls,
         );
+        if replica.stuck_threads > 0 {
+            let _ = write!(out, r#","stuck_threads":{}"#, replica.stuck_threads);
+        }
         if let Some(err) = &replica.last_error {
             let _ = write!(out, r#","last_error":"{}""#, escape(err));
+        }
+        if let Some(warning) = replica.cpu_threads.and_then(|t| t.warning()) {
+            let _ = write!(out, r#","warning":"{}""#, escape(&warning));
         }
         out.push('}');
     }

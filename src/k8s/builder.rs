@@ -35,6 +35,8 @@ pub struct ManifestBuilder {
     pub(crate) port: u16,
     pub(crate) metrics_path: String,
     pub(crate) drain_timeout: Duration,
+    /// The thread count candle must compute at: the CPU replicas' own pools.
+    pub(crate) candle_threads: Option<std::num::NonZeroUsize>,
     pub(crate) pre_stop: Duration,
     pub(crate) load_time: Option<Duration>,
     pub(crate) startup_budget: Option<Duration>,
@@ -68,7 +70,9 @@ pub(crate) struct Track {
 
 impl ManifestBuilder {
     /// Objects named `name` running `image`, serving as `config` says: probe
-    /// paths and model metadata come from it.
+    /// paths, model metadata, the drain timeout and, for CPU replicas on
+    /// pools of their own, candle's thread count (`RAYON_NUM_THREADS`,
+    /// `CANDLE_NUM_THREADS`) come from it.
     ///
     /// Defaults: namespace `name`, port 8080, the config's drain timeout, preStop
     /// sleep 5 s, 2 replicas, [`Resources::default`], no GPU, a PDB with
@@ -86,6 +90,12 @@ impl ManifestBuilder {
             port: 8080,
             metrics_path: "/metrics".to_owned(),
             drain_timeout: config.drain_timeout,
+            candle_threads: config
+                .pool
+                .devices
+                .contains(&candle_core::DeviceLocation::Cpu)
+                .then_some(config.pool.cpu_threads_per_replica)
+                .flatten(),
             pre_stop: Duration::from_secs(5),
             load_time: None,
             startup_budget: None,

@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, Lifecycle,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Lifecycle,
     LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
     SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
     Volume, VolumeMount,
@@ -189,6 +189,19 @@ pub(crate) fn deployment(
         name: "server".to_owned(),
         image: Some(track.image.clone()),
         image_pull_policy: Some("Always".to_owned()),
+        // candle splits its kernels for the thread count it reads from the
+        // environment: the CPU replicas' own pools, set before the process
+        // starts.
+        env: builder.candle_threads.map(|threads| {
+            crate::device::CANDLE_THREAD_VARS
+                .iter()
+                .map(|name| EnvVar {
+                    name: (*name).to_owned(),
+                    value: Some(threads.to_string()),
+                    ..EnvVar::default()
+                })
+                .collect()
+        }),
         ports: Some(vec![ContainerPort {
             name: Some(PORT_NAME.to_owned()),
             container_port: i32::from(builder.port),

@@ -226,8 +226,17 @@ impl<O> Board<O> {
     /// `lease` if it held one.
     fn make_idle(&self, index: usize, lease: Option<Lease>) {
         debug_assert!(lease.as_ref().is_none_or(|lease| lease.index == index));
+        {
+            let mut idle = lock(&self.idle);
+            // Never twice: one permit per idle replica. (A lease dropped here
+            // forgets its permit; the index already has one.)
+            if idle.contains(&index) {
+                tracing::error!(replica = index, "replica made idle twice; ignored");
+                return;
+            }
+            idle.push(index);
+        }
         self.set_state(index, ReplicaState::Idle);
-        lock(&self.idle).push(index);
         match lease.and_then(|mut lease| lease.permit.take()) {
             Some(permit) => drop(permit),
             None => self.semaphore.add_permits(1),
@@ -395,19 +404,22 @@ impl<L, O> Replica<L, O> {
         self.board.metrics[self.index]
             .batch_duration
             .record(started.elapsed());
+        // The inputs' `Drop` is user code: run it before this replica can be
+        // idle again, so that a panic there cannot make it idle twice.
+        drop_contained(inputs, "a batch's inputs");
         let Some(reply) = guard.take() else {
             // The watchdog answered this batch and replaced the replica.
+            drop_contained(outcomes, "the outputs of a stalled batch");
             return Served::Replaced;
         };
         if panicked {
-            let _ = reply.send(outcomes);
+            answer(reply, outcomes);
             return Served::Panicked(lease);
         }
         // Idle first, then answer: the batcher can hand this replica its next
-        // batch while the callers of this one wake up. (The caller may have
-        // gone away; its result is then dropped.)
+        // batch while the callers of this one wake up.
         self.board.make_idle(self.index, Some(lease));
-        let _ = reply.send(outcomes);
+        answer(reply, outcomes);
         Served::Ok
     }
 
@@ -445,9 +457,16 @@ impl<L, O> Replica<L, O> {
                 std::thread::sleep(delay);
             }
             // No job is sent to a replica that is not idle, so the channel
-            // can only be empty, or closed because every handle is gone.
-            if let Err(mpsc::TryRecvError::Disconnected) = jobs.try_recv() {
-                return None;
+            // can only be empty, or closed because every handle is gone; a
+            // job that came anyway is answered, never dropped.
+            match jobs.try_recv() {
+                Err(mpsc::TryRecvError::Disconnected) => return None,
+                Err(mpsc::TryRecvError::Empty) => {}
+                Ok(job) => {
+                    let err = ModelFailed::new(FailureKind::Error, "the replica was reloading");
+                    answer(job.reply, self::failures(err, job.inputs.len()).collect());
+                    drop_contained(job.inputs, "a batch's inputs");
+                }
             }
             match self.load_once(runtime) {
                 Ok(model) => return Some(model),
@@ -517,6 +536,14 @@ enum Served {
     Replaced,
 }
 
+/// Sends a batch its outcomes. If its caller went away, the outputs are
+/// dropped here, and their `Drop` is user code.
+fn answer<O>(reply: Reply<O>, outcomes: Outcomes<O>) {
+    if let Err(outcomes) = reply.send(outcomes) {
+        drop_contained(outcomes, "outputs nobody waited for");
+    }
+}
+
 /// Answers the batch in a replica's slot if `serve` unwinds before it could:
 /// the callers hear of the panic, and the watchdog never mistakes the
 /// unanswered batch for a stall.
@@ -563,13 +590,12 @@ fn run_isolated<I, M: Model<I>>(
         FailurePolicy::FailBatch => 0,
         FailurePolicy::Bisect { max_depth } => max_depth,
     };
+    // Isolating one poisoned input costs the batch, then both halves at
+    // every level: 1 + 2·⌈log2 n⌉. Splits whose halves both failed may
+    // spend what that leaves beyond their own two forward passes.
+    let levels = inputs.len().next_power_of_two().ilog2() as usize;
     let mut bisection = Bisection {
-        forwards: 1,
-        // What isolating one poisoned input costs: the batch, then both
-        // halves at every level.
-        systemic_budget: (inputs.len().next_power_of_two().ilog2() as usize)
-            .saturating_mul(2)
-            .saturating_add(1),
+        both_failed_budget: levels.saturating_mul(2).saturating_sub(2),
         systemic: false,
     };
     let panicked = bisection.isolate(model, inputs, err, depth, false, outcomes);
@@ -581,9 +607,9 @@ fn run_isolated<I, M: Model<I>>(
 
 /// The state of one batch's bisection.
 struct Bisection {
-    forwards: usize,
-    systemic_budget: usize,
-    /// Whether it stopped because the failure looked systemic.
+    /// Forward passes still allowed below splits whose halves both failed.
+    both_failed_budget: usize,
+    /// Whether it left inputs unsplit because the failure looked systemic.
     systemic: bool,
 }
 
@@ -592,11 +618,11 @@ impl Bisection {
     /// `err`: runs each half once, and descends into each half that failed.
     ///
     /// When both halves fail, the failure may be systemic (a lost device, a
-    /// model bug), and splitting on would multiply it: both are descended
-    /// into only if that stays within `systemic_budget` forward passes, and
-    /// if both halves of either fail again, it stops there. A batch whose every input fails thus costs at most
-    /// 1 + 2·⌈log2 n⌉ forward passes, as many as isolating one poisoned
-    /// input, while a few poisoned inputs in different halves are still
+    /// model bug), and splitting on would multiply it. Such a split is
+    /// descended into only if its own halves did not both fail one level up,
+    /// and only within a budget for the whole batch: a batch whose every
+    /// input fails costs at most 1 + 2·⌈log2 n⌉ forward passes, as many as
+    /// isolating one poisoned input, while a few poisoned inputs are still
     /// isolated one by one.
     fn isolate<I, M: Model<I>>(
         &mut self,
@@ -614,23 +640,35 @@ impl Bisection {
             return panicked;
         }
         let (left, right) = inputs.split_at(inputs.len() / 2);
-        let left_result = self.forward(model, left);
+        let left_result = forward_checked(model, left);
         if let Err(err) = &left_result
             && err.kind() == FailureKind::Panic
         {
             outcomes.extend(failures(err.clone(), inputs.len()));
             return true;
         }
-        let right_result = self.forward(model, right);
+        let right_result = forward_checked(model, right);
         let mut panicked = matches!(&right_result, Err(err) if err.kind() == FailureKind::Panic);
-        // Both halves failed: descend into them only if the failure did not
-        // already look systemic one level up, and within the budget.
         let both_failed = left_result.is_err() && right_result.is_err();
-        let descend = !both_failed
-            || (!both_failed_above && self.forwards.saturating_add(4) <= self.systemic_budget);
-        if !descend {
-            self.systemic = true;
-        }
+        let descend = if both_failed {
+            // What descending costs: each half that can still split runs
+            // its own two halves.
+            let cost = [left, right]
+                .iter()
+                .filter(|half| half.len() > 1)
+                .count()
+                .saturating_mul(2);
+            let affordable = cost <= self.both_failed_budget;
+            let descend = !both_failed_above && affordable;
+            if descend {
+                self.both_failed_budget = self.both_failed_budget.saturating_sub(cost);
+            } else if cost > 0 {
+                self.systemic = true;
+            }
+            descend
+        } else {
+            true
+        };
         for (half, result) in [(left, left_result), (right, right_result)] {
             match result {
                 Ok(outputs) => outcomes.extend(outputs.into_iter().map(Ok)),
@@ -645,15 +683,6 @@ impl Bisection {
             }
         }
         panicked
-    }
-
-    fn forward<I, M: Model<I>>(
-        &mut self,
-        model: &M,
-        inputs: &[I],
-    ) -> Result<Vec<M::Output>, ModelFailed> {
-        self.forwards = self.forwards.saturating_add(1);
-        forward_checked(model, inputs)
     }
 }
 

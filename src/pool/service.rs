@@ -12,11 +12,12 @@ use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
 use super::replica::{self, Board, Job, Lease, Outcomes, Slot};
-use super::{PoolConfig, PoolError, ReplicaState, ReplicaStatus};
+use super::{CpuThreads, PoolConfig, PoolError, ReplicaState, ReplicaStatus};
 use crate::BoxError;
 use crate::contain::lock;
 use crate::error::{Closed, FailureKind, ModelFailed};
 use crate::model::{Loader, Model, ModelInfo};
+use candle_core::DeviceLocation;
 
 /// A `Service<Vec<I>>` that runs each batch on an idle replica and answers with
 /// one `Result<O, ModelFailed>` per input. See the [module docs](super).
@@ -76,12 +77,27 @@ where
                 return Err(PoolError::DeviceUnsupported { device, reason });
             }
         }
+        let cpu_threads = config.cpu_threads_per_replica.map(|threads| CpuThreads {
+            replica: threads.get(),
+            candle: crate::device::candle_cpu_threads(),
+        });
         let status: Vec<_> = config
             .devices
             .iter()
             .flat_map(|&location| std::iter::repeat_n(location, config.replicas_per_device.get()))
-            .map(ReplicaStatus::new)
+            .map(|location| {
+                let mut status = ReplicaStatus::new(location);
+                if location == DeviceLocation::Cpu {
+                    status.cpu_threads = cpu_threads;
+                }
+                status
+            })
             .collect();
+        if config.devices.contains(&DeviceLocation::Cpu)
+            && let Some(warning) = cpu_threads.and_then(|threads| threads.warning())
+        {
+            tracing::warn!("{warning}");
+        }
         let replicas = status.len();
         let board = Arc::new(Board::new(status, &crate::metrics::labels(model, &[])));
         let spawn: Box<Spawn<I, O>> = {
@@ -183,7 +199,7 @@ fn replace_if_stalled<I, O>(
     timeout: Duration,
     max_stuck: NonZeroUsize,
 ) {
-    let (size, reply) = {
+    let (size, reply, stuck) = {
         let mut slot = shared.board.slot(index);
         let mut running = lock(&slot);
         let Some(batch) = running
@@ -196,10 +212,20 @@ fn replace_if_stalled<I, O>(
             return;
         };
         let size = batch.size;
+        // Counted under the slot's lock: the stuck thread, if it returns
+        // now, finds its reply gone only after this, so its own decrement
+        // always comes later. Recorded before answering, so that callers
+        // see the stall in health.
+        let stuck = shared.board.update(index, |status| {
+            status.state = ReplicaState::Stalled;
+            status.stalls = status.stalls.saturating_add(1);
+            status.stuck_threads = status.stuck_threads.saturating_add(1);
+            status.stuck_threads
+        });
         drop(running);
         // The replacement publishes its batches in a slot of its own.
         *slot = Slot::default();
-        (size, reply)
+        (size, reply, stuck)
     };
     tracing::error!(
         replica = index,
@@ -210,13 +236,6 @@ fn replace_if_stalled<I, O>(
         FailureKind::Stalled,
         format!("the batch ran longer than the stall timeout of {timeout:?}"),
     );
-    // Record the stall before answering, so that callers see it in health.
-    let stuck = shared.board.update(index, |status| {
-        status.state = ReplicaState::Stalled;
-        status.stalls = status.stalls.saturating_add(1);
-        status.stuck_threads = status.stuck_threads.saturating_add(1);
-        status.stuck_threads
-    });
     if stuck >= max_stuck.get() {
         // Each stuck thread holds a model; another would only add one more.
         let reason = format!(
