@@ -11,8 +11,20 @@
 //! a one-thread compute pool (`cpu_threads_per_replica` = 1), the best setting
 //! measured for a 2-core machine.
 //!
+//! A last table puts the serving layer against its physical limit, in the
+//! same run: the **raw ceiling** (the same model with no serving layer: each
+//! replica's thread runs full batches of 16 back to back on its own rayon
+//! pool, as a hand-written loop would) against the **example server over
+//! HTTP** (`target/release/examples/serve`, driven by `wrk` with 64
+//! connections and one thread; both must be present: `cargo build --release
+//! --example serve`, `apt-get install wrk`). The bench aligns candle's thread
+//! count with the replicas' pools first
+//! ([`align_candle_threads`](candlewick::device::align_candle_threads)), as
+//! the server does.
+//!
 //! Run it with `cargo bench --bench bert`. Positional arguments filter the
-//! runs by substring of `model/inputs/mode/callers`. Environment variables:
+//! runs by substring of `model/inputs/mode/callers` (the last table:
+//! `model/ceiling`). Environment variables:
 //!
 //! | variable | meaning | default |
 //! |----------|---------|---------|
@@ -301,11 +313,17 @@ async fn run(
 }
 
 fn main() {
+    let threads: usize = env_or("CANDLEWICK_BENCH_THREADS", 1);
+    if let Some(threads) = NonZeroUsize::new(threads)
+        && let Err(err) = candlewick::device::align_candle_threads(threads)
+    {
+        eprintln!("cannot align candle's thread count: {err}");
+    }
     let setup = Setup {
         secs: Duration::from_secs_f64(env_or("CANDLEWICK_BENCH_SECS", 4.0)),
         warmup: Duration::from_secs_f64(env_or("CANDLEWICK_BENCH_WARMUP_SECS", 1.0)),
         replicas: env_or("CANDLEWICK_BENCH_REPLICAS", 2),
-        threads: env_or("CANDLEWICK_BENCH_THREADS", 1),
+        threads,
         max_wait: Duration::from_secs_f64(env_or("CANDLEWICK_BENCH_MAX_WAIT_US", 0.0) / 1e6),
     };
     let filters: Vec<String> = std::env::args()
@@ -340,6 +358,11 @@ fn main() {
         setup.warmup.as_secs_f64()
     );
     println!("- tokens/s counts real tokens ([CLS] and [SEP] included), not padding");
+
+    println!(
+        "- candle computes at {} thread(s) per kernel (RAYON_NUM_THREADS)",
+        candlewick::device::candle_cpu_threads()
+    );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -387,5 +410,191 @@ fn main() {
                 }
             }
         }
+    }
+
+    println!();
+    println!("## The physical limit and the example server over HTTP (14-token sentence)");
+    println!();
+    println!(
+        "| model | raw ceiling, sentences/s | example server over HTTP, req/s | ratio | server p99 ms |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for (model, loader) in &models {
+        if !selected(&format!("{model}/ceiling")) {
+            continue;
+        }
+        let sentence = &inputs(loader)[0].sequences[0];
+        let raw = raw_ceiling(&setup, loader, sentence, 16);
+        let http = match server_over_http(&setup, model, &loader_dir(model)) {
+            Ok(measured) => measured,
+            Err(why) => {
+                println!("| {model} | {raw:.1} | skipped: {why} | | |");
+                continue;
+            }
+        };
+        println!(
+            "| {model} | {raw:.1} | {:.1} | {:.2} | {:.1} |",
+            http.0,
+            http.0 / raw,
+            http.1
+        );
+    }
+}
+
+/// The model directory to serve `model` from; `None` for the built-in one.
+fn loader_dir(model: &str) -> Option<String> {
+    (model != "builtin")
+        .then(|| std::env::var("CANDLEWICK_MINILM_DIR").ok())
+        .flatten()
+}
+
+/// Sentences per second of `setup.replicas` threads that each load the
+/// model and run batches of `batch` copies of `input` back to back on a
+/// rayon pool of their own: no queue, no batching layer, no HTTP.
+fn raw_ceiling(setup: &Setup, loader: &BertLoader, input: &[u32], batch: usize) -> f64 {
+    let measure_from = std::sync::Mutex::new(None::<Instant>);
+    let barrier = std::sync::Barrier::new(setup.replicas);
+    let counts: Vec<u64> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..setup.replicas)
+            .map(|_| {
+                let (barrier, measure_from) = (&barrier, &measure_from);
+                scope.spawn(move || {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(setup.threads)
+                        .build()
+                        .expect("a rayon pool");
+                    pool.install(|| {
+                        let model = tokio::runtime::Builder::new_current_thread()
+                            .build()
+                            .expect("a runtime")
+                            .block_on(loader.load(&Device::Cpu))
+                            .expect("the model loads");
+                        let inputs = vec![input.to_vec(); batch];
+                        // Every replica starts measuring at the same instant.
+                        if barrier.wait().is_leader() {
+                            *measure_from.lock().unwrap() = Some(Instant::now() + setup.warmup);
+                        }
+                        barrier.wait();
+                        let from = measure_from.lock().unwrap().expect("set by the leader");
+                        let end = from + setup.secs;
+                        let mut done = 0u64;
+                        loop {
+                            model.forward(&inputs).expect("a forward pass");
+                            let now = Instant::now();
+                            if now > end {
+                                break done;
+                            }
+                            if now >= from {
+                                done += batch as u64;
+                            }
+                        }
+                    })
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a worker"))
+            .collect()
+    });
+    counts.iter().sum::<u64>() as f64 / setup.secs.as_secs_f64()
+}
+
+/// Requests per second and p99 (ms) of the example server, serving `model`
+/// with `setup`'s replicas, under `wrk` with 64 connections.
+fn server_over_http(
+    setup: &Setup,
+    model: &str,
+    dir: &Option<String>,
+) -> Result<(f64, f64), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let server = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples/serve"))
+        .filter(|path| path.exists())
+        .ok_or("build it first: cargo build --release --example serve")?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| e.to_string())?
+        .port();
+    let mut command = std::process::Command::new(server);
+    command
+        .args(["--port", &port.to_string()])
+        .args(["--replicas", &setup.replicas.to_string()])
+        .args(["--cpu-threads", &setup.threads.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null());
+    if let Some(dir) = dir {
+        command.args(["--model-dir", dir]);
+    }
+    let mut child = command.spawn().map_err(|e| e.to_string())?;
+    let result = (|| {
+        let ready = Instant::now();
+        while !http_ok(port, "/readyz") {
+            if ready.elapsed() > Duration::from_secs(120) {
+                return Err(format!("{model}: the server never became ready"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/embed.lua");
+        let url = format!("http://127.0.0.1:{port}/embed");
+        let wrk = |secs: f64| {
+            std::process::Command::new("wrk")
+                .args(["-t1", "-c64", &format!("-d{}s", secs.ceil().max(1.0))])
+                .args(["--latency", "-s", script, &url])
+                .output()
+                .map_err(|e| format!("wrk: {e} (apt-get install wrk)"))
+        };
+        wrk(setup.warmup.as_secs_f64())?;
+        let out = wrk(setup.secs.as_secs_f64())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |prefix: &str| {
+            text.lines()
+                .find_map(|line| line.trim().strip_prefix(prefix).map(str::trim))
+                .map(str::to_owned)
+        };
+        if let Some(errors) = field("Non-2xx or 3xx responses:") {
+            return Err(format!("{errors} error responses"));
+        }
+        let rate: f64 = field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no rate in wrk's output: {text}"))?;
+        let p99 = field("99%").map_or(f64::NAN, |v| wrk_ms(&v));
+        Ok((rate, p99))
+    })();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    result
+}
+
+/// Whether `GET path` on the loopback port answers 200.
+fn http_ok(port: u16, path: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut response = String::new();
+    stream.write_all(request.as_bytes()).is_ok()
+        && stream.read_to_string(&mut response).is_ok()
+        && response.starts_with("HTTP/1.1 200")
+}
+
+/// A wrk latency (`812.50us`, `12.3ms`, `1.02s`) in milliseconds.
+fn wrk_ms(value: &str) -> f64 {
+    let split = value
+        .find(|c: char| c.is_ascii_alphabetic())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let number: f64 = number.parse().unwrap_or(f64::NAN);
+    match unit {
+        "us" => number / 1e3,
+        "ms" => number,
+        "s" => number * 1e3,
+        "m" => number * 60e3,
+        _ => f64::NAN,
     }
 }

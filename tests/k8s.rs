@@ -10,14 +10,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use candle_core::DeviceLocation;
 use candlewick::health::ProbePaths;
 use candlewick::k8s::{
     Autoscaling, Canary, Disruption, GpuPool, HttpRoute, ManifestBuilder, ManifestError, Manifests,
     Object, Region, RegionMode, ScaleMetric, ScaledObject, Spread,
 };
 use candlewick::metrics::names;
+use candlewick::pool::PoolConfig;
 use candlewick::{ModelInfo, ServingConfig};
 use serde_json::{Value, json};
+use std::num::NonZeroUsize;
 
 const IMAGE: &str =
     "ghcr.io/acme/embedder@sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945";
@@ -227,6 +230,33 @@ fn durations_too_large_for_kubernetes_saturate_instead_of_overflowing() {
         matches!(err, ManifestError::GracePeriodTooShort { .. }),
         "{err}"
     );
+}
+
+#[test]
+fn candle_computes_at_the_cpu_replicas_parallelism_set_before_the_process_starts() {
+    let env_of = |config: &ServingConfig| {
+        let manifests = ManifestBuilder::new(config, "embedder", IMAGE)
+            .with_load_time(Duration::from_secs(90))
+            .build()
+            .unwrap();
+        container(&of_kind(&manifests, "Deployment")[0])["env"].clone()
+    };
+    let mut cpu = config();
+    cpu.pool = PoolConfig::default().with_cpu_threads_per_replica(NonZeroUsize::new(2));
+    assert_eq!(
+        env_of(&cpu),
+        json!([
+            {"name": "RAYON_NUM_THREADS", "value": "2"},
+            {"name": "CANDLE_NUM_THREADS", "value": "2"},
+        ])
+    );
+    // Replicas sharing rayon's global pool, or on GPUs only: nothing to set.
+    assert_eq!(env_of(&config()), Value::Null);
+    let mut gpu = config();
+    gpu.pool = PoolConfig::default()
+        .with_devices(vec![DeviceLocation::Cuda { gpu_id: 0 }])
+        .with_cpu_threads_per_replica(NonZeroUsize::new(2));
+    assert_eq!(env_of(&gpu), Value::Null);
 }
 
 #[test]

@@ -342,3 +342,32 @@ async fn a_stalled_batch_is_answered_and_its_replica_replaced() {
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(pool.idle_replicas(), 1);
 }
+
+#[tokio::test]
+async fn a_cpu_replica_reports_whether_candle_computes_at_its_parallelism() {
+    let loader = |_: &Device| -> Result<_, BoxError> {
+        Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> { Ok(batch.to_vec()) })
+    };
+    let candle = candlewick::device::candle_cpu_threads();
+    for threads in [candle, candle + 1] {
+        let config = PoolConfig::default().with_cpu_threads_per_replica(NonZeroUsize::new(threads));
+        let pool: Pool<u32, u32> = Pool::new(loader, config).unwrap();
+        let status = pool.replicas()[0]
+            .cpu_threads
+            .expect("a CPU replica on its own pool");
+        assert_eq!((status.replica, status.candle), (threads, candle));
+        match status.warning() {
+            None => assert_eq!(threads, candle),
+            Some(warning) => {
+                assert_ne!(threads, candle);
+                assert!(
+                    warning.contains(&format!("RAYON_NUM_THREADS={threads}")),
+                    "{warning}"
+                );
+            }
+        }
+    }
+    // Sharing rayon's global pool, candle's count is the pool's: nothing to agree on.
+    let pool: Pool<u32, u32> = Pool::new(loader, PoolConfig::default()).unwrap();
+    assert_eq!(pool.replicas()[0].cpu_threads, None);
+}

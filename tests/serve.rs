@@ -34,6 +34,9 @@ impl Server {
             .args(["--port", &port.to_string()])
             .args(args)
             .env("RUST_LOG", "warn")
+            // The server sets candle's thread count itself.
+            .env_remove("RAYON_NUM_THREADS")
+            .env_remove("CANDLE_NUM_THREADS")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -178,6 +181,11 @@ fn embeddings_are_right_sized_unit_norm_deterministic_and_batch_invariant() {
     let info = get(server.addr, "/info").json();
     let dimension = info["model"]["dimension"].as_u64().unwrap() as usize;
     assert_eq!(info["health"], "ready");
+    // Started with no thread settings, it made candle compute at its
+    // replicas' parallelism (one thread each) before any thread started.
+    assert_eq!(info["cpu_threads_per_replica"], 1);
+    assert_eq!(info["candle_cpu_threads"], 1, "{info}");
+    assert_eq!(info["cpu_threads_warning"], Value::Null);
 
     let one = embed(server.addr, &json!({"inputs": "What is deep learning?"})).embeddings();
     assert_eq!(one.len(), 1);
