@@ -262,6 +262,14 @@ impl<I, O> Serving<I, O> {
         ProbeService::new(self.health.clone(), self.probes.clone())
     }
 
+    /// An [`AdminServer`](crate::health::AdminServer) for this stack's
+    /// probes on the configured paths: add `/metrics` and bind it.
+    #[cfg(feature = "admin")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+    pub fn admin(&self) -> crate::health::AdminBuilder {
+        crate::health::AdminServer::builder(self.probes())
+    }
+
     /// Shuts down gracefully: readiness turns off at once, new requests get
     /// [`Draining`](crate::error::Draining), queued and running requests
     /// finish until `deadline`, and whatever is left then is answered with

@@ -324,3 +324,126 @@ async fn drain_answers_what_is_left_at_the_deadline() {
     assert_eq!((report.completed, report.aborted), (0, 10));
     gate.open();
 }
+
+/// `GET path` over a fresh loopback connection: the status code and body.
+#[cfg(feature = "admin")]
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[cfg(all(feature = "admin", feature = "prometheus"))]
+#[test]
+fn the_admin_server_answers_while_the_data_plane_runtime_is_blocked() {
+    let data_plane = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (serving, admin) = data_plane.block_on(async {
+        let echo = |_: &Device| -> Result<_, BoxError> {
+            Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
+        };
+        let serving = Serving::start(echo, config(1)).unwrap();
+        reach(&serving.health(), HealthState::Ready).await;
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let metrics = candlewick::metrics::PrometheusService::from_handle(recorder.handle());
+        let admin = serving
+            .admin()
+            .metrics("/metrics", metrics)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .unwrap();
+        (serving, admin)
+    });
+    let blocked = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        // The data plane's only thread is stuck in a blocking call.
+        scope.spawn(|| {
+            data_plane.block_on(async {
+                blocked.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_secs(2));
+            })
+        });
+        while !blocked.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        for (path, status, needle) in [
+            ("/livez", 200, r#""check":"live","ok":true"#),
+            ("/readyz", 200, r#""check":"ready","ok":true"#),
+            ("/startupz", 200, r#""check":"started","ok":true"#),
+            ("/nope", 404, "no such probe"),
+        ] {
+            let (actual, body) = http_get(admin.local_addr(), path);
+            assert_eq!(actual, status, "{path}: {body}");
+            assert!(body.contains(needle), "{path}: {body}");
+        }
+        assert_eq!(http_get(admin.local_addr(), "/metrics").0, 200);
+        assert!(blocked.load(Ordering::SeqCst));
+    });
+    admin.shutdown();
+    drop(serving);
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn the_admin_server_closes_connections_that_never_finish_their_headers() {
+    use std::io::{Read, Write};
+    let echo = |_: &Device| -> Result<_, BoxError> {
+        Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
+    };
+    let serving = Serving::start(echo, config(1)).unwrap();
+    let admin = serving
+        .admin()
+        .header_timeout(Duration::from_millis(200))
+        .max_connections(4)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let addr = admin.local_addr();
+    let outcome = tokio::task::spawn_blocking(move || {
+        // More half-open connections than the limit, each holding a slot.
+        let mut held: Vec<_> = (0..8)
+            .map(|_| {
+                let mut stream = std::net::TcpStream::connect(addr).unwrap();
+                stream.write_all(b"GET /livez HTTP/1.1\r\nHo").unwrap();
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                stream
+            })
+            .collect();
+        // Each is closed by the server (EOF, or a reset), not left hanging.
+        let closed = held
+            .iter_mut()
+            .map(|stream| stream.read(&mut [0; 64]))
+            .filter(|read| match read {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(err) => {
+                    err.kind() != std::io::ErrorKind::WouldBlock
+                        && err.kind() != std::io::ErrorKind::TimedOut
+                }
+            })
+            .count();
+        // And a well-behaved probe is answered afterwards.
+        (closed, http_get(addr, "/livez").0)
+    })
+    .await
+    .unwrap();
+    assert_eq!(outcome, (8, 200));
+}

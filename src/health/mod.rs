@@ -42,6 +42,8 @@
 //! # }
 //! ```
 
+#[cfg(feature = "admin")]
+mod admin;
 mod probe;
 
 use std::fmt;
@@ -50,6 +52,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+#[cfg(feature = "admin")]
+#[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
+pub use admin::{AdminBuilder, AdminServer};
 pub use probe::{ProbePaths, ProbeService};
 
 use crate::pool::{ReplicaStatus, RosterSource};

@@ -66,6 +66,18 @@ impl PrometheusService {
     }
 }
 
+impl PrometheusService {
+    /// The exposition as an HTTP response, with its content type.
+    pub fn response(&self) -> Response<String> {
+        let mut response = Response::new(self.render());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        response
+    }
+}
+
 impl<B> Service<Request<B>> for PrometheusService {
     type Response = Response<String>;
     type Error = Infallible;
@@ -76,11 +88,6 @@ impl<B> Service<Request<B>> for PrometheusService {
     }
 
     fn call(&mut self, _: Request<B>) -> Self::Future {
-        let mut response = Response::new(self.render());
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        ready(Ok(response))
+        ready(Ok(self.response()))
     }
 }

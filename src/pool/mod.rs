@@ -105,6 +105,11 @@ pub struct PoolConfig {
     /// A pool that finds them disagreeing logs a warning and reports it in
     /// [`ReplicaStatus::cpu_threads`].
     pub cpu_threads_per_replica: Option<NonZeroUsize>,
+    /// The scheduling priority of CPU replicas' compute threads. Default:
+    /// [`ComputePriority::Background`], so that a saturated model never
+    /// starves the threads that parse requests, answer probes and reject
+    /// overload.
+    pub compute_priority: ComputePriority,
     /// Delay between reload attempts of a failed replica.
     pub restart_backoff: Backoff,
     /// What a model error does to the rest of its batch. Default: bisect up to
@@ -129,6 +134,26 @@ pub struct PoolConfig {
     /// memory comes back. At most `replicas × max_stuck_threads` stuck models
     /// exist at any time. 1 means a replica is never replaced after a stall.
     pub max_stuck_threads: NonZeroUsize,
+}
+
+/// How CPU replicas' compute threads are scheduled against the rest of the
+/// process (and of the container).
+///
+/// The scheduler is work-conserving either way: with nothing else to run,
+/// background threads get every core, so throughput does not change; what
+/// changes is who waits when I/O threads want a core at the same instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
+pub enum ComputePriority {
+    /// The same priority as every other thread.
+    Normal,
+    /// Below the I/O threads: on Linux, `SCHED_BATCH` with the lowest
+    /// niceness (19), which the kernel allows without privileges. Where
+    /// that cannot be set, the replica logs why and runs at normal priority.
+    #[default]
+    Background,
 }
 
 /// What a model error does to the rest of its batch.
@@ -167,6 +192,7 @@ impl Default for PoolConfig {
             devices: vec![DeviceLocation::Cpu],
             replicas_per_device: NonZeroUsize::MIN,
             cpu_threads_per_replica: None,
+            compute_priority: ComputePriority::default(),
             restart_backoff: Backoff::default(),
             failure_policy: FailurePolicy::default(),
             stall_timeout: Some(Duration::from_secs(60)),
@@ -191,6 +217,12 @@ impl PoolConfig {
     /// Sets [`cpu_threads_per_replica`](Self::cpu_threads_per_replica).
     pub fn with_cpu_threads_per_replica(mut self, threads: Option<NonZeroUsize>) -> Self {
         self.cpu_threads_per_replica = threads;
+        self
+    }
+
+    /// Sets [`compute_priority`](Self::compute_priority).
+    pub fn with_compute_priority(mut self, priority: ComputePriority) -> Self {
+        self.compute_priority = priority;
         self
     }
 

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use candle_core::DeviceLocation;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::{FailurePolicy, PoolConfig, ReplicaState, ReplicaStatus};
+use super::{ComputePriority, FailurePolicy, PoolConfig, ReplicaState, ReplicaStatus};
 use crate::BoxError;
 use crate::contain::{catch, drop_contained, lock};
 use crate::device::format_location;
@@ -272,6 +272,9 @@ where
         // Confining a CPU replica to its own rayon pool keeps candle's kernels
         // from contending with the other replicas' for the same threads. The
         // replica then lives on that pool's first thread.
+        if location == DeviceLocation::Cpu {
+            set_compute_priority(replica.config.compute_priority);
+        }
         match replica.cpu_threads() {
             Ok(None) => replica.run_contained(&jobs),
             Ok(Some(threads)) => threads.install(move || replica.run_contained(&jobs)),
@@ -430,10 +433,11 @@ impl<L, O> Replica<L, O> {
         else {
             return Ok(None);
         };
-        let index = self.index;
+        let (index, priority) = (self.index, self.config.compute_priority);
         rayon::ThreadPoolBuilder::new()
             .num_threads(n.get())
             .thread_name(move |i| format!("candlewick-replica-{index}-cpu-{i}"))
+            .start_handler(move |_| set_compute_priority(priority))
             .build()
             .map(Some)
     }
@@ -534,6 +538,33 @@ enum Served {
     Panicked(Lease),
     /// The watchdog answered it and replaced this thread.
     Replaced,
+}
+
+/// Schedules the current thread as `priority` says (see
+/// [`ComputePriority`]); a failure leaves it at normal priority, logged.
+fn set_compute_priority(priority: ComputePriority) {
+    if priority == ComputePriority::Normal {
+        return;
+    }
+    #[cfg(unix)]
+    {
+        use thread_priority::ThreadPriority;
+        use thread_priority::unix::{
+            NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
+            thread_native_id,
+        };
+        let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+        if let Err(err) =
+            set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, policy)
+        {
+            tracing::warn!(
+                ?err,
+                "cannot lower a compute thread's priority; it runs at normal priority"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    tracing::warn!("lowering a compute thread's priority is not supported here");
 }
 
 /// Sends a batch its outcomes. If its caller went away, the outputs are

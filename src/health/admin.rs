@@ -1,0 +1,215 @@
+//! The control plane on a listener and a thread of its own.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::ProbeService;
+
+/// Probes (and, with the `prometheus` feature, `/metrics`) served on a
+/// listener of their own by a thread of their own, with its own
+/// single-threaded runtime: the control plane never waits behind the data
+/// plane, however busy the application's runtime and the replicas are.
+///
+/// Like Envoy's admin listener or linkerd's admin port: Kubernetes probes
+/// and Prometheus scrapes go to this port, and answer from health state
+/// alone. Dropping the server (or [`shutdown`](Self::shutdown)) stops it.
+///
+/// # Examples
+///
+/// ```
+/// use candle_core::Device;
+/// use candlewick::{BoxError, Serving, ServingConfig};
+/// use std::io::{Read, Write};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let loader = |_: &Device| -> Result<_, BoxError> {
+///     Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
+/// };
+/// let serving = Serving::start(loader, ServingConfig::default())?;
+/// let admin = serving.admin().bind("127.0.0.1:0".parse()?)?;
+///
+/// // Any HTTP client; here, by hand.
+/// let mut stream = std::net::TcpStream::connect(admin.local_addr())?;
+/// stream.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+/// let mut response = String::new();
+/// stream.read_to_string(&mut response)?;
+/// assert!(response.starts_with("HTTP/1.1 200"));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct AdminServer {
+    local_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Settings of an [`AdminServer`]; see [`AdminServer::builder`].
+#[derive(Debug, Clone)]
+pub struct AdminBuilder {
+    routes: Routes,
+    max_connections: usize,
+    header_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Routes {
+    probes: ProbeService,
+    #[cfg(feature = "prometheus")]
+    metrics: Option<(String, crate::metrics::PrometheusService)>,
+}
+
+impl AdminServer {
+    /// A server answering `probes`, with at most 64 connections at once and
+    /// a 5 s limit to send a request's headers (which also closes idle
+    /// connections).
+    pub fn builder(probes: ProbeService) -> AdminBuilder {
+        AdminBuilder {
+            routes: Routes {
+                probes,
+                #[cfg(feature = "prometheus")]
+                metrics: None,
+            },
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, closes the connections and joins the thread.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+impl AdminBuilder {
+    /// Also serves `service`'s Prometheus text on `path` (e.g. `/metrics`).
+    #[cfg(feature = "prometheus")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "prometheus")))]
+    pub fn metrics(
+        mut self,
+        path: impl Into<String>,
+        service: crate::metrics::PrometheusService,
+    ) -> Self {
+        self.routes.metrics = Some((path.into(), service));
+        self
+    }
+
+    /// At most `connections` at once; further ones wait in the listen
+    /// backlog. Default: 64.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
+    }
+
+    /// How long a client may take to send a request's headers, counted
+    /// from when the connection waits for a request (so it also closes idle
+    /// connections). Default: 5 s.
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.header_timeout = timeout;
+        self
+    }
+
+    /// Binds `addr` and starts serving on a thread of its own.
+    ///
+    /// # Errors
+    ///
+    /// When the address cannot be bound, or the thread or its runtime
+    /// cannot be started.
+    pub fn bind(self, addr: SocketAddr) -> std::io::Result<AdminServer> {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (stop, stopped) = oneshot::channel();
+        let thread = std::thread::Builder::new()
+            .name("candlewick-admin".to_owned())
+            .spawn(move || runtime.block_on(self.serve(listener, stopped)))?;
+        Ok(AdminServer {
+            local_addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    async fn serve(self, listener: std::net::TcpListener, mut stopped: oneshot::Receiver<()>) {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(err) => return tracing::error!(%err, "the admin listener cannot start"),
+        };
+        let slots = Arc::new(Semaphore::new(self.max_connections));
+        loop {
+            let slot = tokio::select! {
+                slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+                _ = &mut stopped => return,
+            };
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(err) => {
+                        // Out of file descriptors, most likely: back off.
+                        tracing::warn!(%err, "admin listener cannot accept");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut stopped => return,
+            };
+            let routes = self.routes.clone();
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(self.header_timeout)
+                .serve_connection(
+                    TokioIo::new(stream),
+                    hyper::service::service_fn(move |request| {
+                        std::future::ready(Ok::<_, Infallible>(routes.answer(&request)))
+                    }),
+                );
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = connection.await;
+            });
+        }
+    }
+}
+
+impl Routes {
+    fn answer<B>(&self, request: &Request<B>) -> Response<String> {
+        let path = request.uri().path();
+        #[cfg(feature = "prometheus")]
+        if let Some((metrics_path, metrics)) = &self.metrics
+            && path == metrics_path
+        {
+            return metrics.response();
+        }
+        self.probes.respond(path)
+    }
+}
