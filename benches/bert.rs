@@ -520,7 +520,7 @@ fn server_over_http(
         .port();
     let mut command = std::process::Command::new(server);
     command
-        .args(["--port", &port.to_string()])
+        .args(["--port", &port.to_string(), "--admin-port", "0"])
         .args(["--replicas", &setup.replicas.to_string()])
         .args(["--cpu-threads", &setup.threads.to_string()])
         .env("RUST_LOG", "warn")

@@ -63,6 +63,11 @@ pub struct ServingConfig {
     ///
     /// [`ProbeService`]: crate::health::ProbeService
     pub probes: ProbePaths,
+    /// The port of the admin listener, when probes and metrics are served
+    /// apart from the data plane ([`Serving::admin`]); the generated
+    /// Kubernetes objects then point probes and Prometheus at it. Default:
+    /// none (they share the application's port).
+    pub admin_port: Option<u16>,
 }
 
 impl Default for ServingConfig {
@@ -74,6 +79,7 @@ impl Default for ServingConfig {
             model: ModelInfo::default(),
             drain_timeout: Duration::from_secs(30),
             probes: ProbePaths::default(),
+            admin_port: None,
         }
     }
 }
@@ -104,6 +110,12 @@ impl ServingConfig {
     /// Sets [`health`](Self::health).
     pub fn with_health(mut self, health: HealthConfig) -> Self {
         self.health = health;
+        self
+    }
+
+    /// Sets [`admin_port`](Self::admin_port).
+    pub fn with_admin_port(mut self, port: Option<u16>) -> Self {
+        self.admin_port = port;
         self
     }
 

@@ -86,6 +86,10 @@ fn layouts() -> Vec<(&'static str, Manifests)> {
     vec![
         ("cpu", builder().build().unwrap()),
         ("cpu-hpa", autoscaled().build().unwrap()),
+        (
+            "cpu-admin-port",
+            autoscaled().with_admin_port(Some(8081)).build().unwrap(),
+        ),
         ("gpu", autoscaled().with_gpu(gpu()).build().unwrap()),
         (
             "gpu-spread",
@@ -260,6 +264,42 @@ fn candle_computes_at_the_cpu_replicas_parallelism_set_before_the_process_starts
 }
 
 #[test]
+fn with_an_admin_listener_probes_and_scrapes_go_to_the_admin_port() {
+    let manifests = ManifestBuilder::new(&config().with_admin_port(Some(8081)), "embedder", IMAGE)
+        .with_port(9000)
+        .with_load_time(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    let deployment = &of_kind(&manifests, "Deployment")[0];
+    let c = container(deployment);
+    assert_eq!(
+        c["ports"],
+        json!([
+            {"name": "http", "containerPort": 9000, "protocol": "TCP"},
+            {"name": "admin", "containerPort": 8081, "protocol": "TCP"},
+        ])
+    );
+    for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{probe}");
+    }
+    let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/port"], "8081");
+    // The Service carries requests only.
+    let service = &of_kind(&manifests, "Service")[0];
+    assert_eq!(service["spec"]["ports"].as_array().unwrap().len(), 1);
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    // Prometheus may reach the admin port.
+    let policy = &of_kind(&manifests, "NetworkPolicy")[0];
+    let ports: Vec<&Value> = policy["spec"]["ingress"][0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["port"])
+        .collect();
+    assert_eq!(ports, [&json!("http"), &json!("admin")]);
+}
+
+#[test]
 fn probes_use_the_serving_config_paths_on_the_named_port() {
     for (layout, manifests) in layouts() {
         for deployment in of_kind(&manifests, "Deployment") {
@@ -274,7 +314,12 @@ fn probes_use_the_serving_config_paths_on_the_named_port() {
                 ("livenessProbe", "/health/live"),
             ] {
                 assert_eq!(c[probe]["httpGet"]["path"], path, "{layout} {probe}");
-                assert_eq!(c[probe]["httpGet"]["port"], "http", "{layout} {probe}");
+                let port = if layout.contains("admin") {
+                    "admin"
+                } else {
+                    "http"
+                };
+                assert_eq!(c[probe]["httpGet"]["port"], port, "{layout} {probe}");
             }
         }
         for service in of_kind(&manifests, "Service") {

@@ -21,29 +21,42 @@ fn server_binary() -> PathBuf {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// The admin listener: probes and metrics apart from the data plane.
+    admin: SocketAddr,
+}
+
+/// A port free now on loopback.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        Self::start_with(args, Stdio::inherit(), "warn")
+    }
+
+    fn start_with(args: &[&str], stderr: Stdio, log_filter: &str) -> Server {
+        let (port, admin) = (free_port(), free_port());
         let child = Command::new(server_binary())
             .args(["--port", &port.to_string()])
+            .args(["--admin-port", &admin.to_string()])
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_filter)
             // The server sets candle's thread count itself.
             .env_remove("RAYON_NUM_THREADS")
             .env_remove("CANDLE_NUM_THREADS")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("the example server is built by `cargo test`");
         let server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
         };
         server.wait_until_started();
         server
@@ -53,10 +66,10 @@ impl Server {
     fn wait_until_started(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            if let Ok(response) = request(self.addr, "GET", "/startupz", None) {
-                assert_eq!(get(self.addr, "/livez").status, 200);
+            if let Ok(response) = request(self.admin, "GET", "/startupz", None) {
+                assert_eq!(get(self.admin, "/livez").status, 200);
                 if response.status == 200 {
-                    assert_eq!(get(self.addr, "/readyz").status, 200);
+                    assert_eq!(get(self.admin, "/readyz").status, 200);
                     return;
                 }
                 assert_eq!(response.status, 503, "{}", response.body);
@@ -409,7 +422,7 @@ fn all_minilm_l6_v2_ranks_a_paraphrase_above_an_unrelated_sentence() {
 /// Runs the server to its exit (bounded); returns its status and stderr.
 fn run_to_exit(args: &[&str]) -> (ExitStatus, String) {
     let mut child = Command::new(server_binary())
-        .args(["--port", "0"])
+        .args(["--port", "0", "--admin-port", "0"])
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -487,4 +500,178 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// Reads from `stream` until the server closes it; true if it did (EOF or a
+/// reset) within the stream's read timeout, false if that ran out first.
+fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut sink = [0u8; 1024];
+    loop {
+        match stream.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(err) => {
+                return !matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn connections_that_never_finish_their_headers_are_closed() {
+    let server = Server::start(&["--header-timeout-ms", "300"]);
+    let mut held: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut stream = TcpStream::connect(server.addr).unwrap();
+            stream
+                .write_all(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Le")
+                .unwrap();
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            stream
+        })
+        .collect();
+    let closed = held.iter_mut().map(closed_by_server).filter(|c| *c).count();
+    assert_eq!(closed, held.len(), "half-open connections left open");
+    // An idle keep-alive connection is closed the same way.
+    let mut idle = TcpStream::connect(server.addr).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert!(closed_by_server(&mut idle));
+    assert_eq!(get(server.addr, "/info").status, 200);
+}
+
+#[test]
+fn a_body_that_stops_arriving_gets_a_json_408() {
+    let server = Server::start(&["--body-timeout-ms", "300"]);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+        .write_all(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{\"")
+        .unwrap();
+    let mut raw = String::new();
+    let _ = stream.read_to_string(&mut raw);
+    assert!(raw.starts_with("HTTP/1.1 408"), "{raw}");
+    let body: Value = serde_json::from_str(raw.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(body["error_type"], "timeout", "{body}");
+}
+
+#[test]
+fn a_request_past_the_http_timeout_gets_a_json_504() {
+    let server = Server::start(&["--http-timeout-ms", "400", "--body-timeout-ms", "10000"]);
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let body = br#"{"inputs": "slowly"}"#;
+    write!(
+        stream,
+        "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    // A byte every 100 ms: never stalled long enough for the body timeout,
+    // always too slow for the request timeout.
+    let mut raw = String::new();
+    for byte in body {
+        if stream.write_all(&[*byte]).is_err() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = stream.read_to_string(&mut raw);
+    assert!(raw.starts_with("HTTP/1.1 504"), "{raw}");
+    assert!(raw.contains(r#""error_type":"timeout""#), "{raw}");
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_until_a_slot_frees() {
+    let server = Server::start(&["--max-connections", "2", "--header-timeout-ms", "60000"]);
+    let held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = TcpStream::connect(server.addr).unwrap();
+            stream.write_all(b"GET /info HTTP/1.1\r\nHo").unwrap();
+            stream
+        })
+        .collect();
+    // The third connection is in the backlog: its request is not read.
+    let mut third = TcpStream::connect(server.addr).unwrap();
+    third
+        .write_all(b"GET /info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut first = [0u8; 16];
+    let early = third.read(&mut first);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "answered beyond the limit: {early:?}"
+    );
+    // A slot frees: now it is served.
+    drop(held);
+    third
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut raw = String::new();
+    third.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    // The control plane does not count against the data plane's limit.
+    assert_eq!(get(server.admin, "/readyz").status, 200);
+}
+
+#[test]
+fn probes_can_be_served_on_the_admin_port_only() {
+    let server = Server::start(&["--admin-only"]);
+    assert_eq!(get(server.admin, "/readyz").status, 200);
+    assert_eq!(get(server.admin, "/metrics").status, 200);
+    assert_eq!(get(server.addr, "/readyz").status, 404);
+    assert_eq!(get(server.addr, "/metrics").status, 404);
+}
+
+#[test]
+fn a_w3c_traceparent_continues_into_the_request_span() {
+    let mut server = Server::start_with(
+        &["--log-format", "json"],
+        Stdio::piped(),
+        "info,tower_http=debug",
+    );
+    let stderr = server.child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        std::io::BufRead::lines(std::io::BufReader::new(stderr))
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    let body = br#"{"inputs": "traced"}"#;
+    write!(
+        stream,
+        "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    stream.write_all(body).unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).unwrap();
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+    assert!(server.terminate().success());
+    let lines = lines.join().unwrap();
+    let traced: Vec<Value> = lines
+        .iter()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|event| event["span"]["trace_id"] == trace)
+        .collect();
+    assert!(
+        !traced.is_empty(),
+        "no log line in the traced span: {lines:?}"
+    );
+    assert_eq!(traced[0]["span"]["parent_span_id"], "00f067aa0ba902b7");
+    assert_eq!(traced[0]["span"]["name"], "http.request");
 }

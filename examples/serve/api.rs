@@ -109,6 +109,13 @@ pub(crate) async fn embed(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
     let body = body.map_err(|rejection| {
+        if caused_by::<tower_http::timeout::TimeoutError>(&rejection) {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                "the request body stopped arriving",
+            );
+        }
         let kind = match rejection.status() {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
             _ => "malformed",
@@ -182,7 +189,7 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
             kind,
@@ -247,4 +254,16 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whether `err` or one of its sources is an `E`.
+fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err.is::<E>() {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }

@@ -12,6 +12,7 @@
 
 mod api;
 mod bert;
+mod edge;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -23,7 +24,7 @@ use axum::routing::{get, post};
 use candle_core::DeviceLocation;
 use candlewick::batch::{Admission, BatchConfig, CostMode};
 use candlewick::metrics::PrometheusService;
-use candlewick::pool::PoolConfig;
+use candlewick::pool::{ComputePriority, PoolConfig};
 use candlewick::{BoxError, ModelInfo, Serving, ServingConfig};
 use clap::Parser;
 
@@ -86,6 +87,48 @@ struct Args {
     /// How long to finish accepted work after SIGTERM, in seconds.
     #[arg(long, default_value_t = 30)]
     drain_timeout_s: u64,
+    /// The admin port: probes and /metrics on a listener and thread of their
+    /// own, answered whatever the data plane does (0 picks a free one).
+    #[arg(long, default_value_t = 8081, env = "CANDLEWICK_ADMIN_PORT")]
+    admin_port: u16,
+    /// Serve probes and /metrics on the admin port only, not on --port too.
+    #[arg(long)]
+    admin_only: bool,
+    /// How long a client may take to send a request's headers, in ms,
+    /// counted from when the connection waits for a request (so it also
+    /// closes idle keep-alive connections).
+    #[arg(long, default_value_t = 10_000)]
+    header_timeout_ms: u64,
+    /// How long a request body may stall between two pieces, in ms.
+    #[arg(long, default_value_t = 10_000)]
+    body_timeout_ms: u64,
+    /// The most time one HTTP request may take, from its headers to its
+    /// response, in ms (keep it above --request-timeout-ms).
+    #[arg(long, default_value_t = 35_000)]
+    http_timeout_ms: u64,
+    /// The most connections served at once; more wait in the listen backlog.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// The scheduling priority of the CPU replicas' compute threads:
+    /// `background` keeps a saturated model from starving request parsing,
+    /// probes and rejections.
+    #[arg(long, value_enum, default_value = "background")]
+    compute_priority: Priority,
+    /// Log lines as text or as JSON objects (one per line, for log pipelines).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Priority {
+    Normal,
+    Background,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Args {
@@ -106,7 +149,11 @@ impl Args {
         let pool = PoolConfig::default()
             .with_devices(self.devices.clone())
             .with_replicas_per_device(replicas)
-            .with_cpu_threads_per_replica(NonZeroUsize::new(self.cpu_threads));
+            .with_cpu_threads_per_replica(NonZeroUsize::new(self.cpu_threads))
+            .with_compute_priority(match self.compute_priority {
+                Priority::Normal => ComputePriority::Normal,
+                Priority::Background => ComputePriority::Background,
+            });
         let batch = BatchConfig::default()
             .with_max_batch_size(positive(self.max_batch_size, "--max-batch-size")?)
             .with_max_wait(Duration::from_micros(self.max_wait_us))
@@ -120,7 +167,8 @@ impl Args {
             .with_default_timeout(Some(Duration::from_millis(self.request_timeout_ms)));
         Ok(ServingConfig::new(pool, batch)
             .with_model(model)
-            .with_drain_timeout(Duration::from_secs(self.drain_timeout_s)))
+            .with_drain_timeout(Duration::from_secs(self.drain_timeout_s))
+            .with_admin_port(Some(self.admin_port)))
     }
 }
 
@@ -135,13 +183,21 @@ fn main() -> std::process::ExitCode {
     {
         eprintln!("warning: cannot set candle's thread count to {threads}: {err}");
     }
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
     // Replicas bring their own threads; the HTTP side needs few.
     let served = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -181,35 +237,60 @@ async fn serve(args: Args) -> Result<(), BoxError> {
     let serving = Serving::start(loader.clone(), config.clone())?;
     let state = AppState::new(serving.clone(), &loader, &config, args.max_client_batch);
 
-    let probes = serving.probes();
-    let app = Router::new()
+    // The control plane: its own listener, thread and runtime.
+    let admin = serving
+        .admin()
+        .metrics("/metrics", metrics.clone())
+        .bind(SocketAddr::new(args.bind, args.admin_port))?;
+
+    let mut app = Router::new()
         .route("/embed", post(api::embed))
-        .route("/info", get(api::info))
-        .route_service(&config.probes.live, probes.clone())
-        .route_service(&config.probes.ready, probes.clone())
-        .route_service(&config.probes.started, probes)
-        .route_service("/metrics", metrics)
+        .route("/info", get(api::info));
+    if !args.admin_only {
+        let probes = serving.probes();
+        app = app
+            .route_service(&config.probes.live, probes.clone())
+            .route_service(&config.probes.ready, probes.clone())
+            .route_service(&config.probes.started, probes)
+            .route_service("/metrics", metrics);
+    }
+    let app = app
         .fallback(api::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES))
         .with_state(state);
+    let limits = edge::Limits {
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        body_timeout: Duration::from_millis(args.body_timeout_ms),
+        request_timeout: Duration::from_millis(args.http_timeout_ms),
+        max_connections: args.max_connections,
+    };
+    let app = edge::layers(app, limits);
 
     let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.bind, args.port)).await?;
     tracing::info!(
         address = %listener.local_addr()?,
+        admin = %admin.local_addr(),
         model = loader.name(),
         dimension = loader.dimension(),
         max_tokens = loader.max_tokens(),
         replicas = config.pool.replicas(),
         "listening"
     );
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(drain_on_signal(serving.clone()));
+    let grace = Duration::from_secs(5);
+    let server = edge::serve(
+        listener,
+        app,
+        limits,
+        drain_on_signal(serving.clone()),
+        grace,
+    );
     tokio::select! {
-        served = server => served?,
+        () = server => {}
         // No replica can ever serve (e.g. its weights are malformed): exit
         // with the reason instead of answering 503 forever.
         Err(err) = serving.started() => return Err(err),
     }
+    admin.shutdown();
     tracing::info!("stopped");
     Ok(())
 }

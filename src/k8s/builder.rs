@@ -33,6 +33,8 @@ pub struct ManifestBuilder {
     pub(crate) model: ModelInfo,
     pub(crate) probes: ProbePaths,
     pub(crate) port: u16,
+    /// The admin listener's port, where probes and metrics are served.
+    pub(crate) admin_port: Option<u16>,
     pub(crate) metrics_path: String,
     pub(crate) drain_timeout: Duration,
     /// The thread count candle must compute at: the CPU replicas' own pools.
@@ -88,6 +90,7 @@ impl ManifestBuilder {
             model: config.model.clone(),
             probes: config.probes.clone(),
             port: 8080,
+            admin_port: config.admin_port,
             metrics_path: "/metrics".to_owned(),
             drain_timeout: config.drain_timeout,
             candle_threads: config
@@ -123,6 +126,23 @@ impl ManifestBuilder {
     pub fn with_port(mut self, port: u16) -> Self {
         self.port = port;
         self
+    }
+
+    /// Serves probes and metrics on an admin listener on `port` (named
+    /// `admin`), apart from the data plane; `None` serves them on the
+    /// application's port. Default: the serving config's
+    /// [`admin_port`](ServingConfig::admin_port).
+    pub fn with_admin_port(mut self, port: Option<u16>) -> Self {
+        self.admin_port = port;
+        self
+    }
+
+    /// The named container port probes and Prometheus go to, and its number.
+    pub(crate) fn probe_port(&self) -> (&'static str, u16) {
+        match self.admin_port {
+            Some(port) => (super::deployment::ADMIN_PORT_NAME, port),
+            None => (super::deployment::PORT_NAME, self.port),
+        }
     }
 
     /// Sets the path Prometheus scrapes (pod annotations). Default: `/metrics`.
@@ -331,7 +351,7 @@ impl ManifestBuilder {
             sets,
             expect: Expectations {
                 probes: self.probes.clone(),
-                port: self.port,
+                probe_port: self.probe_port(),
                 load_time,
                 drain_timeout: self.drain_timeout,
                 gpu_without_headroom: self

@@ -25,6 +25,8 @@ use super::{compat, policy};
 /// The name of the container port (and Service port) the application
 /// serves requests and probes on.
 pub(crate) const PORT_NAME: &str = "http";
+/// The container port of the admin listener (probes and metrics), if any.
+pub(crate) const ADMIN_PORT_NAME: &str = "admin";
 /// The UID and GID the container runs as (non-root, above host UIDs).
 const RUN_AS: i64 = 65532;
 
@@ -103,7 +105,10 @@ fn model_annotations(builder: &ManifestBuilder, track: &Track) -> BTreeMap<Strin
         annotations.insert("candlewick.rs/data-snapshot".to_owned(), snapshot.clone());
     }
     annotations.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
-    annotations.insert("prometheus.io/port".to_owned(), builder.port.to_string());
+    annotations.insert(
+        "prometheus.io/port".to_owned(),
+        builder.probe_port().1.to_string(),
+    );
     annotations.insert(
         "prometheus.io/path".to_owned(),
         builder.metrics_path.clone(),
@@ -115,11 +120,24 @@ fn seconds_i32(duration: std::time::Duration) -> i32 {
     i32::try_from(duration.as_secs()).unwrap_or(i32::MAX)
 }
 
-fn http_probe(path: &str, period: i32, timeout: i32, failures: i32) -> Probe {
+/// The application's port, and the admin listener's if it has one.
+pub(crate) fn container_ports(builder: &ManifestBuilder) -> Vec<ContainerPort> {
+    let named = |name: &str, port: u16| ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: i32::from(port),
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    };
+    let mut ports = vec![named(PORT_NAME, builder.port)];
+    ports.extend(builder.admin_port.map(|port| named(ADMIN_PORT_NAME, port)));
+    ports
+}
+
+fn http_probe(port: &str, path: &str, period: i32, timeout: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_owned()),
-            port: IntOrString::String(PORT_NAME.to_owned()),
+            port: IntOrString::String(port.to_owned()),
             scheme: Some("HTTP".to_owned()),
             ..HTTPGetAction::default()
         }),
@@ -141,6 +159,7 @@ pub(crate) fn deployment(
     let startup_failures =
         i32::try_from(budget.as_secs().div_ceil(STARTUP_PERIOD_SECS)).unwrap_or(i32::MAX);
     let grace = builder.termination_grace();
+    let (probe_port, _) = builder.probe_port();
 
     let mut requests = BTreeMap::from([
         (
@@ -202,20 +221,16 @@ pub(crate) fn deployment(
                 })
                 .collect()
         }),
-        ports: Some(vec![ContainerPort {
-            name: Some(PORT_NAME.to_owned()),
-            container_port: i32::from(builder.port),
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(container_ports(builder)),
         startup_probe: Some(http_probe(
+            probe_port,
             &builder.probes.started,
             startup_period,
             2,
             startup_failures,
         )),
-        readiness_probe: Some(http_probe(&builder.probes.ready, 5, 2, 2)),
-        liveness_probe: Some(http_probe(&builder.probes.live, 10, 5, 3)),
+        readiness_probe: Some(http_probe(probe_port, &builder.probes.ready, 5, 2, 2)),
+        liveness_probe: Some(http_probe(probe_port, &builder.probes.live, 10, 5, 3)),
         resources: Some(ResourceRequirements {
             requests: Some(requests),
             limits: Some(limits),

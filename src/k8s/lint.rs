@@ -12,7 +12,6 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::autoscaling::query_metric_names;
 use super::compat;
-use super::deployment::PORT_NAME;
 use super::error::ManifestError;
 use super::output::{ManifestSet, Manifests, Object};
 use super::settings::ScaleMetric;
@@ -55,7 +54,8 @@ impl Manifests {
     ///   `maxUnavailable`;
     /// * autoscalers scale on metrics the process exports, target a
     ///   Deployment of the set, and that Deployment leaves `replicas` unset;
-    /// * probes target the paths the probe service serves, on the named port;
+    /// * probes target the paths the probe service serves, on the named port
+    ///   that serves them (`admin` with an admin listener, else `http`);
     /// * the startup probe's budget covers the load time;
     /// * the grace period covers the preStop sleep and the drain timeout;
     /// * a GPU pool without headroom is never rolled out with a surge.
@@ -180,8 +180,9 @@ impl Manifests {
         }
         let pod = spec.template.spec.clone().unwrap_or_default();
         for container in &pod.containers {
+            let (port_name, port_number) = expect.probe_port;
             let named_port = container.ports.iter().flatten().any(|p| {
-                p.name.as_deref() == Some(PORT_NAME) && p.container_port == i32::from(expect.port)
+                p.name.as_deref() == Some(port_name) && p.container_port == i32::from(port_number)
             });
             for (probe, path, found) in [
                 ("startup", &expect.probes.started, &container.startup_probe),
@@ -195,8 +196,8 @@ impl Manifests {
                 let get = found.as_ref().and_then(|p| p.http_get.as_ref());
                 let target = get.and_then(|g| g.path.clone()).unwrap_or_default();
                 let port_ok = match get.map(|g| &g.port) {
-                    Some(IntOrString::String(name)) => name == PORT_NAME && named_port,
-                    Some(IntOrString::Int(port)) => *port == i32::from(expect.port),
+                    Some(IntOrString::String(name)) => name == port_name && named_port,
+                    Some(IntOrString::Int(port)) => *port == i32::from(port_number),
                     None => false,
                 };
                 if target != *path || !port_ok {

@@ -90,7 +90,8 @@ pub struct ManifestSet {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Expectations {
     pub(crate) probes: ProbePaths,
-    pub(crate) port: u16,
+    /// The named port probes must target, and its number.
+    pub(crate) probe_port: (&'static str, u16),
     pub(crate) load_time: Duration,
     pub(crate) drain_timeout: Duration,
     /// The GPU resource, when the pool has no spare GPU for a surge pod.

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::builder::{ManifestBuilder, Track};
 use super::compat;
-use super::deployment::{PORT_NAME, metadata, selector_labels};
+use super::deployment::{container_ports, metadata, selector_labels};
 use super::settings::Disruption;
 
 const ZONE: &str = "topology.kubernetes.io/zone";
@@ -50,8 +50,9 @@ pub(crate) fn pdb(builder: &ManifestBuilder, track: &Track) -> PodDisruptionBudg
     }
 }
 
-/// The NetworkPolicy of one track: ingress only on the named port (where
-/// requests, probes and metrics are served); egress is left open.
+/// The NetworkPolicy of one track: ingress only on the named ports (requests,
+/// and probes and metrics, on the admin port if there is one); egress is
+/// left open.
 pub(crate) fn network_policy(builder: &ManifestBuilder, track: &Track) -> NetworkPolicy {
     NetworkPolicy {
         metadata: metadata(builder, track, &track.name),
@@ -59,11 +60,16 @@ pub(crate) fn network_policy(builder: &ManifestBuilder, track: &Track) -> Networ
             pod_selector: compat::wrap(selector(&selector_labels(builder, track))),
             policy_types: Some(vec!["Ingress".to_owned()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(vec![NetworkPolicyPort {
-                    port: Some(IntOrString::String(PORT_NAME.to_owned())),
-                    protocol: Some("TCP".to_owned()),
-                    ..NetworkPolicyPort::default()
-                }]),
+                ports: Some(
+                    container_ports(builder)
+                        .into_iter()
+                        .map(|port| NetworkPolicyPort {
+                            port: port.name.map(IntOrString::String),
+                            protocol: Some("TCP".to_owned()),
+                            ..NetworkPolicyPort::default()
+                        })
+                        .collect(),
+                ),
                 ..NetworkPolicyIngressRule::default()
             }]),
             ..NetworkPolicySpec::default()

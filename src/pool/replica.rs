@@ -553,7 +553,9 @@ fn set_compute_priority(priority: ComputePriority) {
             NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
             thread_native_id,
         };
-        let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+        // Niceness under the usual policy; SCHED_BATCH would also delay
+        // the wake-ups of a multi-threaded replica's kernels.
+        let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other);
         if let Err(err) =
             set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, policy)
         {

@@ -1,0 +1,149 @@
+//! The HTTP edge: a bounded number of connections, each held to timeouts
+//! from hyper (headers, idle keep-alive) and tower-http (body, whole
+//! request), with JSON errors wherever a response is still possible, and a
+//! graceful close on shutdown. W3C `traceparent` continues into the request
+//! span.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::http::{Request, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::sync::Semaphore;
+use tower::ServiceBuilder;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::Level;
+
+use crate::api::ApiError;
+
+/// The limits a client is held to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// To send a request's headers, counted from when the connection waits
+    /// for a request: it also closes idle keep-alive connections.
+    pub(crate) header_timeout: Duration,
+    /// Between two pieces of a request body.
+    pub(crate) body_timeout: Duration,
+    /// For a whole request, from its headers to its response.
+    pub(crate) request_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub(crate) max_connections: usize,
+}
+
+/// Wraps `app` in the request-level limits and the trace span.
+pub(crate) fn layers(app: Router, limits: Limits) -> Router {
+    app.layer(
+        ServiceBuilder::new()
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(request_span)
+                    // Errors are answered and counted (candlewick_requests_total);
+                    // a log line each would flood the logs under overload.
+                    .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+            )
+            .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    "the request took longer than the server's request timeout",
+                )
+            }))
+            .timeout(limits.request_timeout)
+            .layer(RequestBodyTimeoutLayer::new(limits.body_timeout)),
+    )
+}
+
+/// The span of one HTTP request; it continues the caller's W3C trace when a
+/// valid `traceparent` header came with it.
+fn request_span<B>(request: &Request<B>) -> tracing::Span {
+    let (trace_id, parent_id) = request
+        .headers()
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .and_then(parse_traceparent)
+        .unzip();
+    tracing::info_span!(
+        "http.request",
+        method = %request.method(),
+        path = request.uri().path(),
+        trace_id,
+        parent_span_id = parent_id,
+    )
+}
+
+/// `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; the ids, if valid.
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
+    let mut parts = value.trim().split('-');
+    let (version, trace_id, parent_id, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    (version == "00"
+        && parts.next().is_none()
+        && hex(trace_id, 32)
+        && nonzero(trace_id)
+        && hex(parent_id, 16)
+        && nonzero(parent_id)
+        && hex(flags, 2))
+    .then_some((trace_id, parent_id))
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then stops
+/// accepting and lets open connections finish their requests (at most
+/// `grace`).
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let connections = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors, most likely: back off.
+                    tracing::warn!(%err, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            let _slot = slot;
+            let _ = connection.await;
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(grace, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "connections still open after the grace period; closing"
+        );
+    }
+}
