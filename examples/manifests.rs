@@ -58,7 +58,11 @@ fn builder(args: &Args) -> ManifestBuilder {
     let model = ModelInfo::new("all-MiniLM-L6-v2", "v1")
         .with_revision("c9745ed1d9f207416be6d2e6f8de32d1f16199bf")
         .with_approval(Approval::Approved);
-    let config = ServingConfig::default().with_model(model);
+    // The example server's admin listener (`--admin-port`, default 8081):
+    // probes and Prometheus go there.
+    let config = ServingConfig::default()
+        .with_model(model)
+        .with_admin_port(Some(8081));
     let mut autoscaling = Autoscaling::new(2, 10).with_metrics(vec![
         ScaleMetric::QueueDepth { per_pod: 16.0 },
         ScaleMetric::P99Latency { seconds: 0.25 },

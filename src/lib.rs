@@ -39,7 +39,8 @@
 //! * [`pool`]: replicas on devices, each on its own OS thread, supervised.
 //! * [`batch`]: the batching layer, which forms batches when a replica is free.
 //! * [`Serving`]: both, assembled from one [`ServingConfig`].
-//! * [`health`]: started / ready / live with reasons, probe endpoints, drain.
+//! * [`health`]: started / ready / live with reasons, probe endpoints, drain,
+//!   and an admin listener that answers them on a thread of its own.
 //! * [`metrics`]: every hop through the `metrics` facade, and a `/metrics`
 //!   service.
 //! * `k8s` (feature `k8s`): the Kubernetes objects to run it, derived from the
@@ -77,6 +78,7 @@
 //! | feature | what it enables |
 //! |---------|-----------------|
 //! | `prometheus` (default) | [`metrics::PrometheusService`], a `/metrics` endpoint |
+//! | `admin` (default) | [`health::AdminServer`]: probes and metrics on a listener and thread of their own (hyper) |
 //! | `serde` | `Serialize`/`Deserialize` for the configuration types |
 //! | `full`  | every feature that builds on any machine (all but `cuda` and `metal`) |
 //! | `cuda`  | replicas on CUDA GPUs (forwards to `candle-core/cuda`) |
