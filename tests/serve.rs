@@ -520,28 +520,72 @@ fn closed_by_server(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// The server's open file descriptors and resident memory (Linux).
+fn fds_and_rss(server: &Server) -> (usize, u64) {
+    let pid = server.child.id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap();
+    (fds, rss_kb)
+}
+
+#[cfg(target_os = "linux")]
 #[test]
-fn connections_that_never_finish_their_headers_are_closed() {
-    let server = Server::start(&["--header-timeout-ms", "300"]);
-    let mut held: Vec<TcpStream> = (0..200)
+fn a_thousand_connections_that_never_finish_their_headers_are_closed() {
+    let timeout = Duration::from_millis(500);
+    let server = Server::start(&["--header-timeout-ms", "500"]);
+    assert_eq!(get(server.addr, "/info").status, 200);
+    let (fds_before, rss_before) = fds_and_rss(&server);
+    let storm = Instant::now();
+    let mut held: Vec<TcpStream> = (0..1000)
         .map(|_| {
             let mut stream = TcpStream::connect(server.addr).unwrap();
             stream
                 .write_all(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Le")
                 .unwrap();
             stream
-                .set_read_timeout(Some(Duration::from_secs(20)))
+                .set_read_timeout(Some(Duration::from_secs(30)))
                 .unwrap();
             stream
         })
         .collect();
+    let connected = storm.elapsed();
+    // Meanwhile a well-behaved client is served.
+    let during = embed(server.addr, &json!({"inputs": "during the storm"}));
+    assert_eq!(during.status, 200, "{}", during.body);
+    let served = storm.elapsed();
     let closed = held.iter_mut().map(closed_by_server).filter(|c| *c).count();
+    let took = storm.elapsed();
+    eprintln!("connected after {connected:?}, served after {served:?}");
     assert_eq!(closed, held.len(), "half-open connections left open");
+    eprintln!("1000 half-open connections closed {took:?} after the storm began");
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "closed only after {took:?}"
+    );
+    drop(held);
     // An idle keep-alive connection is closed the same way.
     let mut idle = TcpStream::connect(server.addr).unwrap();
     idle.set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
     assert!(closed_by_server(&mut idle));
+    // Nothing stays behind.
+    std::thread::sleep(Duration::from_millis(200));
+    let (fds_after, rss_after) = fds_and_rss(&server);
+    assert!(
+        fds_after <= fds_before + 2,
+        "file descriptors {fds_before} -> {fds_after}"
+    );
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "resident memory {rss_before} kB -> {rss_after} kB"
+    );
     assert_eq!(get(server.addr, "/info").status, 200);
 }
 
@@ -630,7 +674,18 @@ fn connections_beyond_the_limit_wait_until_a_slot_frees() {
 fn probes_can_be_served_on_the_admin_port_only() {
     let server = Server::start(&["--admin-only"]);
     assert_eq!(get(server.admin, "/readyz").status, 200);
-    assert_eq!(get(server.admin, "/metrics").status, 200);
+    let metrics = get(server.admin, "/metrics");
+    assert_eq!(metrics.status, 200);
+    // The process itself, beside the queue: CPU, memory, threads, fds.
+    for series in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+        "process_open_fds",
+        "process_threads",
+    ] {
+        assert!(metrics.body.contains(series), "{series} missing");
+    }
     assert_eq!(get(server.addr, "/readyz").status, 404);
     assert_eq!(get(server.addr, "/metrics").status, 404);
 }

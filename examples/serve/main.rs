@@ -266,7 +266,9 @@ async fn serve(args: Args) -> Result<(), BoxError> {
     };
     let app = edge::layers(app, limits);
 
-    let listener = tokio::net::TcpListener::bind(SocketAddr::new(args.bind, args.port)).await?;
+    // A deep backlog: a burst of connections waits for the acceptor
+    // instead of having its SYNs dropped (the default is 128).
+    let listener = candlewick::health::listen(SocketAddr::new(args.bind, args.port), 4096)?;
     tracing::info!(
         address = %listener.local_addr()?,
         admin = %admin.local_addr(),

@@ -143,12 +143,14 @@ impl AdminBuilder {
     /// When the address cannot be bound, or the thread or its runtime
     /// cannot be started.
     pub fn bind(self, addr: SocketAddr) -> std::io::Result<AdminServer> {
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
-        let local_addr = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let listener = {
+            let _runtime = runtime.enter();
+            listen(addr, 1024)?
+        };
+        let local_addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("candlewick-admin".to_owned())
@@ -160,11 +162,7 @@ impl AdminBuilder {
         })
     }
 
-    async fn serve(self, listener: std::net::TcpListener, mut stopped: oneshot::Receiver<()>) {
-        let listener = match tokio::net::TcpListener::from_std(listener) {
-            Ok(listener) => listener,
-            Err(err) => return tracing::error!(%err, "the admin listener cannot start"),
-        };
+    async fn serve(self, listener: tokio::net::TcpListener, mut stopped: oneshot::Receiver<()>) {
         let slots = Arc::new(Semaphore::new(self.max_connections));
         loop {
             let slot = tokio::select! {
@@ -199,6 +197,19 @@ impl AdminBuilder {
             });
         }
     }
+}
+
+/// A listener on `addr` with room for `backlog` connections not yet
+/// accepted (the standard library's default, 128, drops connections of a
+/// burst the acceptor has not reached yet).
+pub fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 impl Routes {

@@ -54,7 +54,7 @@ use tokio::sync::watch;
 
 #[cfg(feature = "admin")]
 #[cfg_attr(docsrs, doc(cfg(feature = "admin")))]
-pub use admin::{AdminBuilder, AdminServer};
+pub use admin::{AdminBuilder, AdminServer, listen};
 pub use probe::{ProbePaths, ProbeService};
 
 use crate::pool::{ReplicaStatus, RosterSource};

@@ -31,17 +31,29 @@ use super::{COUNT_BUCKETS, SECONDS_BUCKETS, describe, names};
 #[derive(Debug, Clone)]
 pub struct PrometheusService {
     handle: PrometheusHandle,
+    /// The process's CPU, memory, threads and file descriptors, read at each
+    /// scrape; only when the recorder is the global one they go to.
+    process: Option<metrics_process::Collector>,
 }
 
 impl PrometheusService {
     /// Installs a Prometheus recorder as the process's global recorder, with
-    /// this crate's histogram buckets and metric descriptions.
+    /// this crate's histogram buckets and metric descriptions. Each scrape
+    /// also reports the process: `process_cpu_seconds_total`,
+    /// `process_resident_memory_bytes`, `process_virtual_memory_bytes`,
+    /// `process_open_fds`, `process_max_fds`, `process_threads` (the
+    /// standard names, from `metrics-process`).
     ///
     /// Fails if a global recorder is already installed.
     pub fn install() -> Result<Self, BuildError> {
         let handle = Self::builder()?.install_recorder()?;
         describe();
-        Ok(Self { handle })
+        let process = metrics_process::Collector::default();
+        process.describe();
+        Ok(Self {
+            handle,
+            process: Some(process),
+        })
     }
 
     /// A builder with this crate's histogram buckets, for applications that
@@ -54,12 +66,21 @@ impl PrometheusService {
     }
 
     /// Serves the metrics of an installed recorder.
+    ///
+    /// Process metrics are not reported: they go through the global
+    /// recorder, which this one may not be.
     pub fn from_handle(handle: PrometheusHandle) -> Self {
-        Self { handle }
+        Self {
+            handle,
+            process: None,
+        }
     }
 
     /// The current exposition text.
     pub fn render(&self) -> String {
+        if let Some(process) = &self.process {
+            process.collect();
+        }
         // Upkeep drains the histograms' buffers; once per scrape is enough.
         self.handle.run_upkeep();
         self.handle.render()
