@@ -148,14 +148,14 @@ impl Inputs {
 fn inputs(loader: &BertLoader) -> Vec<Inputs> {
     let encoder = loader.encoder();
     let sentence = encoder
-        .encode(SENTENCE, true)
+        .encode(SENTENCE, Some(bert::Direction::Right))
         .expect("the sentence encodes");
     let mixed = MIXED_WORDS
         .iter()
         .map(|&words| {
             let text: Vec<&str> = (0..words).map(|i| WORDS[i % WORDS.len()]).collect();
             let mut ids = encoder
-                .encode(&text.join(" "), true)
+                .encode(&text.join(" "), Some(bert::Direction::Right))
                 .expect("the text encodes");
             // The tokenizer may split a word; keep the set's lengths exact.
             let last = ids.pop().expect("[SEP]");
@@ -416,9 +416,9 @@ fn main() {
     println!("## The physical limit and the example server over HTTP (14-token sentence)");
     println!();
     println!(
-        "| model | raw ceiling, sentences/s | example server over HTTP, req/s | ratio | server p99 ms |"
+        "| model | raw ceiling, sentences/s | server `/embed`, req/s | ratio | p99 ms | server `/v1/embeddings` base64, req/s | vs `/embed` | p99 ms |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for (model, loader) in &models {
         if !selected(&format!("{model}/ceiling")) {
             continue;
@@ -428,15 +428,19 @@ fn main() {
         let http = match server_over_http(&setup, model, &loader_dir(model)) {
             Ok(measured) => measured,
             Err(why) => {
-                println!("| {model} | {raw:.1} | skipped: {why} | | |");
+                println!("| {model} | {raw:.1} | skipped: {why} | | | | | |");
                 continue;
             }
         };
+        let (embed, openai) = (http.embed, http.openai);
         println!(
-            "| {model} | {raw:.1} | {:.1} | {:.2} | {:.1} |",
-            http.0,
-            http.0 / raw,
-            http.1
+            "| {model} | {raw:.1} | {:.1} | {:.2} | {:.1} | {:.1} | {:.3} | {:.1} |",
+            embed.0,
+            embed.0 / raw,
+            embed.1,
+            openai.0,
+            openai.0 / embed.0,
+            openai.1
         );
     }
 }
@@ -500,13 +504,18 @@ fn raw_ceiling(setup: &Setup, loader: &BertLoader, input: &[u32], batch: usize) 
     counts.iter().sum::<u64>() as f64 / setup.secs.as_secs_f64()
 }
 
-/// Requests per second and p99 (ms) of the example server, serving `model`
-/// with `setup`'s replicas, under `wrk` with 64 connections.
-fn server_over_http(
-    setup: &Setup,
-    model: &str,
-    dir: &Option<String>,
-) -> Result<(f64, f64), String> {
+/// Requests per second and p99 (ms) of one endpoint.
+type Measured = (f64, f64);
+
+/// The example server's `/embed` and `/v1/embeddings` (base64).
+struct Http {
+    embed: Measured,
+    openai: Measured,
+}
+
+/// The example server, serving `model` with `setup`'s replicas, under `wrk`
+/// with 64 connections.
+fn server_over_http(setup: &Setup, model: &str, dir: &Option<String>) -> Result<Http, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let server = exe
         .parent()
@@ -537,31 +546,46 @@ fn server_over_http(
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/embed.lua");
-        let url = format!("http://127.0.0.1:{port}/embed");
-        let wrk = |secs: f64| {
-            std::process::Command::new("wrk")
+        // `/embed` and `/v1/embeddings` (base64, the OpenAI SDKs' default),
+        // alternated twice on the same server; each figure is the mean of
+        // its two runs.
+        let wrk = |script: &str, path: &str, secs: f64| -> Result<(f64, f64), String> {
+            let script = format!("{}/scripts/{script}", env!("CARGO_MANIFEST_DIR"));
+            let url = format!("http://127.0.0.1:{port}{path}");
+            let out = std::process::Command::new("wrk")
                 .args(["-t1", "-c64", &format!("-d{}s", secs.ceil().max(1.0))])
-                .args(["--latency", "-s", script, &url])
+                .args(["--latency", "-s", &script, &url])
                 .output()
-                .map_err(|e| format!("wrk: {e} (apt-get install wrk)"))
+                .map_err(|e| format!("wrk: {e} (apt-get install wrk)"))?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let field = |prefix: &str| {
+                text.lines()
+                    .find_map(|line| line.trim().strip_prefix(prefix).map(str::trim))
+                    .map(str::to_owned)
+            };
+            if let Some(errors) = field("Non-2xx or 3xx responses:") {
+                return Err(format!("{errors} error responses on {path}"));
+            }
+            let rate: f64 = field("Requests/sec:")
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| format!("no rate in wrk's output: {text}"))?;
+            Ok((rate, field("99%").map_or(f64::NAN, |v| wrk_ms(&v))))
         };
-        wrk(setup.warmup.as_secs_f64())?;
-        let out = wrk(setup.secs.as_secs_f64())?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let field = |prefix: &str| {
-            text.lines()
-                .find_map(|line| line.trim().strip_prefix(prefix).map(str::trim))
-                .map(str::to_owned)
-        };
-        if let Some(errors) = field("Non-2xx or 3xx responses:") {
-            return Err(format!("{errors} error responses"));
+        let secs = setup.secs.as_secs_f64();
+        wrk("embed.lua", "/embed", setup.warmup.as_secs_f64())?;
+        let mut runs = [(0.0, 0.0); 4];
+        for (i, run) in runs.iter_mut().enumerate() {
+            *run = if i % 2 == 0 {
+                wrk("embed.lua", "/embed", secs)?
+            } else {
+                wrk("embed_openai.lua", "/v1/embeddings", secs)?
+            };
         }
-        let rate: f64 = field("Requests/sec:")
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("no rate in wrk's output: {text}"))?;
-        let p99 = field("99%").map_or(f64::NAN, |v| wrk_ms(&v));
-        Ok((rate, p99))
+        let mean = |a: (f64, f64), b: (f64, f64)| ((a.0 + b.0) / 2.0, (a.1 + b.1) / 2.0);
+        Ok(Http {
+            embed: mean(runs[0], runs[2]),
+            openai: mean(runs[1], runs[3]),
+        })
     })();
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

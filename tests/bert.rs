@@ -39,7 +39,7 @@ fn encode_all(loader: &BertLoader, texts: &[&str]) -> Vec<Vec<u32>> {
     let encoder = loader.encoder();
     texts
         .iter()
-        .map(|text| encoder.encode(text, false).expect("encodes"))
+        .map(|text| encoder.encode(text, None).expect("encodes"))
         .collect()
 }
 
@@ -67,12 +67,12 @@ async fn the_builtin_model_is_deterministic() -> Result<(), BoxError> {
     assert_eq!(loader.dimension(), 128);
     assert!(loader.wants_normalization());
 
-    let ids = loader.encoder().encode(TEXTS[0], false)?;
+    let ids = loader.encoder().encode(TEXTS[0], None)?;
     // [CLS] hello world , this is a test . [SEP]: whole words, no [UNK].
     assert_eq!(ids.len(), 10);
     assert!(!ids.contains(&1), "{ids:?}");
     assert_eq!(
-        BertLoader::builtin(7).encoder().encode(TEXTS[0], false)?,
+        BertLoader::builtin(7).encoder().encode(TEXTS[0], None)?,
         ids
     );
 
@@ -134,13 +134,15 @@ fn the_encoder_refuses_or_truncates_long_texts() {
     let encoder = BertLoader::builtin(1).encoder();
     let max = encoder.max_tokens();
     let long = "word ".repeat(max);
-    match encoder.encode(&long, false) {
+    match encoder.encode(&long, None) {
         Err(EncodeError::TooLong { tokens, max: m }) => {
             assert_eq!((tokens, m), (max + 2, max));
         }
         other => panic!("expected TooLong, got {other:?}"),
     }
-    let ids = encoder.encode(&long, true).expect("truncates");
+    let ids = encoder
+        .encode(&long, Some(bert::Direction::Right))
+        .expect("truncates");
     assert_eq!(ids.len(), max);
     // [CLS] first, [SEP] kept last.
     assert_eq!((ids[0], ids[max - 1]), (2, 3));

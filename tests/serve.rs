@@ -730,3 +730,304 @@ fn a_w3c_traceparent_continues_into_the_request_span() {
     assert_eq!(traced[0]["span"]["parent_span_id"], "00f067aa0ba902b7");
     assert_eq!(traced[0]["span"]["name"], "http.request");
 }
+
+fn post_json(addr: SocketAddr, path: &str, body: &Value) -> Response {
+    request(addr, "POST", path, Some(body.to_string().as_bytes())).unwrap()
+}
+
+fn vector(value: &Value) -> Vec<f32> {
+    serde_json::from_value(value.clone()).unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(worst <= 1e-5, "{what}: differs by {worst}");
+}
+
+/// Decodes OpenAI's base64 embedding: little-endian `f32`s.
+fn from_base64(text: &str) -> Vec<f32> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap();
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn the_openai_embeddings_api_gives_the_embed_vectors_in_each_encoding() {
+    let server = Server::start(&[]);
+    let info = get(server.addr, "/info").json();
+    let model = info["model_id"].as_str().unwrap().to_owned();
+    let dimension = info["model"]["dimension"].as_u64().unwrap() as usize;
+    let texts = ["What is deep learning?", "a second text"];
+    let reference = embed(server.addr, &json!({"inputs": texts})).embeddings();
+
+    let models = get(server.addr, "/v1/models").json();
+    assert_eq!(models["data"][0]["id"], model.as_str());
+    assert_eq!(models["object"], "list");
+
+    let floats = post_json(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"input": texts, "model": model}),
+    )
+    .json();
+    assert_eq!(floats["object"], "list");
+    assert_eq!(floats["model"], model.as_str());
+    for (i, want) in reference.iter().enumerate() {
+        assert_eq!(floats["data"][i]["index"], i);
+        assert_close(&vector(&floats["data"][i]["embedding"]), want, "float");
+    }
+    let tokens = floats["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(tokens > 4, "{}", floats["usage"]);
+    assert_eq!(floats["usage"]["total_tokens"], tokens);
+
+    let encoded = post_json(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"input": texts[0], "model": model, "encoding_format": "base64"}),
+    )
+    .json();
+    let decoded = from_base64(encoded["data"][0]["embedding"].as_str().unwrap());
+    assert_close(&decoded, &reference[0], "base64");
+
+    // Matryoshka: cut, then unit length again.
+    let short = post_json(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"input": texts[0], "dimensions": 8}),
+    )
+    .json();
+    let mut want = reference[0][..8].to_vec();
+    let norm = want.iter().map(|x| x * x).sum::<f32>().sqrt();
+    want.iter_mut().for_each(|x| *x /= norm);
+    assert_close(&vector(&short["data"][0]["embedding"]), &want, "dimensions");
+
+    // Token ids, as /tokenize gives them.
+    let ids: Vec<u64> = get_tokens(server.addr, texts[0]);
+    let by_ids = post_json(server.addr, "/v1/embeddings", &json!({"input": [ids]})).json();
+    assert_close(
+        &vector(&by_ids["data"][0]["embedding"]),
+        &reference[0],
+        "ids",
+    );
+
+    // Bad input: OpenAI's error shape, always a 4xx.
+    for (body, status, param) in [
+        (json!({"input": "x", "model": "gpt-4"}), 404, "model"),
+        (
+            json!({"input": "x", "encoding_format": "hex"}),
+            400,
+            "encoding_format",
+        ),
+        (json!({"input": "x", "dimensions": 0}), 400, "dimensions"),
+        (
+            json!({"input": "x", "dimensions": dimension + 1}),
+            400,
+            "dimensions",
+        ),
+        (json!({"input": []}), 422, "input"),
+        (json!({"input": [[999_999_999u64]]}), 422, "input"),
+        (json!({"inputs": "wrong field"}), 422, ""),
+    ] {
+        let response = post_json(server.addr, "/v1/embeddings", &body);
+        assert_eq!(response.status, status, "{body}: {}", response.body);
+        let error = &response.json()["error"];
+        assert!(error["message"].as_str().unwrap().len() > 5, "{error}");
+        assert_eq!(error["type"], "invalid_request_error", "{error}");
+        if !param.is_empty() {
+            assert_eq!(error["param"], param, "{body}: {error}");
+        }
+    }
+    let malformed = request(server.addr, "POST", "/v1/embeddings", Some(b"{not json")).unwrap();
+    assert_eq!(malformed.status, 400);
+    assert!(malformed.json()["error"]["message"].is_string());
+}
+
+fn get_tokens(addr: SocketAddr, text: &str) -> Vec<u64> {
+    let tokens = post_json(addr, "/tokenize", &json!({"inputs": text})).json();
+    tokens[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn the_tei_options_of_embed_and_tokenize_work() {
+    let server = Server::start(&[]);
+    let text = "What is deep learning?";
+    let reference = &embed(server.addr, &json!({"inputs": text})).embeddings()[0];
+
+    // normalize: false gives the pooled vector, of another length.
+    let raw = &embed(server.addr, &json!({"inputs": text, "normalize": false})).embeddings()[0];
+    assert!((norm(raw) - 1.0).abs() > 1e-3, "norm {}", norm(raw));
+    let unit: Vec<f32> = raw.iter().map(|x| x / norm(raw)).collect();
+    assert_close(&unit, reference, "normalize");
+
+    // Token ids are embedded as they are.
+    let ids = get_tokens(server.addr, text);
+    let by_ids = &embed(server.addr, &json!({"inputs": ids})).embeddings()[0];
+    assert_close(by_ids, reference, "ids");
+
+    // /tokenize: ids, texts, special flags and spans.
+    let tokens = post_json(server.addr, "/tokenize", &json!({"inputs": [text]})).json();
+    let first = &tokens[0][1];
+    assert_eq!(first["special"], false);
+    let (start, stop) = (
+        first["start"].as_u64().unwrap() as usize,
+        first["stop"].as_u64().unwrap() as usize,
+    );
+    assert_eq!(
+        text[start..stop].to_lowercase(),
+        first["text"].as_str().unwrap()
+    );
+    assert_eq!(tokens[0][0]["special"], true);
+
+    // Truncation keeps the chosen end.
+    let max = get(server.addr, "/info").json()["model"]["max_input_tokens"]
+        .as_u64()
+        .unwrap() as usize;
+    let long = format!("{} {}", "alpha ".repeat(max), "omega ".repeat(max));
+    let too_long = post_json(server.addr, "/embed", &json!({"inputs": long}));
+    assert_eq!(too_long.status, 413, "{}", too_long.body);
+    let cut = |direction: &str| {
+        embed(
+            server.addr,
+            &json!({"inputs": long, "truncate": true, "truncation_direction": direction}),
+        )
+        .embeddings()
+        .remove(0)
+    };
+    let (right, left) = (cut("right"), cut("Left"));
+    let alphas = &embed(
+        server.addr,
+        &json!({"inputs": "alpha ".repeat(max), "truncate": true}),
+    )
+    .embeddings()[0];
+    let omegas = &embed(
+        server.addr,
+        &json!({"inputs": "omega ".repeat(max), "truncate": true, "truncation_direction": "left"}),
+    )
+    .embeddings()[0];
+    assert_close(&right, alphas, "truncation right keeps the start");
+    assert_close(&left, omegas, "truncation left keeps the end");
+
+    // An unknown prompt is a clear 422.
+    let unknown = post_json(
+        server.addr,
+        "/embed",
+        &json!({"inputs": text, "prompt_name": "query"}),
+    );
+    assert_eq!(unknown.status, 422);
+    assert!(unknown.body.contains("prompt_name"), "{}", unknown.body);
+
+    // /info is JSON all the way down: no Debug strings.
+    let info = get(server.addr, "/info").json();
+    assert_eq!(info["admission"]["policy"], "shed");
+    assert!(matches!(
+        info["model"]["pooling"].as_str(),
+        Some("mean" | "cls")
+    ));
+    assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
+}
+
+#[test]
+fn prompts_from_the_model_config_are_prepended() {
+    let Some(minilm) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
+        assert!(
+            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
+            "required but CANDLEWICK_MINILM_DIR is not set"
+        );
+        eprintln!("skipped: set CANDLEWICK_MINILM_DIR");
+        return;
+    };
+    // MiniLM ships no prompts; give a copy some, as E5-style models have.
+    let dir = std::env::temp_dir().join(format!("candlewick-prompts-{}", std::process::id()));
+    copy_dir(std::path::Path::new(&minilm), &dir);
+    std::fs::write(
+        dir.join("config_sentence_transformers.json"),
+        r#"{"prompts": {"query": "query: ", "passage": "passage: "}}"#,
+    )
+    .unwrap();
+    let server = Server::start(&["--model-dir", dir.to_str().unwrap()]);
+    let text = "how do I bake bread?";
+    let prompted = &embed(
+        server.addr,
+        &json!({"inputs": text, "prompt_name": "query"}),
+    )
+    .embeddings()[0];
+    let by_hand = &embed(server.addr, &json!({"inputs": format!("query: {text}")})).embeddings()[0];
+    let plain = &embed(server.addr, &json!({"inputs": text})).embeddings()[0];
+    assert_close(prompted, by_hand, "prompt_name");
+    assert!(
+        cosine(prompted, plain) < 0.9999,
+        "the prompt changed nothing"
+    );
+    let unknown = post_json(
+        server.addr,
+        "/embed",
+        &json!({"inputs": text, "prompt_name": "nope"}),
+    );
+    assert_eq!(unknown.status, 422);
+    assert!(unknown.body.contains("passage, query"), "{}", unknown.body);
+    let info = get(server.addr, "/info").json();
+    assert_eq!(info["model"]["prompts"], json!(["passage", "query"]));
+    drop(server);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn the_official_openai_and_huggingface_hub_clients_get_the_embed_vectors() {
+    let python = std::env::var_os("CANDLEWICK_CLIENTS_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/target/clients-venv/bin/python"
+            ))
+        });
+    if !python.exists() {
+        assert!(
+            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
+            "required but {} is missing (.ci/run installs openai and huggingface_hub there)",
+            python.display()
+        );
+        eprintln!(
+            "skipped: no Python with openai and huggingface_hub at {}",
+            python.display()
+        );
+        return;
+    }
+    let minilm = std::env::var("CANDLEWICK_MINILM_DIR").ok();
+    let mut args = Vec::new();
+    if let Some(dir) = &minilm {
+        args.extend(["--model-dir", dir.as_str()]);
+    }
+    let server = Server::start(&args);
+    let model = get(server.addr, "/info").json()["model_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let output = Command::new(&python)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients.py"))
+        .args(["--port", &server.addr.port().to_string(), "--model", &model])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("ok: openai"), "{text}");
+}

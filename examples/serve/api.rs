@@ -9,12 +9,13 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use candlewick::batch::Admission;
 use candlewick::error::{Overloaded, status_code};
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::bert::{BertLoader, EncodeError, TextEncoder, normalize};
+use crate::bert::{BertLoader, Direction, EncodeError, TextEncoder, Token, normalize};
 
 /// The largest request body accepted (413 above).
 pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -24,6 +25,10 @@ pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 pub(crate) struct AppState {
     serving: Serving<Vec<u32>, Vec<f32>>,
     encoder: TextEncoder,
+    /// The served model's name, as `/v1/models` lists it.
+    pub(crate) model_name: Arc<str>,
+    /// The length of an embedding.
+    pub(crate) dimension: usize,
     max_client_batch: usize,
     /// The static part of `/info`.
     info: Arc<Value>,
@@ -40,6 +45,8 @@ impl AppState {
         let encoder = loader.encoder();
         let batch = &config.batch;
         let info = json!({
+            "model_id": model.name,
+            "version": env!("CARGO_PKG_VERSION"),
             "model": {
                 "name": model.name,
                 "version": model.version,
@@ -47,7 +54,8 @@ impl AppState {
                 "approval": model.approval.as_str(),
                 "dimension": loader.dimension(),
                 "max_input_tokens": encoder.max_tokens(),
-                "pooling": format!("{:?}", loader.pooling()).to_lowercase(),
+                "pooling": loader.pooling().as_str(),
+                "prompts": loader.encoder().prompt_names(),
                 "normalized_by_default": loader.wants_normalization(),
             },
             "devices": config.pool.devices.iter().map(|d| candlewick::device::format_location(*d)).collect::<Vec<_>>(),
@@ -66,13 +74,19 @@ impl AppState {
             },
             "admission": {
                 "queue_capacity": batch.queue_capacity,
-                "policy": format!("{:?}", batch.admission).to_lowercase(),
+                "policy": match batch.admission {
+                    Admission::Shed => "shed",
+                    Admission::Wait => "wait",
+                    _ => "other",
+                },
                 "max_queue_time_ms": batch.max_queue_time.map(|t| t.as_millis()),
                 "request_timeout_ms": batch.default_timeout.map(|t| t.as_millis()),
                 "max_client_batch": max_client_batch,
             },
         });
         Self {
+            model_name: Arc::from(model.name.as_str()),
+            dimension: loader.dimension(),
             encoder,
             serving,
             max_client_batch,
@@ -89,25 +103,123 @@ struct EmbedRequest {
     normalize: bool,
     #[serde(default)]
     truncate: bool,
+    #[serde(default)]
+    truncation_direction: Direction,
+    #[serde(default)]
+    prompt_name: Option<String>,
 }
 
 fn yes() -> bool {
     true
 }
 
+/// One input: a text, or the model's token ids, used as they are.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-enum Inputs {
-    One(String),
-    Many(Vec<String>),
+pub(crate) enum Input {
+    Text(String),
+    Ids(Vec<u32>),
 }
 
-/// `POST /embed`: one embedding per input, in order. Each input of a client
-/// batch is its own request to the batcher, so each counts toward admission.
-pub(crate) async fn embed(
-    State(state): State<AppState>,
+/// One input or several (the shapes both APIs accept).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Inputs {
+    One(Input),
+    Many(Vec<Input>),
+}
+
+impl Inputs {
+    pub(crate) fn into_vec(self) -> Vec<Input> {
+        match self {
+            Self::One(input) => vec![input],
+            Self::Many(inputs) => inputs,
+        }
+    }
+}
+
+/// How to turn inputs into token ids.
+pub(crate) struct Encoding<'a> {
+    pub(crate) truncate: Option<Direction>,
+    pub(crate) prompt: Option<&'a str>,
+}
+
+impl AppState {
+    /// The token ids of every input, checked before anything is queued.
+    pub(crate) fn encode(
+        &self,
+        inputs: Vec<Input>,
+        how: &Encoding<'_>,
+    ) -> Result<Vec<Vec<u32>>, ApiError> {
+        if inputs.is_empty() {
+            return Err(ApiError::validation("`inputs` is empty"));
+        }
+        if inputs.len() > self.max_client_batch {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "{} inputs in one request; the most is {}",
+                    inputs.len(),
+                    self.max_client_batch
+                ),
+            ));
+        }
+        inputs
+            .into_iter()
+            .map(|input| match input {
+                Input::Text(text) if text.trim().is_empty() => {
+                    Err(ApiError::validation("an input is empty"))
+                }
+                Input::Text(text) => {
+                    let text = match how.prompt {
+                        Some(prompt) => format!("{prompt}{text}"),
+                        None => text,
+                    };
+                    self.encoder
+                        .encode(&text, how.truncate)
+                        .map_err(ApiError::from_encode)
+                }
+                // Checked at admission by the loader (length, vocabulary).
+                Input::Ids(_) if how.prompt.is_some() => Err(ApiError::validation(
+                    "`prompt_name` applies to texts, not to token ids",
+                )),
+                Input::Ids(ids) => Ok(ids),
+            })
+            .collect()
+    }
+
+    /// The text of the prompt `name`, or a 422 naming the ones there are.
+    fn prompt(&self, name: Option<&str>) -> Result<Option<&str>, ApiError> {
+        let Some(name) = name else { return Ok(None) };
+        self.encoder.prompt(name).map(Some).ok_or_else(|| {
+            let known = self.encoder.prompt_names();
+            ApiError::validation(if known.is_empty() {
+                format!("unknown prompt_name `{name}`: the model defines no prompts")
+            } else {
+                format!(
+                    "unknown prompt_name `{name}`; the model defines: {}",
+                    known.join(", ")
+                )
+            })
+        })
+    }
+
+    /// One embedding per sequence, in order.
+    pub(crate) async fn embed(&self, sequences: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, ApiError> {
+        // The first failure answers the request at once; dropping the others
+        // (as when the client goes away) cancels what is still queued.
+        futures_util::future::try_join_all(sequences.into_iter().map(|ids| self.serving.infer(ids)))
+            .await
+            .map_err(ApiError::from_serving)
+    }
+}
+
+/// Reads a JSON body, answering malformed, oversized or stalled bodies with
+/// their own errors.
+pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
         if caused_by::<tower_http::timeout::TimeoutError>(&rejection) {
             return ApiError::new(
@@ -122,50 +234,77 @@ pub(crate) async fn embed(
         };
         ApiError::new(rejection.status(), kind, rejection.body_text())
     })?;
-    let request: EmbedRequest = serde_json::from_slice(&body).map_err(ApiError::from_json)?;
-    let texts = match request.inputs {
-        Inputs::One(text) => vec![text],
-        Inputs::Many(texts) => texts,
+    serde_json::from_slice(&body).map_err(ApiError::from_json)
+}
+
+/// `POST /embed` (and `POST /`, where TEI clients send it): one embedding
+/// per input, in order. Each input of a client batch is its own request to
+/// the batcher, so each counts toward admission.
+pub(crate) async fn embed(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+    let request: EmbedRequest = parse_body(body)?;
+    let how = Encoding {
+        truncate: request.truncate.then_some(request.truncation_direction),
+        prompt: state.prompt(request.prompt_name.as_deref())?,
     };
-    if texts.is_empty() {
-        return Err(ApiError::validation("`inputs` is empty"));
-    }
-    if texts.len() > state.max_client_batch {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!(
-                "{} inputs in one request; the most is {}",
-                texts.len(),
-                state.max_client_batch
-            ),
-        ));
-    }
-    let mut sequences = Vec::with_capacity(texts.len());
-    for text in &texts {
-        if text.trim().is_empty() {
-            return Err(ApiError::validation("an input is empty"));
-        }
-        sequences.push(
-            state
-                .encoder
-                .encode(text, request.truncate)
-                .map_err(ApiError::from_encode)?,
-        );
-    }
-    // The first failure answers the request at once; dropping the others
-    // (as when the client goes away) cancels what is still queued.
-    let mut embeddings = futures_util::future::try_join_all(
-        sequences.into_iter().map(|ids| state.serving.infer(ids)),
-    )
-    .await
-    .map_err(ApiError::from_serving)?;
+    let sequences = state.encode(request.inputs.into_vec(), &how)?;
+    let mut embeddings = state.embed(sequences).await?;
     if request.normalize {
         embeddings
             .iter_mut()
             .for_each(|embedding| normalize(embedding));
     }
     Ok(Json(embeddings))
+}
+
+/// The body of `POST /tokenize`.
+#[derive(Debug, Deserialize)]
+struct TokenizeRequest {
+    inputs: TextInputs,
+    #[serde(default = "yes")]
+    add_special_tokens: bool,
+    #[serde(default)]
+    prompt_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum TextInputs {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// `POST /tokenize`: the tokens of each input, with their character spans.
+pub(crate) async fn tokenize(
+    State(state): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Vec<Vec<Token>>>, ApiError> {
+    let request: TokenizeRequest = parse_body(body)?;
+    let prompt = state.prompt(request.prompt_name.as_deref())?;
+    let texts = match request.inputs {
+        TextInputs::One(text) => vec![text],
+        TextInputs::Many(texts) => texts,
+    };
+    if texts.len() > state.max_client_batch {
+        return Err(ApiError::validation(format!(
+            "{} inputs in one request; the most is {}",
+            texts.len(),
+            state.max_client_batch
+        )));
+    }
+    texts
+        .iter()
+        .map(|text| {
+            let text = format!("{}{text}", prompt.unwrap_or_default());
+            state
+                .encoder
+                .tokenize(&text, request.add_special_tokens)
+                .map_err(ApiError::from_encode)
+        })
+        .collect::<Result<_, _>>()
+        .map(Json)
 }
 
 /// `GET /info`: the model, devices, batching and admission settings, health.
@@ -182,10 +321,10 @@ pub(crate) async fn not_found() -> ApiError {
 /// An error answered as `{"error": …, "error_type": …}` with its status.
 #[derive(Debug)]
 pub(crate) struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    retry_after: Option<u64>,
+    pub(crate) status: StatusCode,
+    pub(crate) kind: &'static str,
+    pub(crate) message: String,
+    pub(crate) retry_after: Option<u64>,
 }
 
 impl ApiError {

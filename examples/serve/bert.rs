@@ -37,6 +37,16 @@ pub(crate) enum Pooling {
     Cls,
 }
 
+impl Pooling {
+    /// The name sentence-transformers gives it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Mean => "mean",
+            Self::Cls => "cls",
+        }
+    }
+}
+
 /// Why a text or a token sequence is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum EncodeError {
@@ -115,32 +125,107 @@ impl std::error::Error for LoadError {}
 pub(crate) struct TextEncoder {
     tokenizer: Arc<Tokenizer>,
     max_tokens: usize,
+    /// Named prompts from `config_sentence_transformers.json`.
+    prompts: Arc<HashMap<String, String>>,
+}
+
+/// Which end of a too-long input truncation cuts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub(crate) enum Direction {
+    /// Keep the start (the default).
+    #[default]
+    #[serde(alias = "right", alias = "RIGHT")]
+    Right,
+    /// Keep the end.
+    #[serde(alias = "left", alias = "LEFT")]
+    Left,
+}
+
+/// One token of a tokenized text, as `/tokenize` reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct Token {
+    pub(crate) id: u32,
+    pub(crate) text: String,
+    pub(crate) special: bool,
+    pub(crate) start: Option<usize>,
+    pub(crate) stop: Option<usize>,
 }
 
 impl TextEncoder {
     /// The token ids of `text`, with the model's special tokens.
     ///
     /// A text of more than [`max_tokens`](Self::max_tokens) tokens is an
-    /// [`EncodeError::TooLong`] unless `truncate` is set, which cuts it to the
-    /// maximum and keeps its last token (`[SEP]`).
-    pub(crate) fn encode(&self, text: &str, truncate: bool) -> Result<Vec<u32>, EncodeError> {
+    /// [`EncodeError::TooLong`] unless `truncate` names the end to cut,
+    /// keeping the first (`[CLS]`) and last (`[SEP]`) special tokens.
+    pub(crate) fn encode(
+        &self,
+        text: &str,
+        truncate: Option<Direction>,
+    ) -> Result<Vec<u32>, EncodeError> {
         let encoding = self
             .tokenizer
             .encode_fast(text, true)
             .map_err(|error| EncodeError::Tokenizer(error.to_string()))?;
-        let mut ids = encoding.get_ids().to_vec();
-        if ids.len() > self.max_tokens {
-            if !truncate {
-                return Err(EncodeError::TooLong {
-                    tokens: ids.len(),
-                    max: self.max_tokens,
-                });
-            }
-            let last = ids[ids.len() - 1];
-            ids.truncate(self.max_tokens - 1);
-            ids.push(last);
+        let ids = encoding.get_ids();
+        if ids.len() <= self.max_tokens {
+            return Ok(ids.to_vec());
         }
-        Ok(ids)
+        let Some(direction) = truncate else {
+            return Err(EncodeError::TooLong {
+                tokens: ids.len(),
+                max: self.max_tokens,
+            });
+        };
+        let (first, last) = (ids[0], ids[ids.len() - 1]);
+        let body = &ids[1..ids.len() - 1];
+        let keep = self.max_tokens.saturating_sub(2);
+        let kept = match direction {
+            Direction::Right => &body[..keep],
+            Direction::Left => &body[body.len() - keep..],
+        };
+        let mut out = Vec::with_capacity(self.max_tokens);
+        out.push(first);
+        out.extend_from_slice(kept);
+        out.push(last);
+        Ok(out)
+    }
+
+    /// The tokens of `text`, with their spans in it.
+    pub(crate) fn tokenize(
+        &self,
+        text: &str,
+        special_tokens: bool,
+    ) -> Result<Vec<Token>, EncodeError> {
+        let encoding = self
+            .tokenizer
+            .encode_char_offsets(text, special_tokens)
+            .map_err(|error| EncodeError::Tokenizer(error.to_string()))?;
+        Ok(encoding
+            .get_ids()
+            .iter()
+            .zip(encoding.get_tokens())
+            .zip(encoding.get_special_tokens_mask())
+            .zip(encoding.get_offsets())
+            .map(|(((&id, token), &special), &(start, stop))| Token {
+                id,
+                text: token.clone(),
+                special: special == 1,
+                start: (special == 0).then_some(start),
+                stop: (special == 0).then_some(stop),
+            })
+            .collect())
+    }
+
+    /// The text of the prompt called `name`, if the model defines it.
+    pub(crate) fn prompt(&self, name: &str) -> Option<&str> {
+        self.prompts.get(name).map(String::as_str)
+    }
+
+    /// The names of the model's prompts.
+    pub(crate) fn prompt_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.prompts.keys().map(String::as_str).collect();
+        names.sort_unstable();
+        names
     }
 
     /// The most tokens one input may have, special tokens included.
@@ -204,6 +289,7 @@ impl BertLoader {
             encoder: TextEncoder {
                 tokenizer: Arc::new(tokenizer),
                 max_tokens: config.max_position_embeddings,
+                prompts: Arc::default(),
             },
             config,
         }))
@@ -262,6 +348,10 @@ impl BertLoader {
                 max.min(config.max_position_embeddings)
             });
 
+        let prompts = optional_json::<StPrompts>(&dir.join("config_sentence_transformers.json"))?
+            .map(|config| config.prompts)
+            .unwrap_or_default();
+
         let name = dir
             .canonicalize()
             .unwrap_or_else(|_| dir.to_owned())
@@ -280,6 +370,7 @@ impl BertLoader {
             encoder: TextEncoder {
                 tokenizer: Arc::new(tokenizer),
                 max_tokens,
+                prompts: Arc::new(prompts),
             },
         })))
     }
@@ -346,7 +437,7 @@ impl Loader<Vec<u32>> for BertLoader {
         })?;
         let warmup = ["warm up", "a longer sentence to warm up the model with"]
             .into_iter()
-            .map(|text| inner.encoder.encode(text, true))
+            .map(|text| inner.encoder.encode(text, Some(Direction::Right)))
             .collect::<Result<_, _>>()?;
         Ok(BertEmbedder {
             model,
@@ -517,6 +608,14 @@ impl StPooling {
 #[derive(serde::Deserialize)]
 struct StConfig {
     max_seq_length: Option<usize>,
+}
+
+/// `config_sentence_transformers.json`: named prompts, prepended to an input
+/// on request (`prompt_name`).
+#[derive(Debug, Default, serde::Deserialize)]
+struct StPrompts {
+    #[serde(default)]
+    prompts: HashMap<String, String>,
 }
 
 /// A `tokenizer.json` with its padding and truncation turned off.

@@ -13,6 +13,7 @@
 mod api;
 mod bert;
 mod edge;
+mod openai;
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -245,6 +246,11 @@ async fn serve(args: Args) -> Result<(), BoxError> {
 
     let mut app = Router::new()
         .route("/embed", post(api::embed))
+        // TEI clients (huggingface_hub) post to the server's root.
+        .route("/", post(api::embed))
+        .route("/tokenize", post(api::tokenize))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/models", get(openai::models))
         .route("/info", get(api::info));
     if !args.admin_only {
         let probes = serving.probes();
