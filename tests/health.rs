@@ -447,3 +447,18 @@ async fn the_admin_server_closes_connections_that_never_finish_their_headers() {
     .unwrap();
     assert_eq!(outcome, (8, 200));
 }
+
+#[cfg(feature = "admin")]
+#[tokio::test]
+async fn an_admin_port_in_use_is_an_error_not_a_panic() {
+    let echo = |_: &Device| -> Result<_, BoxError> {
+        Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
+    };
+    let serving = Serving::start(echo, config(1)).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let err = serving
+        .admin()
+        .bind(taken.local_addr().unwrap())
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}

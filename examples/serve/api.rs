@@ -171,15 +171,11 @@ impl AppState {
                 Input::Text(text) if text.trim().is_empty() => {
                     Err(ApiError::validation("an input is empty"))
                 }
-                Input::Text(text) => {
-                    let text = match how.prompt {
-                        Some(prompt) => format!("{prompt}{text}"),
-                        None => text,
-                    };
-                    self.encoder
-                        .encode(&text, how.truncate)
-                        .map_err(ApiError::from_encode)
-                }
+                Input::Ids(ids) if ids.is_empty() => Err(ApiError::validation("an input is empty")),
+                Input::Text(text) => self
+                    .encoder
+                    .encode_prompted(how.prompt, &text, how.truncate)
+                    .map_err(ApiError::from_encode),
                 // Checked at admission by the loader (length, vocabulary).
                 Input::Ids(_) if how.prompt.is_some() => Err(ApiError::validation(
                     "`prompt_name` applies to texts, not to token ids",

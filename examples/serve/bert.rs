@@ -190,7 +190,8 @@ impl TextEncoder {
         Ok(out)
     }
 
-    /// The tokens of `text`, with their spans in it.
+    /// The tokens of `text`, as TEI reports them: byte spans in `text`, and
+    /// the text of the span (the token's own text for special tokens).
     pub(crate) fn tokenize(
         &self,
         text: &str,
@@ -198,7 +199,7 @@ impl TextEncoder {
     ) -> Result<Vec<Token>, EncodeError> {
         let encoding = self
             .tokenizer
-            .encode_char_offsets(text, special_tokens)
+            .encode(text, special_tokens)
             .map_err(|error| EncodeError::Tokenizer(error.to_string()))?;
         Ok(encoding
             .get_ids()
@@ -206,14 +207,56 @@ impl TextEncoder {
             .zip(encoding.get_tokens())
             .zip(encoding.get_special_tokens_mask())
             .zip(encoding.get_offsets())
-            .map(|(((&id, token), &special), &(start, stop))| Token {
-                id,
-                text: token.clone(),
-                special: special == 1,
-                start: (special == 0).then_some(start),
-                stop: (special == 0).then_some(stop),
+            .map(|(((&id, token), &special), &(start, stop))| {
+                let special = special == 1;
+                let span = (!special).then(|| text.get(start..stop)).flatten();
+                Token {
+                    id,
+                    text: span.map_or_else(|| token.clone(), str::to_owned),
+                    special,
+                    start: (!special).then_some(start),
+                    stop: (!special).then_some(stop),
+                }
             })
             .collect())
+    }
+
+    /// Like [`encode`](Self::encode) with `prompt` before `text`; a cut
+    /// from the left never cuts into the prompt.
+    pub(crate) fn encode_prompted(
+        &self,
+        prompt: Option<&str>,
+        text: &str,
+        truncate: Option<Direction>,
+    ) -> Result<Vec<u32>, EncodeError> {
+        let Some(prompt) = prompt else {
+            return self.encode(text, truncate);
+        };
+        let prompted = format!("{prompt}{text}");
+        if truncate != Some(Direction::Left) {
+            return self.encode(&prompted, truncate);
+        }
+        let ids = self.ids(&prompted, true)?;
+        if ids.len() <= self.max_tokens {
+            return Ok(ids);
+        }
+        // [CLS] prompt… text… [SEP]: keep the prompt, cut the text's start.
+        let prompt_len = self.ids(prompt, false)?.len().min(ids.len() - 2);
+        let (head, rest) = ids[1..ids.len() - 1].split_at(prompt_len);
+        let keep = self.max_tokens.saturating_sub(2 + head.len());
+        let mut out = Vec::with_capacity(self.max_tokens);
+        out.push(ids[0]);
+        out.extend_from_slice(head);
+        out.extend_from_slice(&rest[rest.len().saturating_sub(keep)..]);
+        out.push(ids[ids.len() - 1]);
+        Ok(out)
+    }
+
+    fn ids(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>, EncodeError> {
+        self.tokenizer
+            .encode_fast(text, special_tokens)
+            .map(|encoding| encoding.get_ids().to_vec())
+            .map_err(|error| EncodeError::Tokenizer(error.to_string()))
     }
 
     /// The text of the prompt called `name`, if the model defines it.
@@ -347,6 +390,13 @@ impl BertLoader {
             .map_or(config.max_position_embeddings, |max| {
                 max.min(config.max_position_embeddings)
             });
+        // Room for [CLS] and [SEP] at least: truncation keeps both.
+        if max_tokens < 2 {
+            return Err(LoadError::Invalid {
+                path: dir.join("sentence_bert_config.json"),
+                reason: format!("max_seq_length {max_tokens} leaves no room for [CLS] and [SEP]"),
+            });
+        }
 
         let prompts = optional_json::<StPrompts>(&dir.join("config_sentence_transformers.json"))?
             .map(|config| config.prompts)

@@ -155,11 +155,19 @@ impl OpenAiError {
     }
 }
 
-/// The same failure the TEI endpoints report, in OpenAI's words.
+/// The same failure the TEI endpoints report, in OpenAI's words: OpenAI
+/// answers bad input with 400 whatever is wrong with it (the SDKs raise
+/// `BadRequestError`), so TEI's 413 and 422 become 400.
 impl From<ApiError> for OpenAiError {
     fn from(err: ApiError) -> Self {
+        let status = match err.status {
+            StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNPROCESSABLE_ENTITY => {
+                StatusCode::BAD_REQUEST
+            }
+            status => status,
+        };
         Self {
-            status: err.status,
+            status,
             message: err.message,
             param: None,
             code: err.kind,

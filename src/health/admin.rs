@@ -67,9 +67,9 @@ struct Routes {
 }
 
 impl AdminServer {
-    /// A server answering `probes`, with at most 64 connections at once and
-    /// a 5 s limit to send a request's headers (which also closes idle
-    /// connections).
+    /// A server answering `probes`, with at most 64 connections at once, a
+    /// 5 s limit to send a request's headers (which also closes idle
+    /// connections), and connections closed after six times that.
     pub fn builder(probes: ProbeService) -> AdminBuilder {
         AdminBuilder {
             routes: Routes {
@@ -143,18 +143,20 @@ impl AdminBuilder {
     /// When the address cannot be bound, or the thread or its runtime
     /// cannot be started.
     pub fn bind(self, addr: SocketAddr) -> std::io::Result<AdminServer> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
+        let runtime = OwnRuntime(Some(
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        ));
         let listener = {
-            let _runtime = runtime.enter();
+            let _runtime = runtime.get().enter();
             listen(addr, 1024)?
         };
         let local_addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("candlewick-admin".to_owned())
-            .spawn(move || runtime.block_on(self.serve(listener, stopped)))?;
+            .spawn(move || runtime.get().block_on(self.serve(listener, stopped)))?;
         Ok(AdminServer {
             local_addr,
             stop: Some(stop),
@@ -182,6 +184,7 @@ impl AdminBuilder {
                 _ = &mut stopped => return,
             };
             let routes = self.routes.clone();
+            let lifetime = self.header_timeout.saturating_mul(6);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(self.header_timeout)
@@ -193,8 +196,29 @@ impl AdminBuilder {
                 );
             tokio::spawn(async move {
                 let _slot = slot;
-                let _ = connection.await;
+                // Probes are short: a connection that outlives this (a
+                // client that stops reading its responses) gives its slot back.
+                let _ = tokio::time::timeout(lifetime, connection).await;
             });
+        }
+    }
+}
+
+/// The admin thread's runtime. Dropped on an error path in the caller (maybe
+/// inside an async context, where dropping a runtime panics), it shuts down
+/// in the background instead.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl OwnRuntime {
+    fn get(&self) -> &tokio::runtime::Runtime {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
         }
     }
 }
