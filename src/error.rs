@@ -179,14 +179,7 @@ impl Unrecoverable {
 
     /// Whether `err`, or an error in its `source()` chain, is `Unrecoverable`.
     pub fn is_in(err: &(dyn Error + 'static)) -> bool {
-        let mut next = Some(err);
-        while let Some(err) = next {
-            if err.is::<Self>() {
-                return true;
-            }
-            next = err.source();
-        }
-        false
+        find::<Self>(err).is_some()
     }
 }
 
@@ -305,6 +298,18 @@ impl Error for ModelFailed {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         Some(&*self.source)
     }
+}
+
+/// The first error of type `E` in `err` and its `source()` chain.
+pub fn find<'a, E: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'a E> {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if let Some(found) = err.downcast_ref::<E>() {
+            return Some(found);
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// The HTTP status code an application should answer `err` with: 429, 422,

@@ -10,7 +10,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use candlewick::batch::Admission;
-use candlewick::error::{Overloaded, status_code};
+use candlewick::error::{Overloaded, find, status_code};
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -217,7 +217,7 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
-        if caused_by::<tower_http::timeout::TimeoutError>(&rejection) {
+        if find::<tower_http::timeout::TimeoutError>(&rejection).is_some() {
             return ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "timeout",
@@ -389,16 +389,4 @@ impl IntoResponse for ApiError {
         }
         response
     }
-}
-
-/// Whether `err` or one of its sources is an `E`.
-fn caused_by<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(err);
-    while let Some(err) = next {
-        if err.is::<E>() {
-            return true;
-        }
-        next = err.source();
-    }
-    false
 }
