@@ -170,7 +170,8 @@ pub enum FailurePolicy {
     /// so that a poisoned input fails alone and the others get their outputs.
     /// A batch of n with one poisoned input costs 2·⌈log2 n⌉ extra forward
     /// passes; `max_depth` bounds them. A failure that looks systemic (both
-    /// halves fail, and both halves of a half fail again) stops the
+    /// halves fail, and both halves of a half fail again, or splitting on
+    /// would cost more than isolating one poisoned input) stops the
     /// splitting: a batch whose every input fails, as on a lost device,
     /// costs no more forward passes than isolating one poisoned input, and
     /// counts in `candlewick_batch_systemic_failures_total`. Panics are not
