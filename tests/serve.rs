@@ -609,29 +609,42 @@ fn a_body_that_stops_arriving_gets_a_json_408() {
 #[test]
 fn a_request_past_the_http_timeout_gets_a_json_504() {
     let server = Server::start(&["--http-timeout-ms", "400", "--body-timeout-ms", "10000"]);
-    let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
+    // Each API answers in its own error shape.
+    for (path, body, shape) in [
+        (
+            "/embed",
+            &br#"{"inputs": "slowly"}"#[..],
+            r#""error_type":"timeout""#,
+        ),
+        (
+            "/v1/embeddings",
+            &br#"{"input": "slowly"}"#[..],
+            r#""type":"server_error""#,
+        ),
+    ] {
+        let mut stream = TcpStream::connect(server.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
         .unwrap();
-    let body = br#"{"inputs": "slowly"}"#;
-    write!(
-        stream,
-        "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    // A byte every 100 ms: never stalled long enough for the body timeout,
-    // always too slow for the request timeout.
-    let mut raw = String::new();
-    for byte in body {
-        if stream.write_all(&[*byte]).is_err() {
-            break;
+        // A byte every 100 ms: never stalled long enough for the body
+        // timeout, always too slow for the request timeout.
+        for byte in body {
+            if stream.write_all(&[*byte]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        let mut raw = String::new();
+        let _ = stream.read_to_string(&mut raw);
+        assert!(raw.starts_with("HTTP/1.1 504"), "{path}: {raw}");
+        assert!(raw.contains(shape), "{path}: {raw}");
     }
-    let _ = stream.read_to_string(&mut raw);
-    assert!(raw.starts_with("HTTP/1.1 504"), "{raw}");
-    assert!(raw.contains(r#""error_type":"timeout""#), "{raw}");
 }
 
 #[test]

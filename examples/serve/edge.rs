@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
-use axum::http::{Request, StatusCode};
+use axum::http::{Request, StatusCode, Uri};
+use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -21,6 +22,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
 use crate::api::ApiError;
+use crate::openai::OpenAiError;
 
 /// The limits a client is held to.
 #[derive(Debug, Clone, Copy)]
@@ -47,13 +49,21 @@ pub(crate) fn layers(app: Router, limits: Limits) -> Router {
                     // a log line each would flood the logs under overload.
                     .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
             )
-            .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-                ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    "the request took longer than the server's request timeout",
-                )
-            }))
+            .layer(HandleErrorLayer::new(
+                |uri: Uri, _: tower::BoxError| async move {
+                    let err = ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "timeout",
+                        "the request took longer than the server's request timeout",
+                    );
+                    // Each API answers in its own error shape.
+                    if uri.path().starts_with("/v1/") {
+                        OpenAiError::from(err).into_response()
+                    } else {
+                        err.into_response()
+                    }
+                },
+            ))
             .timeout(limits.request_timeout)
             .layer(RequestBodyTimeoutLayer::new(limits.body_timeout)),
     )
