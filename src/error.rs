@@ -2,7 +2,9 @@
 //! `err.is::<T>()` or `err.downcast_ref::<T>()` on the [`BoxError`] a service
 //! returns.
 //!
-//! Each type documents the HTTP status an application should answer with.
+//! Each type documents the HTTP status an application should answer with;
+//! [`classify`] is the one table of statuses, metric outcomes and
+//! retryability, for this crate's errors and tower's own.
 //!
 //! # Examples
 //!
@@ -13,6 +15,7 @@
 //!
 //! let err: BoxError = Overloaded::new(Duration::from_millis(1500)).into();
 //! assert_eq!(status_code(&*err), 429);
+//! assert!(candlewick::error::classify(&*err).retryable);
 //! let retry_after = err.downcast_ref::<Overloaded>().unwrap().retry_after_secs();
 //! assert_eq!(retry_after, 2);
 //! ```
@@ -312,25 +315,76 @@ pub fn find<'a, E: Error + 'static>(err: &'a (dyn Error + 'static)) -> Option<&'
     None
 }
 
-/// The HTTP status code an application should answer `err` with: 429, 422,
-/// 504, 503, 500 for the errors of this crate (looking through `source()` chains),
-/// 500 for anything else.
-pub fn status_code(err: &(dyn Error + 'static)) -> u16 {
+/// How a failed request is reported, wherever it is reported: the HTTP
+/// status to answer, the `outcome` label it counts under in
+/// `candlewick_requests_total`, and whether sending it again later may
+/// succeed. [`classify`] is the one table behind the metrics and
+/// [`status_code`]; the example server reads it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Class {
+    /// The HTTP status to answer with.
+    pub status: http::StatusCode,
+    /// The `outcome` label of the requests metric.
+    pub outcome: &'static str,
+    /// Whether the same request may succeed later (here or on another
+    /// instance): overload, deadlines, shutdown, a panicking or stalled
+    /// model. Invalid input and a model's own error are not.
+    pub retryable: bool,
+}
+
+impl Class {
+    const fn new(status: http::StatusCode, outcome: &'static str, retryable: bool) -> Self {
+        Self {
+            status,
+            outcome,
+            retryable,
+        }
+    }
+}
+
+/// The [`Class`] of `err`: the first error of this crate, or tower's own
+/// `Overloaded` (load shed), `Elapsed` (timeout) and `Closed` (buffer), found
+/// in `err` and its `source()` chain. Anything else is a 500 counted as a
+/// model error, not retryable.
+///
+/// | error | status | outcome | retryable |
+/// |---|---|---|---|
+/// | [`Overloaded`], tower's `load_shed::error::Overloaded` | 429 | `overloaded` | yes |
+/// | [`InvalidInput`] | 422 | `invalid` | no |
+/// | [`DeadlineExceeded`], tower's `timeout::error::Elapsed` | 504 | `deadline` | yes |
+/// | [`Draining`] | 503 | `draining` | yes |
+/// | [`Closed`], tower's `buffer::error::Closed` | 503 | `closed` | yes |
+/// | [`ModelFailed`]: `Panic`, `Stalled` | 500 | `model_error` | yes |
+/// | [`ModelFailed`]: `Error`, `OutputCount`; anything else | 500 | `model_error` | no |
+pub fn classify(err: &(dyn Error + 'static)) -> Class {
+    use http::StatusCode as S;
     let mut next = Some(err);
     while let Some(err) = next {
-        if err.is::<Overloaded>() {
-            return 429;
-        }
-        if err.is::<InvalidInput>() {
-            return 422;
-        }
-        if err.is::<DeadlineExceeded>() {
-            return 504;
-        }
-        if err.is::<Closed>() || err.is::<Draining>() {
-            return 503;
-        }
-        next = err.source();
+        let class = if err.is::<Overloaded>() || err.is::<tower::load_shed::error::Overloaded>() {
+            Class::new(S::TOO_MANY_REQUESTS, "overloaded", true)
+        } else if err.is::<InvalidInput>() {
+            Class::new(S::UNPROCESSABLE_ENTITY, "invalid", false)
+        } else if err.is::<DeadlineExceeded>() || err.is::<tower::timeout::error::Elapsed>() {
+            Class::new(S::GATEWAY_TIMEOUT, "deadline", true)
+        } else if err.is::<Draining>() {
+            Class::new(S::SERVICE_UNAVAILABLE, "draining", true)
+        } else if err.is::<Closed>() || err.is::<tower::buffer::error::Closed>() {
+            Class::new(S::SERVICE_UNAVAILABLE, "closed", true)
+        } else if let Some(failed) = err.downcast_ref::<ModelFailed>() {
+            let transient = matches!(failed.kind(), FailureKind::Panic | FailureKind::Stalled);
+            Class::new(S::INTERNAL_SERVER_ERROR, "model_error", transient)
+        } else {
+            next = err.source();
+            continue;
+        };
+        return class;
     }
-    500
+    Class::new(S::INTERNAL_SERVER_ERROR, "model_error", false)
+}
+
+/// The HTTP status an application should answer `err` with: the status of
+/// its [`classify`] class.
+pub fn status_code(err: &(dyn Error + 'static)) -> http::StatusCode {
+    classify(err).status
 }

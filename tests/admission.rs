@@ -168,3 +168,78 @@ async fn a_normal_request_is_not_starved_past_the_bound() {
     // The normal request waited out the bound: it goes first.
     assert_eq!(batch, [1, 10]);
 }
+
+#[tokio::test]
+async fn one_table_classifies_this_crates_errors_and_towers_own() {
+    use candlewick::error::{Closed, Draining, FailureKind, InvalidInput, ModelFailed, classify};
+    use tower::ServiceExt;
+
+    // tower's Buffer answers `Closed` once its worker is gone.
+    let (buffer, worker) = tower::buffer::Buffer::pair(
+        tower::service_fn(|x: u8| async move { Ok::<_, BoxError>(x) }),
+        1,
+    );
+    drop(worker);
+    let buffer_closed = buffer.oneshot(1).await.unwrap_err();
+
+    let cases: Vec<(BoxError, u16, &str, bool)> = vec![
+        (
+            Overloaded::new(Duration::from_secs(1)).into(),
+            429,
+            "overloaded",
+            true,
+        ),
+        (
+            tower::load_shed::error::Overloaded::new().into(),
+            429,
+            "overloaded",
+            true,
+        ),
+        (InvalidInput::new("bad").into(), 422, "invalid", false),
+        (DeadlineExceeded::new().into(), 504, "deadline", true),
+        (
+            tower::timeout::error::Elapsed::new().into(),
+            504,
+            "deadline",
+            true,
+        ),
+        (Draining::new().into(), 503, "draining", true),
+        (Closed::new().into(), 503, "closed", true),
+        (buffer_closed, 503, "closed", true),
+        (
+            ModelFailed::new(FailureKind::Panic, "boom").into(),
+            500,
+            "model_error",
+            true,
+        ),
+        (
+            ModelFailed::new(FailureKind::Stalled, "slow").into(),
+            500,
+            "model_error",
+            true,
+        ),
+        (
+            ModelFailed::new(FailureKind::Error, "nan").into(),
+            500,
+            "model_error",
+            false,
+        ),
+        ("anything else".into(), 500, "model_error", false),
+        // The first known error in the source chain decides.
+        (
+            InvalidInput::new(Overloaded::new(Duration::ZERO)).into(),
+            422,
+            "invalid",
+            false,
+        ),
+    ];
+    for (err, status, outcome, retryable) in cases {
+        let class = classify(&*err);
+        assert_eq!(
+            (class.status.as_u16(), class.outcome, class.retryable),
+            (status, outcome, retryable),
+            "{err}"
+        );
+        assert_eq!(status_code(&*err), status);
+    }
+}

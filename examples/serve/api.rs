@@ -10,7 +10,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use candlewick::batch::Admission;
-use candlewick::error::{Overloaded, find, status_code};
+use candlewick::error::{Overloaded, classify, find};
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -360,17 +360,16 @@ impl ApiError {
         }
     }
 
+    /// The answer to a failure of the serving stack, from the crate's one
+    /// table (`error::classify`): its status, and its outcome as the error
+    /// type (TEI calls invalid input `validation`).
     fn from_serving(err: BoxError) -> Self {
-        let status =
-            StatusCode::from_u16(status_code(&*err)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        let kind = match status.as_u16() {
-            429 => "overloaded",
-            422 => "validation",
-            503 => "unavailable",
-            504 => "deadline",
-            _ => "model",
+        let class = classify(&*err);
+        let kind = match class.outcome {
+            "invalid" => "validation",
+            outcome => outcome,
         };
-        let mut error = Self::new(status, kind, err.to_string());
+        let mut error = Self::new(class.status, kind, err.to_string());
         error.retry_after = err
             .downcast_ref::<Overloaded>()
             .map(Overloaded::retry_after_secs);

@@ -183,22 +183,14 @@ impl Outcome {
         }
     }
 
-    /// The outcome of a request answered with `err`.
+    /// The outcome of a request answered with `err`, as
+    /// [`classify`](crate::error::classify) labels it.
     pub(crate) fn of_error(err: &(dyn std::error::Error + 'static)) -> Self {
-        use crate::error::*;
-        if err.is::<Overloaded>() {
-            Self::Overloaded
-        } else if err.is::<DeadlineExceeded>() {
-            Self::Deadline
-        } else if err.is::<InvalidInput>() {
-            Self::Invalid
-        } else if err.is::<Draining>() {
-            Self::Draining
-        } else if err.is::<Closed>() {
-            Self::Closed
-        } else {
-            Self::ModelError
-        }
+        let label = crate::error::classify(err).outcome;
+        Self::ALL
+            .into_iter()
+            .find(|outcome| outcome.as_str() == label)
+            .unwrap_or(Self::ModelError)
     }
 }
 
