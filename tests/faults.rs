@@ -150,6 +150,14 @@ async fn eventually(what: &str, condition: impl Fn() -> bool) {
     panic!("never true: {what}");
 }
 
+/// A [`Faulty`] model served with `pool`, and its control.
+fn faulty_serving(pool: PoolConfig) -> (Serving<u32, u32>, Arc<Control>) {
+    let loader = Faulty::default();
+    let control = loader.0.clone();
+    let serving = Serving::start(loader, ServingConfig::new(pool, BatchConfig::default())).unwrap();
+    (serving, control)
+}
+
 /// The service answers a run of good requests, each with its own output.
 async fn serves(serving: &Serving<u32, u32>) {
     for x in 1..=20 {
@@ -159,13 +167,7 @@ async fn serves(serving: &Serving<u32, u32>) {
 
 #[tokio::test]
 async fn a_panic_in_warm_up_during_a_reload_does_not_break_the_pool() {
-    let loader = Faulty::default();
-    let control = loader.0.clone();
-    let serving = Serving::start(
-        loader,
-        ServingConfig::new(quick_restarts(), BatchConfig::default()),
-    )
-    .unwrap();
+    let (serving, control) = faulty_serving(quick_restarts());
     serves(&serving).await;
 
     control.warmup_panics.store(1, Ordering::SeqCst);
@@ -193,13 +195,7 @@ async fn a_panic_in_warm_up_during_a_reload_does_not_break_the_pool() {
 
 #[tokio::test]
 async fn a_panic_in_the_models_drop_does_not_break_the_pool() {
-    let loader = Faulty::default();
-    let control = loader.0.clone();
-    let serving = Serving::start(
-        loader,
-        ServingConfig::new(quick_restarts(), BatchConfig::default()),
-    )
-    .unwrap();
+    let (serving, control) = faulty_serving(quick_restarts());
     serves(&serving).await;
 
     control.drop_panics.store(true, Ordering::SeqCst);
@@ -609,4 +605,25 @@ async fn a_panicking_drop_of_inputs_or_unwanted_outputs_leaves_the_replica_idle_
         assert_eq!(pool.idle_replicas(), 1, "one permit per idle replica");
     }
     assert_eq!(pool.replicas()[0].restarts, 0);
+}
+
+#[tokio::test]
+async fn a_load_once_whose_load_panics_loads_again_for_the_next_caller() {
+    let weights: candlewick::LoadOnce<u32> = candlewick::LoadOnce::new();
+    let first = weights.clone();
+    let panicked = tokio::spawn(async move {
+        first
+            .get_or_try_load(|| async { panic!("reading the weights crashed") })
+            .await
+            .map(|w| *w)
+            .map_err(|e: BoxError| e.to_string())
+    })
+    .await;
+    assert!(panicked.unwrap_err().is_panic());
+    assert_eq!(weights.get(), None);
+    let loaded = weights
+        .get_or_try_load(|| async { Ok::<_, BoxError>(7) })
+        .await
+        .unwrap();
+    assert_eq!(*loaded, 7);
 }

@@ -357,9 +357,6 @@ fn the_admin_server_answers_while_the_data_plane_runtime_is_blocked() {
         .build()
         .unwrap();
     let (serving, admin) = data_plane.block_on(async {
-        let echo = |_: &Device| -> Result<_, BoxError> {
-            Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
-        };
         let serving = Serving::start(echo, config(1)).unwrap();
         reach(&serving.health(), HealthState::Ready).await;
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -404,9 +401,6 @@ fn the_admin_server_answers_while_the_data_plane_runtime_is_blocked() {
 #[tokio::test]
 async fn the_admin_server_closes_connections_that_never_finish_their_headers() {
     use std::io::{Read, Write};
-    let echo = |_: &Device| -> Result<_, BoxError> {
-        Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
-    };
     let serving = Serving::start(echo, config(1)).unwrap();
     let admin = serving
         .admin()
@@ -451,9 +445,6 @@ async fn the_admin_server_closes_connections_that_never_finish_their_headers() {
 #[cfg(feature = "admin")]
 #[tokio::test]
 async fn an_admin_port_in_use_is_an_error_not_a_panic() {
-    let echo = |_: &Device| -> Result<_, BoxError> {
-        Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
-    };
     let serving = Serving::start(echo, config(1)).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let err = serving
@@ -461,4 +452,10 @@ async fn an_admin_port_in_use_is_an_error_not_a_panic() {
         .bind(taken.local_addr().unwrap())
         .unwrap_err();
     assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+}
+
+/// A model that answers each input with itself.
+#[cfg(feature = "admin")]
+fn echo(_: &Device) -> Result<impl Fn(&[u8]) -> Result<Vec<u8>, BoxError> + use<>, BoxError> {
+    Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
 }

@@ -390,14 +390,7 @@ fn sigterm_during_load_answers_every_accepted_request_and_exits_zero() {
 
 #[test]
 fn all_minilm_l6_v2_ranks_a_paraphrase_above_an_unrelated_sentence() {
-    let Some(dir) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
-        assert!(
-            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
-            "required but CANDLEWICK_MINILM_DIR is not set"
-        );
-        eprintln!(
-            "skipped: set CANDLEWICK_MINILM_DIR to the all-MiniLM-L6-v2 directory (.ci/run does)"
-        );
+    let Some(dir) = minilm_dir("the MiniLM ranking test") else {
         return;
     };
     let server = Server::start(&["--model-dir", dir.to_str().unwrap()]);
@@ -465,12 +458,7 @@ fn a_server_that_can_never_serve_exits_non_zero_with_a_sentence() {
     assert!(!stderr.contains("Missing {"), "Debug output: {stderr}");
 
     // Malformed weights: every replica fails for good, and the server says why.
-    let Some(minilm) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
-        assert!(
-            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
-            "required but CANDLEWICK_MINILM_DIR is not set"
-        );
-        eprintln!("skipped the malformed-weights case: set CANDLEWICK_MINILM_DIR");
+    let Some(minilm) = minilm_dir("the malformed-weights case") else {
         return;
     };
     let broken = std::env::temp_dir().join(format!("candlewick-broken-{}", std::process::id()));
@@ -954,12 +942,7 @@ fn the_tei_options_of_embed_and_tokenize_work() {
 
 #[test]
 fn prompts_from_the_model_config_are_prepended() {
-    let Some(minilm) = std::env::var_os("CANDLEWICK_MINILM_DIR") else {
-        assert!(
-            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
-            "required but CANDLEWICK_MINILM_DIR is not set"
-        );
-        eprintln!("skipped: set CANDLEWICK_MINILM_DIR");
+    let Some(minilm) = minilm_dir("the prompts test") else {
         return;
     };
     // MiniLM ships no prompts; give a copy some, as E5-style models have.
@@ -1052,4 +1035,34 @@ fn the_official_openai_and_huggingface_hub_clients_get_the_embed_vectors() {
     );
     assert!(output.status.success(), "{text}");
     assert!(text.contains("ok: openai"), "{text}");
+}
+
+/// The all-MiniLM-L6-v2 directory, when `CANDLEWICK_MINILM_DIR` names one;
+/// otherwise says which `case` is skipped (and fails where CI requires it).
+fn minilm_dir(case: &str) -> Option<std::ffi::OsString> {
+    let dir = std::env::var_os("CANDLEWICK_MINILM_DIR");
+    if dir.is_none() {
+        assert!(
+            std::env::var_os("CANDLEWICK_REQUIRE_ALL").is_none(),
+            "required but CANDLEWICK_MINILM_DIR is not set"
+        );
+        eprintln!(
+            "skipped {case}: set CANDLEWICK_MINILM_DIR to the all-MiniLM-L6-v2 directory (.ci/run does)"
+        );
+    }
+    dir
+}
+
+#[test]
+fn zero_timeouts_and_connection_limits_are_refused_at_start() {
+    for flag in [
+        "--header-timeout-ms",
+        "--body-timeout-ms",
+        "--http-timeout-ms",
+        "--max-connections",
+    ] {
+        let (status, stderr) = run_to_exit(&[flag, "0"]);
+        assert_eq!(status.code(), Some(2), "{flag}: {stderr}");
+        assert!(stderr.contains("0 is not in 1.."), "{flag}: {stderr}");
+    }
 }

@@ -379,13 +379,18 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({ "error": self.message, "error_type": self.kind }));
-        let mut response = (self.status, body).into_response();
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+        let body = json!({ "error": self.message, "error_type": self.kind });
+        json_error(self.status, body, self.retry_after)
     }
+}
+
+/// A JSON error response, with `Retry-After` when the client should retry.
+pub(crate) fn json_error(status: StatusCode, body: Value, retry_after: Option<u64>) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if let Some(secs) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
 }

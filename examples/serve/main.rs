@@ -98,17 +98,17 @@ struct Args {
     /// How long a client may take to send a request's headers, in ms,
     /// counted from when the connection waits for a request (so it also
     /// closes idle keep-alive connections).
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     header_timeout_ms: u64,
     /// How long a request body may stall between two pieces, in ms.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     body_timeout_ms: u64,
     /// The most time one HTTP request may take, from its headers to its
     /// response, in ms (keep it above --request-timeout-ms).
-    #[arg(long, default_value_t = 35_000)]
+    #[arg(long, default_value_t = 35_000, value_parser = clap::value_parser!(u64).range(1..))]
     http_timeout_ms: u64,
     /// The most connections served at once; more wait in the listen backlog.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_connections: usize,
     /// The scheduling priority of the CPU replicas' compute threads:
     /// `background` keeps a saturated model from starving request parsing,

@@ -5,13 +5,13 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, AppState, Encoding, Inputs, parse_body};
+use crate::api::{ApiError, AppState, Encoding, Inputs, json_error, parse_body};
 use crate::bert::normalize;
 
 /// The body of `POST /v1/embeddings`.
@@ -183,18 +183,12 @@ impl IntoResponse for OpenAiError {
             400..=499 => "invalid_request_error",
             _ => "server_error",
         };
-        let body = Json(json!({"error": {
+        let body = json!({"error": {
             "message": self.message,
             "type": kind,
             "param": self.param,
             "code": self.code,
-        }}));
-        let mut response = (self.status, body).into_response();
-        if let Some(secs) = self.retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
+        }});
+        json_error(self.status, body, self.retry_after)
     }
 }

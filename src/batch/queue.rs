@@ -107,6 +107,8 @@ pub(super) enum Next<I, O> {
 
 pub(super) struct Queue<I, O> {
     state: Mutex<State<I, O>>,
+    /// Handles only: used outside the lock too, never cloned per call.
+    metrics: BatchMetrics,
     /// Wakes the worker: a request arrived, or the last handle went away.
     pub(super) wake: Notify,
     /// Wakes drains: requests left the queue, or a batch finished.
@@ -120,7 +122,6 @@ pub(super) struct Queue<I, O> {
 }
 
 struct State<I, O> {
-    metrics: BatchMetrics,
     /// One lane per priority, `High` first.
     lanes: [VecDeque<Entry<I, O>>; 2],
     /// The number of entries in all lanes.
@@ -143,8 +144,8 @@ fn lane(priority: Priority) -> usize {
 impl<I, O> Queue<I, O> {
     pub(super) fn new(metrics: BatchMetrics) -> Self {
         Self {
+            metrics,
             state: Mutex::new(State {
-                metrics,
                 lanes: [VecDeque::new(), VecDeque::new()],
                 len: 0,
                 cost: 0,
@@ -173,7 +174,7 @@ impl<I, O> Queue<I, O> {
         state.cost = state.cost.saturating_add(entry.cost as u128);
         state.len = state.len.saturating_add(1);
         state.lanes[lane(entry.priority)].push_back(entry);
-        state.publish_depth();
+        state.publish_depth(&self.metrics);
         drop(state);
         self.wake.notify_one();
         Ok(())
@@ -211,9 +212,8 @@ impl<I, O> Queue<I, O> {
         state.closed = true;
         state.cost = 0;
         state.len = 0;
-        state.publish_depth();
+        state.publish_depth(&self.metrics);
         let lanes = std::mem::take(&mut state.lanes);
-        let metrics = state.metrics.clone();
         drop(state);
         let mut answered = 0usize;
         for entry in lanes.into_iter().flatten() {
@@ -221,7 +221,7 @@ impl<I, O> Queue<I, O> {
             if !ticket.reply.is_closed() {
                 answered = answered.saturating_add(1);
             }
-            ticket.answer(Err(closed.clone().into()), Outcome::Closed, &metrics);
+            ticket.answer(Err(closed.clone().into()), Outcome::Closed, &self.metrics);
             drop_contained(input, "a request's input");
         }
         self.progress.notify_waiters();
@@ -245,10 +245,9 @@ impl<I, O> Queue<I, O> {
         for entry in &removed {
             state.forget(entry);
         }
-        state.publish_depth();
-        let metrics = state.metrics.clone();
+        state.publish_depth(&self.metrics);
         drop(state);
-        retire(removed, now, &metrics);
+        retire(removed, now, &self.metrics);
         if count > 0 {
             self.progress.notify_waiters();
         }
@@ -288,14 +287,14 @@ impl<I, O> Queue<I, O> {
                         .max_batch_cost
                         .is_some_and(|budget| state.cost >= budget.get() as u128);
                 if full || flush || now >= due_at || self.is_abandoned() {
-                    let taken = state.take(now, config, &mut gone);
-                    state.publish_depth();
+                    let taken = state.take(now, config, &mut gone, &self.metrics);
+                    state.publish_depth(&self.metrics);
                     if taken.inputs.is_empty() {
                         Next::Empty
                     } else {
                         state.running_cost = state.running_cost.saturating_add(taken.cost as u128);
                         self.in_flight.fetch_add(1, Ordering::AcqRel);
-                        let metrics = &state.metrics;
+                        let metrics = &self.metrics;
                         metrics.batch_size.record(taken.inputs.len() as f64);
                         metrics.batch_cost.record(taken.cost as f64);
                         metrics.in_flight.increment(taken.inputs.len() as f64);
@@ -306,10 +305,9 @@ impl<I, O> Queue<I, O> {
                 }
             }
         };
-        let metrics = state.metrics.clone();
         drop(state);
         let purged = !gone.is_empty();
-        retire(gone, now, &metrics);
+        retire(gone, now, &self.metrics);
         // What was purged may have been all a drain waited for.
         if purged || matches!(next, Next::Empty) {
             self.progress.notify_waiters();
@@ -323,7 +321,7 @@ impl<I, O> Queue<I, O> {
         {
             let mut state = self.lock();
             state.running_cost = state.running_cost.saturating_sub(cost as u128);
-            state.metrics.in_flight.decrement(size as f64);
+            self.metrics.in_flight.decrement(size as f64);
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         self.progress.notify_waiters();
@@ -349,9 +347,9 @@ impl<I, O> Queue<I, O> {
 }
 
 impl<I, O> State<I, O> {
-    fn publish_depth(&self) {
-        self.metrics.queue_depth.set(self.len as f64);
-        self.metrics.queue_cost.set(self.cost as f64);
+    fn publish_depth(&self, metrics: &BatchMetrics) {
+        metrics.queue_depth.set(self.len as f64);
+        metrics.queue_cost.set(self.cost as f64);
     }
 
     /// Accounts for an entry leaving the queue without being batched; the
@@ -368,6 +366,7 @@ impl<I, O> State<I, O> {
         now: Instant,
         config: &BatchConfig,
         gone: &mut Vec<Entry<I, O>>,
+        metrics: &BatchMetrics,
     ) -> Taken<I, O> {
         let max = config.max_batch_size.get();
         let capacity = max.min(self.len);
@@ -404,7 +403,7 @@ impl<I, O> State<I, O> {
                 }
                 longest = longest.max(entry.cost);
                 taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
-                self.metrics
+                metrics
                     .queue_wait
                     .record(now.saturating_duration_since(entry.arrived));
                 let (input, ticket) = entry.into_parts();

@@ -130,7 +130,8 @@ impl AdminBuilder {
 
     /// How long a client may take to send a request's headers, counted
     /// from when the connection waits for a request (so it also closes idle
-    /// connections). Default: 5 s.
+    /// connections). Default: 5 s. (Zero would close every connection
+    /// before its first request: choose at least the time a client needs.)
     pub fn header_timeout(mut self, timeout: Duration) -> Self {
         self.header_timeout = timeout;
         self

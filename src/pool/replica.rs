@@ -193,7 +193,11 @@ impl<O> Board<O> {
             status.failed_for_good = true;
             status.last_error = Some(reason.to_owned());
         });
-        if self.unavailable().is_some() {
+        if lock(&self.status)
+            .replicas
+            .iter()
+            .all(|r| r.failed_for_good)
+        {
             self.semaphore.close();
         }
     }
