@@ -110,7 +110,7 @@ pub use model::{Approval, LoadOnce, Loader, Model, ModelInfo};
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
-pub use serving::{ResponseFuture, Serving, ServingConfig};
+pub use serving::{Serving, ServingBuilder, ServingConfig};
 
 /// The error type of every service in this crate: inspect it with
 /// `downcast_ref` for the types in [`error`].

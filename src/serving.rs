@@ -1,4 +1,5 @@
-//! The standard stack in one call: a [`Pool`] of replicas behind a [`Batch`].
+//! The standard stack in one call: a [`Pool`] of replicas behind a [`Batch`],
+//! with [`Health`] and metrics attached.
 //!
 //! # Examples
 //!
@@ -22,19 +23,87 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! [`ServingBuilder::layer`] puts tower layers between the batcher and the
+//! pool (a timeout per batch, a concurrency limit, tracing of each batch).
+//!
+//! # Build it yourself
+//!
+//! `Serving` is a convenience built from public parts only. The same stack by
+//! hand, with tower's `ServiceBuilder`, behaves the same: the same admission
+//! hooks, the same metrics (per-input model errors count as
+//! `outcome="model_error"`), the same health, the same per-request deadlines.
+//! Build it this way to put your own layers anywhere in the stack, or to
+//! share one pool between several batchers.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use candle_core::Device;
+//! use candlewick::batch::{BatchLayer, Priority, Request};
+//! use candlewick::health::{Health, HealthState, Lifecycle};
+//! use candlewick::pool::Pool;
+//! use candlewick::{BoxError, ServingConfig};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! // One loader: the pool builds the models with it, and the batcher asks
+//! // it for each input's cost and validity at admission.
+//! let loader = Arc::new(|_: &Device| -> Result<_, BoxError> {
+//!     Ok(|batch: &[String]| -> Result<Vec<usize>, BoxError> {
+//!         Ok(batch.iter().map(|text| text.len()).collect())
+//!     })
+//! });
+//! let config = ServingConfig::default();
+//! let model = &config.model;
+//!
+//! // The replicas, then the batcher in front of them, with any tower layer
+//! // in between (here a time limit per batch).
+//! let pool = Pool::from_arc(loader.clone(), config.pool.clone(), model)?;
+//! let batch = ServiceBuilder::new()
+//!     .layer(BatchLayer::new(config.batch.clone()).hooks_from(loader).model(model))
+//!     .timeout(Duration::from_secs(30))
+//!     .service(pool.clone());
+//!
+//! // Health reads the pool and the batcher without keeping them running;
+//! // the gauges are the ones `Serving` publishes.
+//! let health = Health::new(config.health.clone(), pool.status()).with_batch(batch.status());
+//! health.publish_metrics(model);
+//! candlewick::metrics::record_model_info(model);
+//!
+//! // Each request carries its own deadline and priority through
+//! // `Service::call`, as tower-http requests carry extensions.
+//! let request = Request::new("hello".to_owned())
+//!     .with_timeout(Duration::from_secs(1))
+//!     .with_priority(Priority::High);
+//! assert_eq!(batch.clone().oneshot(request).await?, 5);
+//!
+//! let mut watch = health.watch();
+//! while !health.ready().ok {
+//!     watch.changed().await;
+//! }
+//! assert_eq!(health.report().state, HealthState::Ready);
+//!
+//! // Shutdown, as `Serving::shutdown` does it.
+//! health.set_lifecycle(Lifecycle::Draining);
+//! let deadline = tokio::time::Instant::now() + config.drain_timeout;
+//! batch.drain(deadline).await;
+//! health.set_lifecycle(Lifecycle::Stopped);
+//! # Ok(())
+//! # }
+//! ```
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use pin_project::pin_project;
-use tower::Service;
+use tower::layer::util::{Identity, Stack};
+use tower::{Layer, Service, ServiceBuilder};
 
 use crate::BoxError;
-use crate::batch::{self, Batch, BatchConfig, BatchLayer, DrainReport, RequestOptions};
-use crate::error::ModelFailed;
+use crate::batch::future::ResponseFuture;
+use crate::batch::{Batch, BatchConfig, BatchLayer, DrainReport, Request};
 use crate::health::{Health, HealthConfig, Lifecycle, ProbePaths, ProbeService};
 use crate::model::{Loader, Model, ModelInfo};
 use crate::pool::{Pool, PoolConfig, PoolError, ReplicaStatus};
@@ -130,9 +199,9 @@ impl ServingConfig {
 ///
 /// Cheap to clone; all clones share the replicas and the queue. The replicas
 /// stop once the last clone is dropped and the queued requests are answered.
-/// Also a `Service<I, Response = O>` for use inside tower stacks.
+/// Also a `Service<Request<I>, Response = O>` for use inside tower stacks.
 pub struct Serving<I, O> {
-    batch: Batch<I, Result<O, ModelFailed>>,
+    batch: Batch<I, O>,
     pool: Pool<I, O>,
     health: Health,
     probes: ProbePaths,
@@ -147,14 +216,6 @@ impl<I, O> std::fmt::Debug for Serving<I, O> {
             .field("batch", &self.batch)
             .field("pool", &self.pool)
             .field("health", &self.health)
-            .finish()
-    }
-}
-
-impl<O> std::fmt::Debug for ResponseFuture<O> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture")
-            .field("inner", &self.inner)
             .finish()
     }
 }
@@ -178,7 +239,8 @@ where
     O: Send + 'static,
 {
     /// Starts the replicas of `config.pool`, each loading a model with
-    /// `loader`, and the batch worker on the current tokio runtime.
+    /// `loader`, and the batch worker on the current tokio runtime. Use
+    /// [`ServingBuilder`] to add layers between the batcher and the pool.
     ///
     /// Returns at once; the replicas load in the background.
     ///
@@ -190,42 +252,20 @@ where
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
     {
-        let loader = Arc::new(loader);
-        let model = config.model;
-        let pool = Pool::from_arc(loader.clone(), config.pool, &model)?;
-        let (batch_config, hooks) = BatchLayer::new(config.batch)
-            .hooks_from(loader)
-            .model(&model)
-            .into_hooks();
-        let batch = Batch::with_hooks(pool.clone(), batch_config, hooks, Result::is_err);
-        let health = Health::new(config.health, pool.roster_source(), batch.stopped_probe());
-        health.publish_state(&crate::metrics::labels(&model, &[]));
-        publish_model_info(&model);
-        Ok(Self {
-            batch,
-            pool,
-            health,
-            probes: config.probes,
-            model: Arc::new(model),
-            drain_timeout: config.drain_timeout,
-        })
+        ServingBuilder::new(loader, config).start()
     }
 
-    /// Runs the model on one input. See [`Batch::infer`].
-    pub async fn infer(&self, input: I) -> Result<O, BoxError> {
-        Ok(self.batch.infer(input).await??)
-    }
-
-    /// Like [`infer`](Self::infer), with a deadline and priority of its own.
-    pub async fn infer_with(&self, input: I, options: RequestOptions) -> Result<O, BoxError> {
-        Ok(self.batch.infer_with(input, options).await??)
+    /// Runs the model on one input, or on a [`Request`] with a deadline and
+    /// priority of its own. See [`Batch::infer`].
+    pub async fn infer(&self, request: impl Into<Request<I>>) -> Result<O, BoxError> {
+        self.batch.infer(request).await
     }
 }
 
 impl<I, O> Serving<I, O> {
     /// The batching service, which answers each input with the outcome of the
     /// model for it.
-    pub fn batch(&self) -> &Batch<I, Result<O, ModelFailed>> {
+    pub fn batch(&self) -> &Batch<I, O> {
         &self.batch
     }
 
@@ -287,26 +327,22 @@ impl<I, O> Serving<I, O> {
     /// finish until `deadline`, and whatever is left then is answered with
     /// [`Closed`](crate::error::Closed). See [`Batch::drain`].
     pub async fn shutdown(&self, deadline: tokio::time::Instant) -> DrainReport {
-        self.shutdown_until(deadline).await
+        self.health.set_lifecycle(Lifecycle::Draining);
+        let report = self.batch.drain(deadline).await;
+        self.health.set_lifecycle(Lifecycle::Stopped);
+        report
     }
 
     /// [`shutdown`](Self::shutdown) within the configured
     /// [`drain_timeout`](ServingConfig::drain_timeout) from now.
     pub async fn shutdown_within(&self) -> DrainReport {
         let now = tokio::time::Instant::now();
-        self.shutdown_until(crate::contain::saturating_deadline(now, self.drain_timeout))
+        self.shutdown(crate::contain::saturating_deadline(now, self.drain_timeout))
             .await
-    }
-
-    async fn shutdown_until(&self, deadline: tokio::time::Instant) -> DrainReport {
-        self.health.set_lifecycle(Lifecycle::Draining);
-        let report = self.batch.drain(deadline).await;
-        self.health.set_lifecycle(Lifecycle::Stopped);
-        report
     }
 }
 
-impl<I, O> Service<I> for Serving<I, O>
+impl<I, O> Service<Request<I>> for Serving<I, O>
 where
     I: Send + 'static,
     O: Send + 'static,
@@ -315,45 +351,123 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<O>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         self.batch.poll_ready(cx)
     }
 
-    fn call(&mut self, input: I) -> Self::Future {
-        ResponseFuture {
-            inner: self.batch.call(input),
+    fn call(&mut self, request: Request<I>) -> Self::Future {
+        self.batch.call(request)
+    }
+}
+
+/// Builds a [`Serving`] with tower layers between the batcher and the pool.
+///
+/// Layers apply in the order added, the first outermost, as with tower's
+/// `ServiceBuilder`; each sees whole batches (`Vec<I>`) and must answer with
+/// one result per input.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use candle_core::Device;
+/// use candlewick::{BoxError, Serving, ServingBuilder, ServingConfig};
+/// use tower::timeout::TimeoutLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let loader = |_: &Device| -> Result<_, BoxError> {
+///     Ok(|batch: &[u32]| -> Result<Vec<u32>, BoxError> { Ok(batch.to_vec()) })
+/// };
+/// let serving: Serving<u32, u32> = ServingBuilder::new(loader, ServingConfig::default())
+///     .layer(TimeoutLayer::new(Duration::from_secs(10)))
+///     .start()?;
+/// assert_eq!(serving.infer(7).await?, 7);
+/// # Ok(())
+/// # }
+/// ```
+pub struct ServingBuilder<L, M = Identity> {
+    loader: L,
+    config: ServingConfig,
+    layers: ServiceBuilder<M>,
+}
+
+impl<L> ServingBuilder<L> {
+    /// A builder for the stack of `config`, whose replicas load with `loader`.
+    pub fn new(loader: L, config: ServingConfig) -> Self {
+        Self {
+            loader,
+            config,
+            layers: ServiceBuilder::new(),
         }
     }
 }
 
-/// Sets the [`MODEL_INFO`](crate::metrics::names::MODEL_INFO) gauge.
-fn publish_model_info(model: &ModelInfo) {
-    let unknown = || "unknown".to_owned();
-    let labels = crate::metrics::labels(
-        model,
-        &[
-            ("revision", model.revision.clone().unwrap_or_else(unknown)),
-            (
-                "data_snapshot",
-                model.data_snapshot.clone().unwrap_or_else(unknown),
-            ),
-            ("approval", model.approval.as_str().to_owned()),
-        ],
-    );
-    metrics::gauge!(crate::metrics::names::MODEL_INFO, labels).set(1.0);
+impl<L, M> ServingBuilder<L, M> {
+    /// Adds `layer` between the batcher and the pool, inside the layers
+    /// added before it.
+    pub fn layer<T>(self, layer: T) -> ServingBuilder<L, Stack<T, M>> {
+        ServingBuilder {
+            loader: self.loader,
+            config: self.config,
+            layers: self.layers.layer(layer),
+        }
+    }
+
+    /// Starts the stack, as [`Serving::start`] does.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn start<I, O, E>(self) -> Result<Serving<I, O>, PoolError>
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+        L: Loader<I>,
+        L::Model: Model<I, Output = O>,
+        M: Layer<Pool<I, O>>,
+        M::Service: Service<Vec<I>, Response = Vec<Result<O, E>>> + Send + 'static,
+        <M::Service as Service<Vec<I>>>::Error: Into<BoxError>,
+        <M::Service as Service<Vec<I>>>::Future: Send + 'static,
+        E: Into<BoxError>,
+    {
+        let Self {
+            loader,
+            config,
+            layers,
+        } = self;
+        let loader = Arc::new(loader);
+        let model = config.model;
+        let pool = Pool::from_arc(loader.clone(), config.pool, &model)?;
+        let batch = ServiceBuilder::new()
+            .layer(
+                BatchLayer::new(config.batch)
+                    .hooks_from(loader)
+                    .model(&model),
+            )
+            .layer(layers.into_inner())
+            .service(pool.clone());
+        let health = Health::new(config.health, pool.status()).with_batch(batch.status());
+        health.publish_metrics(&model);
+        crate::metrics::record_model_info(&model);
+        Ok(Serving {
+            batch,
+            pool,
+            health,
+            probes: config.probes,
+            model: Arc::new(model),
+            drain_timeout: config.drain_timeout,
+        })
+    }
 }
 
-/// The answer of a [`Serving`] to one request.
-#[pin_project]
-pub struct ResponseFuture<O> {
-    #[pin]
-    inner: batch::future::ResponseFuture<Result<O, ModelFailed>>,
-}
-
-impl<O> Future for ResponseFuture<O> {
-    type Output = Result<O, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(Ok(ready!(self.project().inner.poll(cx))??))
+impl<L, M: std::fmt::Debug> std::fmt::Debug for ServingBuilder<L, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingBuilder")
+            .field("config", &self.config)
+            .field("layers", &self.layers)
+            .finish_non_exhaustive()
     }
 }

@@ -5,16 +5,19 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use candlewick::BoxError;
-use candlewick::batch::{Batch, BatchConfig, Priority, RequestOptions};
+use candlewick::batch::{Batch, BatchConfig, Priority, Request};
 use candlewick::error::{DeadlineExceeded, Overloaded, status_code};
 use tokio::time::Instant;
+use tower::ServiceExt as _;
 use tower_test::mock;
 
 type Handle = mock::Handle<Vec<u32>, Vec<u32>>;
 
 fn batched(config: BatchConfig) -> (Batch<u32, u32>, Handle) {
-    let (inner, handle) = mock::pair();
-    (Batch::new(inner, config), handle)
+    let (inner, handle) = mock::pair::<Vec<u32>, Vec<u32>>();
+    let each_ok =
+        |outputs: Vec<u32>| -> Vec<Result<u32, BoxError>> { outputs.into_iter().map(Ok).collect() };
+    (Batch::new(inner.map_response(each_ok), config), handle)
 }
 
 fn config(max_batch: usize) -> BatchConfig {
@@ -25,11 +28,10 @@ fn config(max_batch: usize) -> BatchConfig {
 
 fn send(
     service: &Batch<u32, u32>,
-    input: u32,
-    options: RequestOptions,
+    request: Request<u32>,
 ) -> tokio::task::JoinHandle<Result<u32, BoxError>> {
     let service = service.clone();
-    tokio::spawn(async move { service.infer_with(input, options).await })
+    tokio::spawn(async move { service.infer(request).await })
 }
 
 async fn settle() {
@@ -45,10 +47,9 @@ async fn an_expired_request_is_answered_at_its_deadline_and_never_reaches_the_mo
     let start = Instant::now();
     let expiring = send(
         &service,
-        1,
-        RequestOptions::default().with_timeout(Duration::from_millis(50)),
+        Request::new(1).with_timeout(Duration::from_millis(50)),
     );
-    let patient = send(&service, 2, RequestOptions::default());
+    let patient = send(&service, Request::new(2));
     // Answered at its deadline, while every replica is still busy.
     let err = expiring.await.unwrap().unwrap_err();
     assert!(err.is::<DeadlineExceeded>(), "{err}");
@@ -66,9 +67,9 @@ async fn the_default_timeout_applies_to_requests_without_a_deadline() {
     let config = config(8).with_default_timeout(Some(Duration::from_millis(30)));
     let (service, mut handle) = batched(config);
     handle.allow(0);
-    let expiring = send(&service, 1, RequestOptions::default());
+    let expiring = send(&service, Request::new(1));
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let later = send(&service, 2, RequestOptions::default());
+    let later = send(&service, Request::new(2));
     tokio::time::sleep(Duration::from_millis(15)).await;
     assert!(
         expiring
@@ -90,7 +91,7 @@ async fn a_deadline_already_past_is_rejected_at_admission() {
     let past = Instant::now();
     tokio::time::advance(Duration::from_millis(1)).await;
     let err = service
-        .infer_with(1, RequestOptions::default().with_deadline(past))
+        .infer(Request::new(1).with_deadline(past))
         .await
         .unwrap_err();
     assert!(err.is::<DeadlineExceeded>());
@@ -101,9 +102,7 @@ async fn a_deadline_already_past_is_rejected_at_admission() {
 /// rate is measured.
 async fn measure(service: &Batch<u32, u32>, handle: &mut Handle, n: u32, batch_time: Duration) {
     handle.allow(1);
-    let warm: Vec<_> = (0..n)
-        .map(|i| send(service, i, RequestOptions::default()))
-        .collect();
+    let warm: Vec<_> = (0..n).map(|i| send(service, Request::new(i))).collect();
     let (batch, reply) = handle.next_request().await.unwrap();
     tokio::time::sleep(batch_time).await;
     reply.send_response(batch);
@@ -120,11 +119,9 @@ async fn predictive_shedding_rejects_what_would_wait_too_long() {
     measure(&service, &mut handle, 4, Duration::from_millis(100)).await;
     handle.allow(0);
     // Ten queued requests take 250 ms to serve: the eleventh is still admitted.
-    let admitted: Vec<_> = (0..10)
-        .map(|i| send(&service, i, RequestOptions::default()))
-        .collect();
+    let admitted: Vec<_> = (0..10).map(|i| send(&service, Request::new(i))).collect();
     settle().await;
-    let eleventh = send(&service, 10, RequestOptions::default());
+    let eleventh = send(&service, Request::new(10));
     settle().await;
     assert_eq!(service.queue_depth().0, 11);
     // Eleven take 275 ms: the twelfth would wait too long, and hears so at once.
@@ -141,12 +138,10 @@ async fn predictive_shedding_rejects_what_would_wait_too_long() {
 async fn high_priority_requests_are_batched_first() {
     let (service, mut handle) = batched(config(2));
     handle.allow(0);
-    let high = RequestOptions::default().with_priority(Priority::High);
-    let _normal: Vec<_> = (0..2)
-        .map(|i| send(&service, i, RequestOptions::default()))
-        .collect();
+    let high = |i| Request::new(i).with_priority(Priority::High);
+    let _normal: Vec<_> = (0..2).map(|i| send(&service, Request::new(i))).collect();
     settle().await;
-    let _urgent: Vec<_> = (10..12).map(|i| send(&service, i, high)).collect();
+    let _urgent: Vec<_> = (10..12).map(|i| send(&service, high(i))).collect();
     settle().await;
     handle.allow(1);
     let (batch, _reply) = handle.next_request().await.unwrap();
@@ -158,10 +153,10 @@ async fn a_normal_request_is_not_starved_past_the_bound() {
     let config = config(2).with_max_starvation(Duration::from_millis(100));
     let (service, mut handle) = batched(config);
     handle.allow(0);
-    let high = RequestOptions::default().with_priority(Priority::High);
-    let _normal = send(&service, 1, RequestOptions::default());
+    let high = |i| Request::new(i).with_priority(Priority::High);
+    let _normal = send(&service, Request::new(1));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let _urgent: Vec<_> = (10..14).map(|i| send(&service, i, high)).collect();
+    let _urgent: Vec<_> = (10..14).map(|i| send(&service, high(i))).collect();
     settle().await;
     handle.allow(1);
     let (batch, _reply) = handle.next_request().await.unwrap();

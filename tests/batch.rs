@@ -5,7 +5,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use candlewick::BoxError;
-use candlewick::batch::{Admission, Batch, BatchConfig, BatchLayer, CostMode};
+use candlewick::batch::{Admission, Batch, BatchConfig, BatchLayer, CostMode, Request};
 use candlewick::error::{FailureKind, InvalidInput, ModelFailed, Overloaded};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
@@ -26,13 +26,18 @@ fn config(max_batch: usize, max_wait_ms: u64) -> BatchConfig {
 
 fn batched(config: BatchConfig) -> (Batch<u32, u32>, Handle) {
     let (inner, handle): (Mock, Handle) = mock::pair();
-    (Batch::new(inner, config), handle)
+    (Batch::new(inner.map_response(all_ok), config), handle)
+}
+
+/// The mock answers whole batches; each input succeeds.
+fn all_ok(outputs: Vec<u32>) -> Vec<Result<u32, BoxError>> {
+    outputs.into_iter().map(Ok).collect()
 }
 
 /// Sends `input` through a clone of `service` on its own task.
 fn send(service: &Batch<u32, u32>, input: u32) -> tokio::task::JoinHandle<Result<u32, BoxError>> {
     let service = service.clone();
-    tokio::spawn(async move { service.oneshot(input).await })
+    tokio::spawn(async move { service.oneshot(input.into()).await })
 }
 
 /// Lets spawned tasks run without moving the paused clock.
@@ -129,7 +134,7 @@ async fn the_cost_budget_is_respected() {
     let (inner, mut handle): (Mock, Handle) = mock::pair();
     let service = BatchLayer::new(config)
         .cost(|x: &u32| *x as usize)
-        .layer(inner);
+        .layer(inner.map_response(all_ok));
     handle.allow(0);
     let _requests: Vec<_> = [4, 4, 4, 4, 9]
         .into_iter()
@@ -152,7 +157,7 @@ async fn a_padded_budget_counts_the_longest_input_for_every_row() {
     let (inner, mut handle): (Mock, Handle) = mock::pair();
     let service = BatchLayer::new(config)
         .cost(|x: &u32| *x as usize)
-        .layer(inner);
+        .layer(inner.map_response(all_ok));
     handle.allow(0);
     let _requests: Vec<_> = [2, 6, 1, 3]
         .into_iter()
@@ -173,8 +178,8 @@ async fn an_input_over_the_budget_is_rejected_at_admission() {
     let (inner, _handle): (Mock, Handle) = mock::pair();
     let service = BatchLayer::new(config)
         .cost(|x: &u32| *x as usize)
-        .layer(inner);
-    let err = service.oneshot(11).await.unwrap_err();
+        .layer(inner.map_response(all_ok));
+    let err = service.oneshot(11.into()).await.unwrap_err();
     assert!(err.is::<InvalidInput>(), "{err}");
 }
 
@@ -207,9 +212,9 @@ async fn invalid_input_is_rejected_in_the_callers_task() {
                 Ok(())
             }
         })
-        .layer(inner);
+        .layer(inner.map_response(all_ok));
     handle.allow(1);
-    let err = service.clone().oneshot(0).await.unwrap_err();
+    let err = service.clone().oneshot(0.into()).await.unwrap_err();
     let invalid = err.downcast_ref::<InvalidInput>().expect("typed error");
     assert_eq!(invalid.reason().to_string(), "zero is not allowed");
     // The valid request behind it is batched alone.
@@ -229,7 +234,7 @@ async fn a_full_queue_sheds_at_once_without_awaiting_the_model() {
     settle().await;
     // The model is never ready, yet the rejection comes at once.
     let start = Instant::now();
-    let err = service.clone().oneshot(9).await.unwrap_err();
+    let err = service.clone().oneshot(9.into()).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     let overloaded = err.downcast_ref::<Overloaded>().expect("typed error");
     assert!(overloaded.retry_after() > Duration::ZERO);
@@ -261,7 +266,7 @@ async fn wait_admission_holds_callers_in_poll_ready() {
     let (mut service, mut handle) = batched(config);
     handle.allow(0);
     service.ready().await.unwrap();
-    let first = service.call(1);
+    let first = service.call(1.into());
     let mut second = service.clone();
     let mut ready = tokio_test_ready(&mut second);
     assert!(!ready(), "poll_ready was ready with a full queue");
@@ -414,11 +419,10 @@ fn every_request_is_counted_once_whatever_its_fate() {
             let (service, mut handle) = batched(config(1, 0));
             handle.allow(1);
             // Its own deadline fires while its batch runs.
-            let options = candlewick::batch::RequestOptions::default()
-                .with_timeout(Duration::from_millis(10));
+            let request = Request::new(1).with_timeout(Duration::from_millis(10));
             let timed_out = {
                 let service = service.clone();
-                tokio::spawn(async move { service.infer_with(1, options).await })
+                tokio::spawn(async move { service.infer(request).await })
             };
             let (_, slow_reply) = handle.next_request().await.unwrap();
             // Its caller leaves while it is queued.
@@ -467,7 +471,7 @@ fn every_request_is_counted_once_whatever_its_fate() {
 async fn a_panicking_inner_service_fails_its_batch_and_serves_the_next() {
     let inner = tower::service_fn(|batch: Vec<u32>| {
         assert!(!batch.contains(&13), "the inner service panicked");
-        std::future::ready(Ok::<_, BoxError>(batch))
+        std::future::ready(Ok::<_, BoxError>(all_ok(batch)))
     });
     let service = Batch::new(inner, config(1, 0));
     let doomed = send(&service, 13);

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use candle_core::{Device, DeviceLocation};
-use candlewick::batch::{Batch, BatchConfig, BatchLayer, RequestOptions};
+use candlewick::batch::{Batch, BatchConfig, BatchLayer, Request};
 use candlewick::error::{Closed, FailureKind, ModelFailed, Overloaded, Unrecoverable};
 use candlewick::pool::{Backoff, FailurePolicy, Pool, PoolConfig, PoolError};
 use candlewick::{BoxError, Loader, Model, Serving, ServingConfig};
@@ -228,8 +228,8 @@ async fn duration_max_anywhere_is_never_an_overflow() {
     let config = ServingConfig::new(pool, batch).with_drain_timeout(Duration::MAX);
     let serving = Serving::start(Faulty::default(), config).unwrap();
     serves(&serving).await;
-    let options = RequestOptions::default().with_timeout(Duration::MAX);
-    assert_eq!(serving.infer_with(21, options).await.unwrap(), 42);
+    let request = Request::new(21).with_timeout(Duration::MAX);
+    assert_eq!(serving.infer(request).await.unwrap(), 42);
     assert_eq!(Overloaded::new(Duration::MAX).retry_after_secs(), u64::MAX);
     let report = serving.shutdown_within().await;
     assert_eq!(report.aborted, 0);
@@ -427,7 +427,7 @@ async fn a_panicking_inner_service_fails_only_its_batch() {
         assert!(!batch.contains(&13), "call crashed");
         async move {
             assert!(!batch.contains(&14), "future crashed");
-            Ok::<_, BoxError>(batch.into_iter().map(|x| x * 2).collect::<Vec<_>>())
+            Ok::<_, BoxError>(doubled(batch))
         }
     });
     let batch: Batch<u32, u32> = BatchLayer::new(BatchConfig::default()).layer(inner);
@@ -452,9 +452,9 @@ async fn an_inner_service_that_panics_when_polled_closes_the_queue_with_the_reas
     struct PanicsWhenPolled;
 
     impl Service<Vec<u32>> for PanicsWhenPolled {
-        type Response = Vec<u32>;
+        type Response = Vec<Result<u32, BoxError>>;
         type Error = BoxError;
-        type Future = std::future::Ready<Result<Vec<u32>, BoxError>>;
+        type Future = std::future::Ready<Result<Self::Response, BoxError>>;
 
         fn poll_ready(
             &mut self,
@@ -464,7 +464,7 @@ async fn an_inner_service_that_panics_when_polled_closes_the_queue_with_the_reas
         }
 
         fn call(&mut self, batch: Vec<u32>) -> Self::Future {
-            std::future::ready(Ok(batch))
+            std::future::ready(Ok(doubled(batch)))
         }
     }
 
@@ -480,9 +480,7 @@ async fn an_inner_service_that_panics_when_polled_closes_the_queue_with_the_reas
 
 #[tokio::test]
 async fn a_panicking_cost_or_validate_hook_fails_only_that_request() {
-    let double = service_fn(|batch: Vec<u32>| async move {
-        Ok::<_, BoxError>(batch.into_iter().map(|x| x * 2).collect::<Vec<_>>())
-    });
+    let double = service_fn(|batch: Vec<u32>| async move { Ok::<_, BoxError>(doubled(batch)) });
     let layer = BatchLayer::new(BatchConfig::default())
         .cost(|x: &u32| {
             assert_ne!(*x, 7, "cost crashed");
@@ -521,13 +519,13 @@ impl Drop for Bomb {
 async fn an_input_whose_drop_panics_cannot_poison_the_queue() {
     fn inner() -> impl Service<
         Vec<Bomb>,
-        Response = Vec<u32>,
+        Response = Answers,
         Error = BoxError,
-        Future = impl Future<Output = Result<Vec<u32>, BoxError>> + Send,
+        Future = impl Future<Output = Result<Answers, BoxError>> + Send,
     > + Send
     + 'static {
         service_fn(|batch: Vec<Bomb>| async move {
-            Ok::<_, BoxError>(batch.iter().map(|b| b.0 * 2).collect::<Vec<_>>())
+            Ok::<_, BoxError>(doubled(batch.iter().map(|b| b.0).collect()))
         })
     }
 
@@ -538,8 +536,8 @@ async fn an_input_whose_drop_panics_cannot_poison_the_queue() {
         .with_max_wait(Duration::from_secs(1));
     let mut batch = Batch::new(inner(), config);
     for round in 1..=3u32 {
-        drop(batch.call(Bomb(0)));
-        let good = batch.call(Bomb(round));
+        drop(batch.call(Bomb(0).into()));
+        let good = batch.call(Bomb(round).into());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(good.await.unwrap(), round * 2);
         assert!(!batch.is_closed());
@@ -552,8 +550,8 @@ async fn an_input_whose_drop_panics_cannot_poison_the_queue() {
         .with_max_wait(Duration::from_secs(1));
     let mut batch = Batch::new(inner(), config);
     for round in 1..=3u32 {
-        drop(batch.call(Bomb(0)));
-        let good = batch.call(Bomb(round));
+        drop(batch.call(Bomb(0).into()));
+        let good = batch.call(Bomb(round).into());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(good.await.unwrap(), round * 2);
         assert!(!batch.is_closed());
@@ -626,4 +624,12 @@ async fn a_load_once_whose_load_panics_loads_again_for_the_next_caller() {
         .await
         .unwrap();
     assert_eq!(*loaded, 7);
+}
+
+/// A batch service's answer: one result per input.
+type Answers = Vec<Result<u32, BoxError>>;
+
+/// A batch service's answer that doubles every input.
+fn doubled(batch: Vec<u32>) -> Answers {
+    batch.into_iter().map(|x| Ok(x * 2)).collect()
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use candle_core::Device;
-use candlewick::batch::{BatchConfig, RequestOptions};
+use candlewick::batch::{BatchConfig, Request};
 use candlewick::health::HealthState;
 use candlewick::pool::{FailurePolicy, PoolConfig, ReplicaState};
 use candlewick::{BoxError, Loader, ModelInfo, Serving, ServingConfig};
@@ -114,8 +114,8 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
         sent += 1;
     }
     for _ in 0..2 {
-        let past = RequestOptions::default().with_deadline(tokio::time::Instant::now());
-        assert!(serving.infer_with(1, past).await.is_err());
+        let past = Request::new(1).with_deadline(tokio::time::Instant::now());
+        assert!(serving.infer(past).await.is_err());
         sent += 1;
     }
     // Overload: with the only replica held on a batch of one, 16 of the next
@@ -132,7 +132,11 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
     }
     held.extend((1..23u32).map(send));
     sent += 23;
-    while serving.batch().queue_depth().0 < 16 {
+    // Every one of them admitted or shed before the replica frees: the
+    // queued ones cannot finish while it is held, so 6 finished are the 6 shed.
+    while serving.batch().queue_depth().0 < 16
+        || held.iter().filter(|h| h.is_finished()).count() < 6
+    {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     gate.add_permits(1_000);

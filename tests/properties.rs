@@ -67,9 +67,11 @@ fn run(
                     }
                     tokio::time::sleep(Duration::from_micros(batch_us)).await;
                     if batch.iter().any(|(_, poison)| *poison) {
-                        return Err::<Vec<u64>, BoxError>("poisoned batch".into());
+                        return Err::<Vec<Result<u64, BoxError>>, BoxError>(
+                            "poisoned batch".into(),
+                        );
                     }
-                    Ok(batch.iter().map(|(id, _)| id * 3 + 1).collect())
+                    Ok(batch.iter().map(|(id, _)| Ok(id * 3 + 1)).collect())
                 }
             });
         let config = BatchConfig::default()
@@ -81,7 +83,7 @@ fn run(
         let mut tasks = Vec::new();
         for (id, request) in requests.iter().enumerate() {
             tokio::time::sleep(Duration::from_micros(request.gap_us)).await;
-            let call = service.clone().oneshot((id as u64, request.poison));
+            let call = service.clone().oneshot((id as u64, request.poison).into());
             let cancel_after = request.cancel_after_us;
             tasks.push(tokio::spawn(async move {
                 match cancel_after {

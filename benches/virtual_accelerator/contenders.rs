@@ -150,7 +150,7 @@ pub(crate) async fn start(
         Contender::Candlewick => {
             let started = start_candlewick(params, replicas, model).await;
             serving = Some(started.clone());
-            Svc::new(started)
+            Svc::new(started.map_request(candlewick::batch::Request::new))
         }
         Contender::Buffer => {
             let tx = executors(model, replicas, 16384, stopped.clone());

@@ -44,11 +44,6 @@ impl<I> BatchLayer<I> {
         self
     }
 
-    /// The admission hooks and labels, for building a [`Batch`] directly.
-    pub(crate) fn into_hooks(self) -> (BatchConfig, Hooks<I>) {
-        (self.config, self.hooks)
-    }
-
     /// Takes [`cost`](Self::cost) and [`validate`](Self::validate) from the
     /// model's loader.
     pub fn hooks_from<L: Loader<I>>(self, loader: Arc<L>) -> Self
@@ -78,17 +73,23 @@ impl<I> fmt::Debug for BatchLayer<I> {
     }
 }
 
-impl<S, I, O> Layer<S> for BatchLayer<I>
+impl<S, I, O, E> Layer<S> for BatchLayer<I>
 where
-    S: Service<Vec<I>, Response = Vec<O>> + Send + 'static,
+    S: Service<Vec<I>, Response = Vec<Result<O, E>>> + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     I: Send + 'static,
     O: Send + 'static,
+    E: Into<BoxError>,
 {
     type Service = Batch<I, O>;
 
+    /// Spawns the batch worker on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
     fn layer(&self, inner: S) -> Batch<I, O> {
-        Batch::with_hooks(inner, self.config.clone(), self.hooks.clone(), |_| false)
+        Batch::with_hooks(inner, self.config.clone(), self.hooks.clone())
     }
 }

@@ -3,10 +3,14 @@
 #![warn(clippy::arithmetic_side_effects)]
 //! Dynamic batching: [`BatchLayer`] and [`Batch`].
 //!
-//! [`Batch`] is a `Service<I, Response = O>` over any inner
-//! `Service<Vec<I>, Response = Vec<O>>`, such as a [`Pool`](crate::pool::Pool).
-//! Callers send single inputs; a background worker collects them into batches
-//! and hands each request exactly its own output.
+//! [`Batch`] is a `Service<Request<I>, Response = O>` over any inner
+//! `Service<Vec<I>, Response = Vec<Result<O, E>>>`, such as a
+//! [`Pool`](crate::pool::Pool): one result per input, so one failing input
+//! fails its own request only (and counts as `outcome="model_error"`, or
+//! `"invalid"` if `E` is [`InvalidInput`](crate::error::InvalidInput)).
+//! Callers send single inputs, each as a [`Request`] with its own deadline
+//! and priority; a background worker collects them into batches and hands
+//! each request exactly its own answer.
 //!
 //! # How a batch is formed
 //!
@@ -62,19 +66,20 @@
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), BoxError> {
-//! // Any `Service<Vec<I>, Response = Vec<O>>` can be batched.
+//! // Any service answering a batch with one result per input can be batched.
 //! let double_all = service_fn(|batch: Vec<u32>| async move {
-//!     Ok::<_, BoxError>(batch.into_iter().map(|x| x * 2).collect::<Vec<_>>())
+//!     let doubled: Vec<Result<u32, BoxError>> = batch.into_iter().map(|x| Ok(x * 2)).collect();
+//!     Ok::<_, BoxError>(doubled)
 //! });
 //! let mut service = BatchLayer::new(BatchConfig::default()).layer(double_all);
-//! assert_eq!(service.ready().await?.call(21).await?, 42);
+//! assert_eq!(service.ready().await?.call(21.into()).await?, 42);
 //! # Ok(())
 //! # }
 //! ```
 //!
 //! With [`max_queue_time`] set, a request is also rejected when the work
 //! already queued would take longer than that to serve, and a request whose
-//! [deadline](RequestOptions::deadline) passes while it is queued is answered
+//! [deadline](Request::deadline) passes while it is queued is answered
 //! with [`DeadlineExceeded`](crate::error::DeadlineExceeded) and never reaches
 //! the model.
 //!
@@ -92,7 +97,9 @@
 
 pub mod future;
 mod layer;
+mod metrics;
 mod queue;
+mod rate;
 mod service;
 mod worker;
 
@@ -103,7 +110,7 @@ use std::time::Duration;
 
 pub use layer::BatchLayer;
 use service::Shared;
-pub use service::{Batch, DrainReport};
+pub use service::{Batch, BatchStatus, DrainReport};
 
 use crate::BoxError;
 use crate::contain::saturating_deadline;
@@ -185,10 +192,29 @@ pub enum Priority {
     Normal,
 }
 
-/// Per-request settings for [`Batch::infer_with`].
+/// One request to a [`Batch`]: the model's input, and the deadline and
+/// priority it travels with through `Service::call`.
+///
+/// Any input converts into a request with no deadline of its own and
+/// [`Priority::Normal`], so `batch.infer(input)` and
+/// `batch.call(input.into())` both work. The options travel with the input
+/// the way tower-http's extensions travel with an `http::Request`: a layer
+/// in front of the batcher (or an axum handler) sets them.
+///
+/// ```
+/// use std::time::Duration;
+/// use candlewick::batch::{Priority, Request};
+///
+/// let request = Request::new("hello")
+///     .with_timeout(Duration::from_millis(250))
+///     .with_priority(Priority::High);
+/// assert!(request.deadline.is_some());
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct RequestOptions {
+pub struct Request<I> {
+    /// What the model runs on.
+    pub input: I,
     /// The instant after which the answer is no use. A request still queued
     /// then is answered with [`DeadlineExceeded`](crate::error::DeadlineExceeded)
     /// and never reaches the model. Default: admission time plus
@@ -198,7 +224,17 @@ pub struct RequestOptions {
     pub priority: Priority,
 }
 
-impl RequestOptions {
+impl<I> Request<I> {
+    /// A request for `input`, with no deadline of its own and
+    /// [`Priority::Normal`].
+    pub fn new(input: I) -> Self {
+        Self {
+            input,
+            deadline: None,
+            priority: Priority::Normal,
+        }
+    }
+
     /// Sets [`deadline`](Self::deadline).
     pub fn with_deadline(mut self, deadline: tokio::time::Instant) -> Self {
         self.deadline = Some(deadline);
@@ -217,14 +253,19 @@ impl RequestOptions {
         self
     }
 
-    /// These options with the deadline defaulted from `config`.
-    fn resolve(mut self, config: &BatchConfig) -> Self {
-        if self.deadline.is_none() {
-            self.deadline = config
+    /// The deadline, defaulted from `config` if the request has none.
+    fn resolved_deadline(&self, config: &BatchConfig) -> Option<tokio::time::Instant> {
+        self.deadline.or_else(|| {
+            config
                 .default_timeout
-                .map(|timeout| saturating_deadline(tokio::time::Instant::now(), timeout));
-        }
-        self
+                .map(|timeout| saturating_deadline(tokio::time::Instant::now(), timeout))
+        })
+    }
+}
+
+impl<I> From<I> for Request<I> {
+    fn from(input: I) -> Self {
+        Self::new(input)
     }
 }
 
@@ -300,11 +341,11 @@ type CostFn<I> = dyn Fn(&I) -> usize + Send + Sync;
 type ValidateFn<I> = dyn Fn(&I) -> Result<(), BoxError> + Send + Sync;
 
 /// The per-input admission hooks.
-pub(crate) struct Hooks<I> {
+struct Hooks<I> {
     cost: Arc<CostFn<I>>,
     validate: Arc<ValidateFn<I>>,
     /// Labels on every metric of this stack.
-    pub(crate) labels: Vec<metrics::Label>,
+    labels: Vec<::metrics::Label>,
 }
 
 impl<I> Default for Hooks<I> {

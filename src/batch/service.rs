@@ -1,6 +1,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -11,14 +11,15 @@ use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
 use super::future::ResponseFuture;
-use super::queue::{Entry, Queue, ServiceRate};
-use super::{Admission, BatchConfig, Hooks, RequestOptions, worker};
+use super::metrics::{BatchMetrics, Outcome};
+use super::queue::{Entry, Queue};
+use super::rate::ServiceRate;
+use super::{Admission, BatchConfig, Hooks, Request, worker};
 use crate::BoxError;
 use crate::contain::{catch, lock};
 use crate::error::{
     Closed, DeadlineExceeded, Draining, FailureKind, InvalidInput, ModelFailed, Overloaded,
 };
-use crate::metrics::{BatchMetrics, Outcome};
 
 /// What a [`Batch::drain`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -36,8 +37,6 @@ pub struct DrainReport {
 pub(super) struct Shared<I, O> {
     pub(super) queue: Queue<I, O>,
     pub(super) metrics: BatchMetrics,
-    /// Whether an output stands for a failure of its input.
-    pub(super) failed: fn(&O) -> bool,
     pub(super) config: BatchConfig,
     pub(super) hooks: Hooks<I>,
     /// One permit per free queue slot.
@@ -100,8 +99,9 @@ impl<I, O> Drop for CloseOnExit<I, O> {
     }
 }
 
-/// A `Service<I, Response = O>` that collects requests into batches for an
-/// inner `Service<Vec<I>, Response = Vec<O>>`. See the [module docs](super).
+/// A `Service<Request<I>, Response = O>` that collects requests into batches
+/// for an inner `Service<Vec<I>, Response = Vec<Result<O, E>>>`. See the
+/// [module docs](super).
 ///
 /// Clones are cheap and share one queue and worker. A clone holds no
 /// reservation.
@@ -122,34 +122,33 @@ where
     /// # Panics
     ///
     /// Outside a tokio runtime.
-    pub fn new<S>(inner: S, config: BatchConfig) -> Self
+    ///
+    /// Every input is admitted at cost 1 and metrics carry the default
+    /// model labels; [`BatchLayer`](super::BatchLayer) sets admission hooks
+    /// and labels.
+    pub fn new<S, E>(inner: S, config: BatchConfig) -> Self
     where
-        S: Service<Vec<I>, Response = Vec<O>> + Send + 'static,
+        S: Service<Vec<I>, Response = Vec<Result<O, E>>> + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
+        E: Into<BoxError>,
     {
-        Self::with_hooks(inner, config, Hooks::default(), |_| false)
+        Self::with_hooks(inner, config, Hooks::default())
     }
 
-    /// Like [`new`](Self::new), with admission hooks and metric labels, and
-    /// `failed` telling which outputs are per-input failures.
-    pub(crate) fn with_hooks<S>(
-        inner: S,
-        config: BatchConfig,
-        hooks: Hooks<I>,
-        failed: fn(&O) -> bool,
-    ) -> Self
+    /// Like [`new`](Self::new), with admission hooks and metric labels.
+    pub(super) fn with_hooks<S, E>(inner: S, config: BatchConfig, hooks: Hooks<I>) -> Self
     where
-        S: Service<Vec<I>, Response = Vec<O>> + Send + 'static,
+        S: Service<Vec<I>, Response = Vec<Result<O, E>>> + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
+        E: Into<BoxError>,
     {
         let slots = Arc::new(Semaphore::new(config.queue_capacity.get()));
         let metrics = BatchMetrics::new(&hooks.labels);
         let shared = Arc::new(Shared {
             queue: Queue::new(metrics.clone()),
             metrics,
-            failed,
             config,
             hooks,
             slots: slots.clone(),
@@ -196,15 +195,15 @@ impl<I, O> Batch<I, O> {
         self.shared.is_closed()
     }
 
-    /// A check of [`is_closed`](Self::is_closed) that does not keep the
-    /// queue open, for health.
-    pub(crate) fn stopped_probe(&self) -> Box<dyn Fn() -> bool + Send + Sync>
+    /// A view of this service that does not keep its worker running, for
+    /// [`Health`](crate::health::Health).
+    pub fn status(&self) -> BatchStatus
     where
         I: Send + 'static,
         O: Send + 'static,
     {
-        let shared = Arc::downgrade(&self.shared);
-        Box::new(move || shared.upgrade().is_none_or(|shared| shared.is_closed()))
+        let shared: Weak<dyn Stoppable> = Arc::downgrade(&self.shared) as _;
+        BatchStatus { shared }
     }
 
     /// The number of batches running in the inner service.
@@ -279,22 +278,20 @@ impl<I, O> Batch<I, O> {
 
     /// Sends one request through the queue without going through
     /// `poll_ready`: under [`Admission::Wait`] it waits for a queue slot.
+    /// Takes an input, or a [`Request`] with a deadline and priority of its
+    /// own.
     ///
     /// This is what [`Service::call`] does, for callers that share one
     /// `&Batch` between tasks instead of cloning it.
-    pub async fn infer(&self, input: I) -> Result<O, BoxError> {
-        self.infer_with(input, RequestOptions::default()).await
-    }
-
-    /// Like [`infer`](Self::infer), with a deadline and priority of its own.
-    pub async fn infer_with(&self, input: I, options: RequestOptions) -> Result<O, BoxError> {
+    pub async fn infer(&self, request: impl Into<Request<I>>) -> Result<O, BoxError> {
+        let request = request.into();
         let shared = &self.shared;
-        let options = options.resolve(&shared.config);
+        let deadline = request.resolved_deadline(&shared.config);
         let slot = match shared.config.admission {
             Admission::Shed => None,
             Admission::Wait => {
                 let acquire = shared.slots.clone().acquire_owned();
-                let slot = match options.deadline {
+                let slot = match deadline {
                     Some(deadline) => tokio::time::timeout_at(deadline, acquire)
                         .await
                         .map_err(|_| BoxError::from(DeadlineExceeded::new())),
@@ -310,19 +307,21 @@ impl<I, O> Batch<I, O> {
                 }
             }
         };
-        self.enqueue(input, options, slot).await
+        self.enqueue(request, deadline, slot).await
     }
 
-    /// Admits and queues `input`; `options` come resolved, with the default
-    /// deadline applied.
+    /// Admits and queues `request`, which expires at `deadline` (its own, or
+    /// the configured default).
     fn enqueue(
         &self,
-        input: I,
-        options: RequestOptions,
+        request: Request<I>,
+        deadline: Option<Instant>,
         slot: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture<O> {
         let now = Instant::now();
-        let deadline = options.deadline;
+        let Request {
+            input, priority, ..
+        } = request;
         let refuse = |err: BoxError| {
             self.shared.metrics.outcome(Outcome::of_error(&*err));
             ResponseFuture::failed(err)
@@ -333,15 +332,14 @@ impl<I, O> Batch<I, O> {
         };
         let (reply, rx) = oneshot::channel();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let span =
-            tracing::debug_span!("candlewick.request", id, cost, priority = ?options.priority);
+        let span = tracing::debug_span!("candlewick.request", id, cost, priority = ?priority);
         let entry = Entry {
             id,
             input,
             cost,
             arrived: now,
             deadline,
-            priority: options.priority,
+            priority,
             reply,
             _slot: slot,
             span,
@@ -449,7 +447,7 @@ impl<I, O> fmt::Debug for Batch<I, O> {
     }
 }
 
-impl<I, O> Service<I> for Batch<I, O>
+impl<I, O> Service<Request<I>> for Batch<I, O>
 where
     I: Send + 'static,
     O: Send + 'static,
@@ -458,8 +456,13 @@ where
     type Error = BoxError;
     type Future = ResponseFuture<O>;
 
+    /// Fails with [`Closed`] once the worker stopped for good, as tower's
+    /// `Buffer` does.
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self.shared.config.admission {
+            Admission::Shed if self.shared.is_closed() => {
+                Poll::Ready(Err(self.shared.closed().into()))
+            }
             // Rejections happen in `call`, so that one refused request never
             // looks like a failed service to the caller's stack.
             Admission::Shed => Poll::Ready(Ok(())),
@@ -474,10 +477,46 @@ where
         }
     }
 
-    fn call(&mut self, input: I) -> Self::Future {
+    fn call(&mut self, request: Request<I>) -> Self::Future {
         let slot = self.reserved.take();
-        let options = RequestOptions::default().resolve(&self.shared.config);
-        self.enqueue(input, options, slot)
+        let deadline = request.resolved_deadline(&self.shared.config);
+        self.enqueue(request, deadline, slot)
+    }
+}
+
+/// A view of a [`Batch`] that does not keep its worker running (see
+/// [`Batch::status`]).
+#[derive(Clone)]
+pub struct BatchStatus {
+    shared: Weak<dyn Stoppable>,
+}
+
+impl BatchStatus {
+    /// Whether the worker has stopped: for good (its inner service failed),
+    /// or because every handle is gone.
+    pub fn is_stopped(&self) -> bool {
+        self.shared
+            .upgrade()
+            .is_none_or(|shared| shared.is_stopped())
+    }
+}
+
+impl fmt::Debug for BatchStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BatchStatus")
+            .field("stopped", &self.is_stopped())
+            .finish()
+    }
+}
+
+/// What a [`BatchStatus`] asks of the worker's state, whatever its types.
+trait Stoppable: Send + Sync {
+    fn is_stopped(&self) -> bool;
+}
+
+impl<I: Send, O: Send> Stoppable for Shared<I, O> {
+    fn is_stopped(&self) -> bool {
+        self.is_closed()
     }
 }
 

@@ -10,20 +10,21 @@ use tower::Service;
 use tracing::Instrument;
 
 use super::Shared;
+use super::metrics::Outcome;
 use super::queue::{Next, Taken, Ticket};
 use crate::BoxError;
 use crate::contain::{CatchUnwind, catch, lock};
 use crate::error::{Closed, FailureKind, ModelFailed};
-use crate::metrics::Outcome;
 
 /// Runs until every handle is gone and the queue is drained, or the inner
 /// service fails. A panic in the inner service's `call` or future fails
 /// that batch only; one in its `poll_ready` counts as the service failing.
-pub(super) async fn run<S, I, O>(mut inner: S, shared: Arc<Shared<I, O>>)
+pub(super) async fn run<S, I, O, E>(mut inner: S, shared: Arc<Shared<I, O>>)
 where
-    S: Service<Vec<I>, Response = Vec<O>>,
+    S: Service<Vec<I>, Response = Vec<Result<O, E>>>,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
+    E: Into<BoxError>,
     I: Send + 'static,
     O: Send + 'static,
 {
@@ -80,11 +81,12 @@ where
     }
 }
 
-fn dispatch<S, I, O>(inner: &mut S, shared: &Arc<Shared<I, O>>, batch: Taken<I, O>)
+fn dispatch<S, I, O, E>(inner: &mut S, shared: &Arc<Shared<I, O>>, batch: Taken<I, O>)
 where
-    S: Service<Vec<I>, Response = Vec<O>>,
+    S: Service<Vec<I>, Response = Vec<Result<O, E>>>,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
+    E: Into<BoxError>,
     I: Send + 'static,
     O: Send + 'static,
 {
@@ -115,7 +117,7 @@ where
                 FailureKind::Panic,
                 format!("the inner service panicked in call: {message}"),
             );
-            return answer(shared, tickets, Err(err.into()));
+            return answer::<I, O, E>(shared, tickets, Err(err.into()));
         }
     };
     tokio::spawn(
@@ -177,10 +179,16 @@ impl<I, O> Drop for Finish<I, O> {
 
 /// Sends every request of a batch its own answer, recording its outcome and
 /// latency.
-fn answer<I, O>(shared: &Shared<I, O>, tickets: Vec<Ticket<O>>, result: Result<Vec<O>, BoxError>) {
+fn answer<I, O, E: Into<BoxError>>(
+    shared: &Shared<I, O>,
+    tickets: Vec<Ticket<O>>,
+    result: Result<Vec<Result<O, E>>, BoxError>,
+) {
     let n = tickets.len();
     let answers: Box<dyn Iterator<Item = Result<O, BoxError>>> = match result {
-        Ok(outputs) if outputs.len() == n => Box::new(outputs.into_iter().map(Ok)),
+        Ok(outputs) if outputs.len() == n => {
+            Box::new(outputs.into_iter().map(|output| output.map_err(Into::into)))
+        }
         Ok(outputs) => {
             let kind = FailureKind::OutputCount {
                 expected: n,
@@ -193,7 +201,6 @@ fn answer<I, O>(shared: &Shared<I, O>, tickets: Vec<Ticket<O>>, result: Result<V
     };
     for (ticket, answer) in tickets.into_iter().zip(answers) {
         let outcome = match &answer {
-            Ok(output) if (shared.failed)(output) => Outcome::ModelError,
             Ok(_) => Outcome::Ok,
             Err(err) => Outcome::of_error(&**err),
         };

@@ -47,7 +47,7 @@ mod admin;
 mod probe;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -57,7 +57,10 @@ use tokio::sync::watch;
 pub use admin::{AdminBuilder, AdminServer, listen};
 pub use probe::{ProbePaths, ProbeService};
 
-use crate::pool::{ReplicaStatus, RosterSource};
+use crate::ModelInfo;
+use crate::batch::BatchStatus;
+use crate::contain::lock;
+use crate::pool::{PoolStatus, ReplicaStatus};
 
 /// Thresholds of the health state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,11 +196,17 @@ pub struct HealthReport {
     pub replicas: Vec<ReplicaStatus>,
 }
 
-/// Where the lifecycle stands, as set by shutdown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Lifecycle {
+/// Where the service's lifecycle stands: what a shutdown sets (see
+/// [`Health::set_lifecycle`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lifecycle {
+    /// Serving; the default.
+    #[default]
     Running,
+    /// A shutdown began: not ready, still live, finishing accepted work.
     Draining,
+    /// The shutdown finished.
     Stopped,
 }
 
@@ -210,8 +219,8 @@ pub struct Health {
 
 struct Inner {
     config: HealthConfig,
-    roster: Arc<dyn RosterSource>,
-    batcher_stopped: Box<dyn Fn() -> bool + Send + Sync>,
+    pool: PoolStatus,
+    batch: Mutex<Option<BatchStatus>>,
     /// The lifecycle, and its watchers.
     lifecycle: watch::Sender<Lifecycle>,
 }
@@ -226,29 +235,45 @@ impl fmt::Debug for Health {
 }
 
 impl Health {
-    /// Health of replicas from `roster`, and of the batching worker whose
-    /// stop `batcher_stopped` tells.
-    pub(crate) fn new(
-        config: HealthConfig,
-        roster: Arc<dyn RosterSource>,
-        batcher_stopped: Box<dyn Fn() -> bool + Send + Sync>,
-    ) -> Self {
+    /// The health of the replicas `pool` reports (see
+    /// [`Pool::status`](crate::pool::Pool::status)). Holds no handle that
+    /// keeps the pool running.
+    pub fn new(config: HealthConfig, pool: PoolStatus) -> Self {
         Self {
             inner: Arc::new(Inner {
                 config,
-                roster,
-                batcher_stopped,
+                pool,
+                batch: Mutex::new(None),
                 lifecycle: watch::channel(Lifecycle::Running).0,
             }),
         }
     }
 
-    pub(crate) fn set_lifecycle(&self, lifecycle: Lifecycle) {
+    /// Also watches the batching worker `batch` reports (see
+    /// [`Batch::status`](crate::batch::Batch::status)): outside a shutdown,
+    /// a stopped worker answers nothing again, so the service is not live.
+    /// Replaces the batcher watched before, in every clone.
+    pub fn with_batch(self, batch: BatchStatus) -> Self {
+        *lock(&self.inner.batch) = Some(batch);
+        self
+    }
+
+    /// Moves the lifecycle on: [`Lifecycle::Draining`] when a shutdown begins
+    /// (readiness turns off at once), [`Lifecycle::Stopped`] when it ends.
+    /// [`Serving::shutdown`](crate::Serving::shutdown) does both.
+    pub fn set_lifecycle(&self, lifecycle: Lifecycle) {
         self.inner.lifecycle.send_replace(lifecycle);
     }
 
-    fn lifecycle(&self) -> Lifecycle {
+    /// Where the lifecycle stands.
+    pub fn lifecycle(&self) -> Lifecycle {
         *self.inner.lifecycle.borrow()
+    }
+
+    fn batcher_stopped(&self) -> bool {
+        lock(&self.inner.batch)
+            .as_ref()
+            .is_some_and(BatchStatus::is_stopped)
     }
 
     /// The thresholds this health runs with.
@@ -275,9 +300,8 @@ impl Health {
     /// startup budget; `None` until a replica has loaded.
     pub fn startup_time(&self) -> Option<Duration> {
         self.inner
-            .roster
-            .roster()
-            .replicas
+            .pool
+            .replicas()
             .iter()
             .filter_map(|r| Some(r.load_time? + r.warmup_time.unwrap_or_default()))
             .max()
@@ -286,8 +310,7 @@ impl Health {
     /// Everything health knows now.
     pub fn report(&self) -> HealthReport {
         let config = &self.inner.config;
-        let roster = self.inner.roster.roster();
-        let replicas = roster.replicas;
+        let (replicas, none_serving_since) = self.inner.pool.snapshot();
         let total = replicas.len();
         let serving = replicas.iter().filter(|r| r.state.is_serving()).count();
         let settled = replicas
@@ -304,7 +327,7 @@ impl Health {
         } else {
             Check::new(false, format!("{settled} of {total} replicas loaded"))
         };
-        let down_for = roster.none_serving_since.map(|since| since.elapsed());
+        let down_for = none_serving_since.map(|since| since.elapsed());
         let lifecycle = self.lifecycle();
         // A replica that failed for good never comes back, and may hold
         // memory (threads stuck with their models) that only a restart frees.
@@ -322,7 +345,7 @@ impl Health {
         let live = match (down_for, failed_for_good) {
             (_, Some(reason)) => Check::new(false, reason),
             // Outside a shutdown, a stopped batcher answers nothing again.
-            _ if lifecycle == Lifecycle::Running && (self.inner.batcher_stopped)() => {
+            _ if lifecycle == Lifecycle::Running && self.batcher_stopped() => {
                 Check::new(false, "the batching worker stopped")
             }
             (Some(down), None) if started.ok && down >= config.dead_after => Check::new(
@@ -366,14 +389,19 @@ impl Health {
         }
     }
 
-    /// Keeps the [`HEALTH_STATE`](crate::metrics::names::HEALTH_STATE) gauges
-    /// current, on the tokio runtime, until every clone of this is dropped.
-    pub(crate) fn publish_state(&self, labels: &[metrics::Label]) {
+    /// Keeps the [`HEALTH_STATE`](crate::metrics::names::HEALTH_STATE) gauges,
+    /// labelled with `model`, current on the tokio runtime until every clone
+    /// of this is dropped. [`Serving::start`](crate::Serving::start) calls
+    /// it; a hand-built stack calls it once.
+    ///
+    /// # Panics
+    ///
+    /// Outside a tokio runtime.
+    pub fn publish_metrics(&self, model: &ModelInfo) {
         let gauges: Vec<_> = HealthState::ALL
             .iter()
             .map(|&state| {
-                let mut labels = labels.to_vec();
-                labels.push(metrics::Label::new("state", state.as_str()));
+                let labels = crate::metrics::labels(model, &[("state", state.as_str().to_owned())]);
                 (
                     state,
                     metrics::gauge!(crate::metrics::names::HEALTH_STATE, labels),
@@ -407,7 +435,7 @@ impl Health {
     /// A subscription to changes of health.
     pub fn watch(&self) -> HealthWatch {
         HealthWatch {
-            replicas: self.inner.roster.subscribe(),
+            replicas: self.inner.pool.subscribe(),
             lifecycle: self.inner.lifecycle.subscribe(),
         }
     }
@@ -435,56 +463,5 @@ impl HealthWatch {
             Ok(()) = self.lifecycle.changed() => {}
             else => std::future::pending().await,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::time::Instant;
-
-    use candle_core::DeviceLocation;
-
-    use super::*;
-    use crate::pool::{ReplicaState, Roster};
-
-    /// One replica, idle and loaded.
-    struct OneIdle(watch::Sender<u64>);
-
-    impl RosterSource for OneIdle {
-        fn roster(&self) -> Roster {
-            let mut replica = ReplicaStatus::new(DeviceLocation::Cpu);
-            replica.state = ReplicaState::Idle;
-            replica.load_time = Some(Duration::from_millis(1));
-            Roster {
-                replicas: vec![replica],
-                none_serving_since: None::<Instant>,
-            }
-        }
-
-        fn subscribe(&self) -> watch::Receiver<u64> {
-            self.0.subscribe()
-        }
-    }
-
-    #[test]
-    fn a_stopped_batcher_is_not_live_until_shutdown() {
-        let stopped = Arc::new(AtomicBool::new(false));
-        let probe = stopped.clone();
-        let health = Health::new(
-            HealthConfig::default(),
-            Arc::new(OneIdle(watch::channel(0).0)),
-            Box::new(move || probe.load(Ordering::Acquire)),
-        );
-        assert_eq!(health.report().state, HealthState::Ready);
-        stopped.store(true, Ordering::Release);
-        let report = health.report();
-        assert_eq!(report.state, HealthState::Dead);
-        assert_eq!(report.live.reason, "the batching worker stopped");
-        assert!(!report.ready.ok);
-        // A shutdown stops the batcher on purpose: that is not death.
-        health.set_lifecycle(Lifecycle::Stopped);
-        assert!(health.live().ok);
-        assert_eq!(health.report().state, HealthState::Stopped);
     }
 }

@@ -19,9 +19,9 @@
 //! assert_eq!(names::QUEUE_DEPTH, "candlewick_queue_depth");
 //! ```
 
-use metrics::{Counter, Gauge, Histogram, Label, Unit};
+use metrics::{Label, Unit};
 
-use crate::pool::ReplicaState;
+use crate::ModelInfo;
 
 #[cfg(feature = "prometheus")]
 mod prometheus;
@@ -144,154 +144,28 @@ pub fn describe() {
     );
 }
 
-/// Why a request left the service: the `outcome` label of
-/// [`names::REQUESTS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Outcome {
-    Ok,
-    Overloaded,
-    Deadline,
-    Cancelled,
-    Invalid,
-    ModelError,
-    Draining,
-    Closed,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 8] = [
-        Self::Ok,
-        Self::Overloaded,
-        Self::Deadline,
-        Self::Cancelled,
-        Self::Invalid,
-        Self::ModelError,
-        Self::Draining,
-        Self::Closed,
-    ];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Ok => "ok",
-            Self::Overloaded => "overloaded",
-            Self::Deadline => "deadline",
-            Self::Cancelled => "cancelled",
-            Self::Invalid => "invalid",
-            Self::ModelError => "model_error",
-            Self::Draining => "draining",
-            Self::Closed => "closed",
-        }
-    }
-
-    /// The outcome of a request answered with `err`, as
-    /// [`classify`](crate::error::classify) labels it.
-    pub(crate) fn of_error(err: &(dyn std::error::Error + 'static)) -> Self {
-        let label = crate::error::classify(err).outcome;
-        Self::ALL
-            .into_iter()
-            .find(|outcome| outcome.as_str() == label)
-            .unwrap_or(Self::ModelError)
-    }
-}
-
-/// The handles the batching layer records through.
-#[derive(Debug, Clone)]
-pub(crate) struct BatchMetrics {
-    outcomes: [Counter; 8],
-    pub(crate) request_duration: Histogram,
-    pub(crate) queue_wait: Histogram,
-    pub(crate) batch_size: Histogram,
-    pub(crate) batch_cost: Histogram,
-    pub(crate) queue_depth: Gauge,
-    pub(crate) queue_cost: Gauge,
-    pub(crate) in_flight: Gauge,
-}
-
-impl BatchMetrics {
-    pub(crate) fn new(labels: &[Label]) -> Self {
-        let outcomes = Outcome::ALL.map(|outcome| {
-            let mut labels = labels.to_vec();
-            labels.push(Label::new("outcome", outcome.as_str()));
-            metrics::counter!(names::REQUESTS, labels)
-        });
-        let labels = labels.to_vec();
-        Self {
-            outcomes,
-            request_duration: metrics::histogram!(names::REQUEST_DURATION, labels.clone()),
-            queue_wait: metrics::histogram!(names::QUEUE_WAIT, labels.clone()),
-            batch_size: metrics::histogram!(names::BATCH_SIZE, labels.clone()),
-            batch_cost: metrics::histogram!(names::BATCH_COST, labels.clone()),
-            queue_depth: metrics::gauge!(names::QUEUE_DEPTH, labels.clone()),
-            queue_cost: metrics::gauge!(names::QUEUE_COST, labels.clone()),
-            in_flight: metrics::gauge!(names::IN_FLIGHT, labels),
-        }
-    }
-
-    pub(crate) fn outcome(&self, outcome: Outcome) {
-        self.outcome_n(outcome, 1);
-    }
-
-    pub(crate) fn outcome_n(&self, outcome: Outcome, n: usize) {
-        self.outcomes[outcome as usize].increment(n as u64);
-    }
-}
-
-/// The handles one replica records through.
-#[derive(Debug, Clone)]
-pub(crate) struct ReplicaMetrics {
-    /// Replicas of this device in each state, indexed by `ReplicaState as usize`.
-    states: Vec<Gauge>,
-    pub(crate) batch_duration: Histogram,
-    pub(crate) systemic_failures: Counter,
-    pub(crate) load_time: Gauge,
-    pub(crate) warmup_time: Gauge,
-}
-
-impl ReplicaMetrics {
-    pub(crate) fn new(model: &[Label], device: &str, replica: usize) -> Self {
-        let with = |extra: &[(&'static str, String)]| {
-            let mut labels = model.to_vec();
-            labels.extend(extra.iter().map(|(k, v)| Label::new(*k, v.clone())));
-            labels
-        };
-        let device = device.to_owned();
-        let states = ReplicaState::ALL
-            .iter()
-            .map(|state| {
-                let labels = with(&[
-                    ("device", device.clone()),
-                    ("state", state.as_str().to_owned()),
-                ]);
-                metrics::gauge!(names::REPLICAS, labels)
-            })
-            .collect();
-        let per_replica = with(&[("device", device.clone()), ("replica", replica.to_string())]);
-        Self {
-            states,
-            batch_duration: metrics::histogram!(
-                names::BATCH_DURATION,
-                with(&[("device", device.clone())])
+/// Sets the [`MODEL_INFO`](names::MODEL_INFO) gauge: 1, labelled with
+/// `model`'s name, version, revision, data snapshot and approval.
+/// [`Serving::start`](crate::Serving::start) calls it; a hand-built stack
+/// calls it once.
+pub fn record_model_info(model: &ModelInfo) {
+    let unknown = || "unknown".to_owned();
+    let labels = labels(
+        model,
+        &[
+            ("revision", model.revision.clone().unwrap_or_else(unknown)),
+            (
+                "data_snapshot",
+                model.data_snapshot.clone().unwrap_or_else(unknown),
             ),
-            systemic_failures: metrics::counter!(
-                names::SYSTEMIC_FAILURES,
-                with(&[("device", device)])
-            ),
-            load_time: metrics::gauge!(names::LOAD_TIME, per_replica.clone()),
-            warmup_time: metrics::gauge!(names::WARMUP_TIME, per_replica),
-        }
-    }
-
-    /// Moves this replica from `from` to `to` in the per-state gauges.
-    pub(crate) fn transition(&self, from: Option<ReplicaState>, to: ReplicaState) {
-        if let Some(from) = from {
-            self.states[from as usize].decrement(1.0);
-        }
-        self.states[to as usize].increment(1.0);
-    }
+            ("approval", model.approval.as_str().to_owned()),
+        ],
+    );
+    metrics::gauge!(names::MODEL_INFO, labels).set(1.0);
 }
 
 /// Labels `model` and `version`, then `extra`.
-pub(crate) fn labels(model: &crate::ModelInfo, extra: &[(&'static str, String)]) -> Vec<Label> {
+pub(crate) fn labels(model: &ModelInfo, extra: &[(&'static str, String)]) -> Vec<Label> {
     let mut labels = vec![
         Label::new("model", model.name.clone()),
         Label::new("version", model.version.clone()),

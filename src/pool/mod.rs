@@ -63,19 +63,21 @@
 //! [`Unrecoverable`]: crate::error::Unrecoverable
 //! [`Closed`]: crate::error::Closed
 
+mod board;
+pub mod future;
+mod metrics;
 mod replica;
 mod service;
+mod watchdog;
 
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use candle_core::DeviceLocation;
 
+pub use board::PoolStatus;
 pub use replica::Backoff;
-#[cfg(test)]
-pub(crate) use replica::Roster;
-pub(crate) use replica::RosterSource;
-pub use service::{Pool, ResponseFuture};
+pub use service::Pool;
 
 /// Where and how many replicas a [`Pool`] runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -284,7 +286,7 @@ pub enum ReplicaState {
 }
 
 impl ReplicaState {
-    pub(crate) const ALL: [ReplicaState; 7] = [
+    const ALL: [ReplicaState; 7] = [
         Self::Loading,
         Self::WarmingUp,
         Self::Idle,

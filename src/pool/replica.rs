@@ -6,21 +6,19 @@
 //! (its [`Lease`] on the idle set, the slot the watchdog watches) lives in
 //! values whose `Drop` keeps it whole.
 
+use std::sync::Arc;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
-
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 
 use candle_core::DeviceLocation;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::oneshot;
 
-use super::{ComputePriority, FailurePolicy, PoolConfig, ReplicaState, ReplicaStatus};
+use super::board::{Board, Lease, Running, Slot};
+use super::metrics::ReplicaMetrics;
+use super::{ComputePriority, FailurePolicy, PoolConfig, ReplicaState};
 use crate::BoxError;
 use crate::contain::{catch, drop_contained, lock};
-use crate::device::format_location;
 use crate::error::{FailureKind, ModelFailed, Unrecoverable};
-use crate::metrics::ReplicaMetrics;
 use crate::model::{Loader, Model};
 
 /// Each input's own result.
@@ -33,219 +31,6 @@ pub(super) struct Job<I, O> {
     pub(super) reply: Reply<O>,
     pub(super) lease: Lease,
     pub(super) span: tracing::Span,
-}
-
-/// A replica taken off the idle set for one batch: its index and the permit
-/// that counted it idle, as one value, so the two cannot diverge.
-///
-/// Only [`Board::make_idle`] puts the index back and releases the permit.
-/// A lease dropped any other way (a thread that unwinds, a stuck thread
-/// that was replaced) forgets its permit: the replica is not idle, and the
-/// semaphore must not say it is.
-pub(super) struct Lease {
-    pub(super) index: usize,
-    permit: Option<OwnedSemaphorePermit>,
-}
-
-impl Lease {
-    pub(super) fn new(index: usize, permit: OwnedSemaphorePermit) -> Self {
-        Self {
-            index,
-            permit: Some(permit),
-        }
-    }
-}
-
-impl Drop for Lease {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            permit.forget();
-        }
-    }
-}
-
-/// The batch a replica is running, where the stall watchdog can reach it.
-pub(super) struct Running<O> {
-    pub(super) started: Instant,
-    pub(super) size: usize,
-    /// Taken by whoever answers first: the replica, or the watchdog.
-    pub(super) reply: Option<Reply<O>>,
-}
-
-/// Where one replica thread publishes the batch it runs. The watchdog gives a
-/// replacement thread a fresh slot, so a stuck thread that finally returns
-/// finds only its own, answered batch.
-pub(super) type Slot<O> = Arc<Mutex<Option<Running<O>>>>;
-
-/// What the pool's handles, the replica threads and the watchdog share.
-pub(super) struct Board<O> {
-    /// Indices of idle replicas. Its length equals the semaphore's free permits
-    /// plus the permits reserved but not yet used: an index goes in before
-    /// its permit is released, and a permit leaves only with an index (as a
-    /// [`Lease`]).
-    pub(super) idle: Mutex<Vec<usize>>,
-    /// One permit per idle replica. Closed once every replica failed for good.
-    pub(super) semaphore: Arc<Semaphore>,
-    status: Mutex<Roster>,
-    pub(super) metrics: Vec<ReplicaMetrics>,
-    /// Bumped on every change of `status`, for watchers.
-    pub(super) changes: watch::Sender<u64>,
-    /// The slot of each replica's current thread.
-    pub(super) running: Vec<Mutex<Slot<O>>>,
-}
-
-/// The replicas' statuses, and since when none of them could serve.
-#[derive(Debug, Clone)]
-pub(crate) struct Roster {
-    pub(crate) replicas: Vec<ReplicaStatus>,
-    pub(crate) none_serving_since: Option<Instant>,
-}
-
-/// Where health reads the replicas from, whatever the model's output type.
-pub(crate) trait RosterSource: Send + Sync {
-    fn roster(&self) -> Roster;
-    fn subscribe(&self) -> watch::Receiver<u64>;
-}
-
-impl<O: Send> RosterSource for Board<O> {
-    fn roster(&self) -> Roster {
-        Board::roster(self)
-    }
-
-    fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changes.subscribe()
-    }
-}
-
-impl<O> Board<O> {
-    pub(super) fn new(replicas: Vec<ReplicaStatus>, labels: &[metrics::Label]) -> Self {
-        let count = replicas.len();
-        let metrics: Vec<_> = replicas
-            .iter()
-            .enumerate()
-            .map(|(index, replica)| {
-                let metrics = ReplicaMetrics::new(labels, &format_location(replica.device), index);
-                metrics.transition(None, replica.state);
-                metrics
-            })
-            .collect();
-        Self {
-            metrics,
-            idle: Mutex::new(Vec::with_capacity(count)),
-            semaphore: Arc::new(Semaphore::new(0)),
-            status: Mutex::new(Roster {
-                replicas,
-                none_serving_since: Some(Instant::now()),
-            }),
-            changes: watch::channel(0).0,
-            running: (0..count).map(|_| Mutex::default()).collect(),
-        }
-    }
-
-    pub(super) fn roster(&self) -> Roster {
-        lock(&self.status).clone()
-    }
-
-    pub(super) fn device(&self, index: usize) -> DeviceLocation {
-        lock(&self.status).replicas[index].device
-    }
-
-    /// Changes the status of replica `index`, tells the watchers, and returns
-    /// what `change` returned.
-    pub(super) fn update<T>(
-        &self,
-        index: usize,
-        change: impl FnOnce(&mut ReplicaStatus) -> T,
-    ) -> T {
-        let result = {
-            let mut roster = lock(&self.status);
-            let before = roster.replicas[index].state;
-            let result = change(&mut roster.replicas[index]);
-            let after = roster.replicas[index].state;
-            let serving = roster.replicas.iter().any(|r| r.state.is_serving());
-            match (serving, roster.none_serving_since) {
-                (true, _) => roster.none_serving_since = None,
-                (false, None) => roster.none_serving_since = Some(Instant::now()),
-                (false, Some(_)) => {}
-            }
-            drop(roster);
-            if after != before {
-                self.metrics[index].transition(Some(before), after);
-            }
-            result
-        };
-        self.changes
-            .send_modify(|version| *version = version.wrapping_add(1));
-        result
-    }
-
-    pub(super) fn set_state(&self, index: usize, state: ReplicaState) {
-        self.update(index, |status| status.state = state);
-    }
-
-    /// Marks replica `index` failed for good, with the reason. Once every
-    /// replica has, the semaphore closes: the pool reports itself unable to
-    /// serve instead of letting callers wait on an empty pool.
-    pub(super) fn fail_for_good(&self, index: usize, reason: &str) {
-        tracing::error!(replica = index, reason, "replica failed for good");
-        self.update(index, |status| {
-            status.state = ReplicaState::Failed;
-            status.failed_for_good = true;
-            status.last_error = Some(reason.to_owned());
-        });
-        if lock(&self.status)
-            .replicas
-            .iter()
-            .all(|r| r.failed_for_good)
-        {
-            self.semaphore.close();
-        }
-    }
-
-    /// Why no replica can serve, once every one failed for good; `None`
-    /// while any replica may still serve.
-    pub(super) fn unavailable(&self) -> Option<String> {
-        let roster = lock(&self.status);
-        if !roster.replicas.iter().all(|r| r.failed_for_good) {
-            return None;
-        }
-        let reasons: Vec<String> = roster
-            .replicas
-            .iter()
-            .enumerate()
-            .map(|(index, r)| {
-                let why = r.last_error.as_deref().unwrap_or("unknown reason");
-                format!("replica {index} ({}): {why}", format_location(r.device))
-            })
-            .collect();
-        Some(format!("no replica can serve; {}", reasons.join("; ")))
-    }
-
-    /// The slot of the current thread of replica `index`.
-    pub(super) fn slot(&self, index: usize) -> MutexGuard<'_, Slot<O>> {
-        lock(&self.running[index])
-    }
-
-    /// Makes `index` available to callers again, releasing the permit of its
-    /// `lease` if it held one.
-    fn make_idle(&self, index: usize, lease: Option<Lease>) {
-        debug_assert!(lease.as_ref().is_none_or(|lease| lease.index == index));
-        {
-            let mut idle = lock(&self.idle);
-            // Never twice: one permit per idle replica. (A lease dropped here
-            // forgets its permit; the index already has one.)
-            if idle.contains(&index) {
-                tracing::error!(replica = index, "replica made idle twice; ignored");
-                return;
-            }
-            idle.push(index);
-        }
-        self.set_state(index, ReplicaState::Idle);
-        match lease.and_then(|mut lease| lease.permit.take()) {
-            Some(permit) => drop(permit),
-            None => self.semaphore.add_permits(1),
-        }
-    }
 }
 
 /// Starts the thread of replica `index`.

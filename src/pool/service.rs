@@ -1,23 +1,21 @@
 use std::fmt;
-use std::future::Future;
-use std::num::NonZeroUsize;
-use std::pin::Pin;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
+use candle_core::DeviceLocation;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
-use super::replica::{self, Board, Job, Lease, Outcomes, Slot};
-use super::{CpuThreads, PoolConfig, PoolError, ReplicaState, ReplicaStatus};
+use super::board::{Board, Lease, PoolStatus};
+use super::future::ResponseFuture;
+use super::replica::{self, Job};
+use super::{CpuThreads, PoolConfig, PoolError, ReplicaStatus, watchdog};
 use crate::BoxError;
 use crate::contain::lock;
-use crate::error::{Closed, FailureKind, ModelFailed};
+use crate::error::{Closed, ModelFailed};
 use crate::model::{Loader, Model, ModelInfo};
-use candle_core::DeviceLocation;
 
 /// A `Service<Vec<I>>` that runs each batch on an idle replica and answers with
 /// one `Result<O, ModelFailed>` per input. See the [module docs](super).
@@ -32,12 +30,13 @@ pub struct Pool<I, O> {
 
 type Spawn<I, O> = dyn Fn(usize, mpsc::Receiver<Job<I, O>>) -> std::io::Result<()> + Send + Sync;
 
-struct Shared<I, O> {
+/// What every handle of one pool shares.
+pub(super) struct Shared<I, O> {
     /// One channel per replica; dropping the last handle stops the threads.
-    jobs: Vec<Mutex<mpsc::Sender<Job<I, O>>>>,
-    board: Arc<Board<O>>,
+    pub(super) jobs: Vec<Mutex<mpsc::Sender<Job<I, O>>>>,
+    pub(super) board: Arc<Board<O>>,
     /// Starts the thread of a replica; the watchdog uses it to replace one.
-    spawn: Box<Spawn<I, O>>,
+    pub(super) spawn: Box<Spawn<I, O>>,
 }
 
 impl<I, O> Pool<I, O>
@@ -117,7 +116,7 @@ where
         }
         let shared = Arc::new(Shared { jobs, board, spawn });
         if let Some(timeout) = config.stall_timeout {
-            watch_for_stalls(Arc::downgrade(&shared), timeout, config.max_stuck_threads)?;
+            watchdog::start(Arc::downgrade(&shared), timeout, config.max_stuck_threads)?;
         }
         Ok(Self {
             semaphore: PollSemaphore::new(shared.board.semaphore.clone()),
@@ -133,12 +132,13 @@ impl<I, O> Pool<I, O> {
         self.shared.board.roster().replicas
     }
 
-    /// The replicas' statuses, for health.
-    pub(crate) fn roster_source(&self) -> Arc<dyn replica::RosterSource>
+    /// A view of the replicas' statuses that does not keep them running,
+    /// for [`Health`](crate::health::Health).
+    pub fn status(&self) -> PoolStatus
     where
         O: Send + 'static,
     {
-        self.shared.board.clone()
+        PoolStatus::new(self.shared.board.clone())
     }
 
     /// Why the pool cannot serve at all, once every replica failed for good:
@@ -161,100 +161,6 @@ impl<I, O> Pool<I, O> {
     /// Whether the pool has no replicas (never true for a built pool).
     pub fn is_empty(&self) -> bool {
         self.shared.jobs.is_empty()
-    }
-}
-
-/// Starts the thread that answers stalled batches and replaces their replicas.
-fn watch_for_stalls<I, O>(
-    shared: Weak<Shared<I, O>>,
-    timeout: Duration,
-    max_stuck: NonZeroUsize,
-) -> Result<(), PoolError>
-where
-    I: Send + 'static,
-    O: Send + 'static,
-{
-    let tick = (timeout.checked_div(4).unwrap_or_default())
-        .clamp(Duration::from_millis(1), Duration::from_secs(1));
-    std::thread::Builder::new()
-        .name("candlewick-watchdog".to_owned())
-        .spawn(move || {
-            loop {
-                std::thread::sleep(tick);
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                for index in 0..shared.jobs.len() {
-                    replace_if_stalled(&shared, index, timeout, max_stuck);
-                }
-            }
-        })
-        .map(drop)
-        .map_err(PoolError::Watchdog)
-}
-
-fn replace_if_stalled<I, O>(
-    shared: &Shared<I, O>,
-    index: usize,
-    timeout: Duration,
-    max_stuck: NonZeroUsize,
-) {
-    let (size, reply, stuck) = {
-        let mut slot = shared.board.slot(index);
-        let mut running = lock(&slot);
-        let Some(batch) = running
-            .as_mut()
-            .filter(|batch| batch.started.elapsed() >= timeout)
-        else {
-            return;
-        };
-        let Some(reply) = batch.reply.take() else {
-            return;
-        };
-        let size = batch.size;
-        // Counted under the slot's lock: the stuck thread, if it returns
-        // now, finds its reply gone only after this, so its own decrement
-        // always comes later. Recorded before answering, so that callers
-        // see the stall in health.
-        let stuck = shared.board.update(index, |status| {
-            status.state = ReplicaState::Stalled;
-            status.stalls = status.stalls.saturating_add(1);
-            status.stuck_threads = status.stuck_threads.saturating_add(1);
-            status.stuck_threads
-        });
-        drop(running);
-        // The replacement publishes its batches in a slot of its own.
-        *slot = Slot::default();
-        (size, reply, stuck)
-    };
-    tracing::error!(
-        replica = index,
-        ?timeout,
-        "batch stalled; replacing the replica"
-    );
-    let err = ModelFailed::new(
-        FailureKind::Stalled,
-        format!("the batch ran longer than the stall timeout of {timeout:?}"),
-    );
-    if stuck >= max_stuck.get() {
-        // Each stuck thread holds a model; another would only add one more.
-        let reason = format!(
-            "{stuck} of its threads are stuck in forward past the stall timeout of \
-             {timeout:?}, each holding a model; not replaced again"
-        );
-        shared.board.fail_for_good(index, &reason);
-        let _ = reply.send(replica::failures(err, size).collect());
-        return;
-    }
-    let _ = reply.send(replica::failures(err, size).collect());
-    // The stuck thread keeps its model until `forward` returns, then retires.
-    // Its replacement's channel goes in before the replacement starts: once
-    // it is idle, jobs for this index must reach it.
-    let (tx, rx) = mpsc::channel();
-    *lock(&shared.jobs[index]) = tx;
-    if let Err(err) = (shared.spawn)(index, rx) {
-        let reason = format!("cannot start a replacement thread: {err}");
-        shared.board.fail_for_good(index, &reason);
     }
 }
 
@@ -309,7 +215,7 @@ where
         // finds one; if it ever did not, the batch fails and nothing hangs.
         let Some(index) = lock(&self.shared.board.idle).pop() else {
             permit.forget();
-            return ResponseFuture { rx };
+            return ResponseFuture::new(rx);
         };
         let job = Job {
             inputs,
@@ -320,20 +226,6 @@ where
         // A send fails only if the replica thread is gone; the job and its
         // reply sender are dropped, which the future reports as `Closed`.
         let _ = lock(&self.shared.jobs[index]).send(job);
-        ResponseFuture { rx }
-    }
-}
-
-/// The future of one batch run by a [`Pool`].
-#[derive(Debug)]
-pub struct ResponseFuture<O> {
-    rx: oneshot::Receiver<Outcomes<O>>,
-}
-
-impl<O> Future for ResponseFuture<O> {
-    type Output = Result<Vec<Result<O, ModelFailed>>, BoxError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(ready!(Pin::new(&mut self.rx).poll(cx)).map_err(|_| Closed::new().into()))
+        ResponseFuture::new(rx)
     }
 }
