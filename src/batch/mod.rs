@@ -101,6 +101,7 @@ mod metrics;
 mod queue;
 mod rate;
 mod service;
+mod shared;
 mod worker;
 
 use std::fmt;
@@ -109,7 +110,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use layer::BatchLayer;
-use service::Shared;
 pub use service::{Batch, BatchStatus, DrainReport};
 
 use crate::BoxError;

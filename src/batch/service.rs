@@ -1,19 +1,18 @@
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
 use super::future::ResponseFuture;
-use super::metrics::{BatchMetrics, Outcome};
-use super::queue::{Entry, Queue};
-use super::rate::ServiceRate;
+use super::metrics::Outcome;
+use super::queue::Entry;
+use super::shared::{CloseOnExit, Shared};
 use super::{Admission, BatchConfig, Hooks, Request, worker};
 use crate::BoxError;
 use crate::contain::{catch, lock};
@@ -31,72 +30,6 @@ pub struct DrainReport {
     pub rejected: u64,
     /// Requests answered with [`Closed`] when the deadline passed.
     pub aborted: u64,
-}
-
-/// What the handles and the worker share.
-pub(super) struct Shared<I, O> {
-    pub(super) queue: Queue<I, O>,
-    pub(super) metrics: BatchMetrics,
-    pub(super) config: BatchConfig,
-    pub(super) hooks: Hooks<I>,
-    /// One permit per free queue slot.
-    slots: Arc<Semaphore>,
-    /// Why the worker stopped for good, once it did.
-    closed: OnceLock<Closed>,
-    pub(super) rate: Mutex<ServiceRate>,
-    /// Set when a drain began: admit nothing more, dispatch without waiting.
-    draining: AtomicBool,
-    /// Cancelled when a drain runs out of time.
-    pub(super) abort: CancellationToken,
-    /// Response futures dropped before their answer: the queue may hold
-    /// cancelled requests.
-    abandoned: Arc<AtomicUsize>,
-    /// Requests answered by the inner service.
-    pub(super) completed: AtomicU64,
-    /// The id of the next request, for tracing.
-    next_id: AtomicU64,
-    /// Requests refused because the service was draining.
-    rejected: AtomicU64,
-    /// Requests answered with [`Closed`] when a drain ran out of time.
-    pub(super) aborted: AtomicU64,
-}
-
-impl<I, O> Shared<I, O> {
-    /// Whether the worker has stopped for good: its queue slots are closed.
-    fn is_closed(&self) -> bool {
-        self.slots.is_closed()
-    }
-
-    pub(super) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// The error for requests refused because the worker stopped.
-    fn closed(&self) -> Closed {
-        self.closed.get().cloned().unwrap_or_default()
-    }
-
-    /// Stops admitting requests and answers every queued one with `closed`
-    /// (the first reason given wins).
-    pub(super) fn close(&self, closed: Closed) {
-        let _ = self.closed.set(closed);
-        self.slots.close();
-        self.queue.close(&self.closed());
-    }
-}
-
-/// Closes the queue when the worker task ends or unwinds.
-struct CloseOnExit<I, O>(Arc<Shared<I, O>>);
-
-impl<I, O> Drop for CloseOnExit<I, O> {
-    fn drop(&mut self) {
-        let closed = if std::thread::panicking() {
-            Closed::because("the batch worker panicked")
-        } else {
-            Closed::new()
-        };
-        self.0.close(closed);
-    }
 }
 
 /// A `Service<Request<I>, Response = O>` that collects requests into batches
@@ -144,24 +77,8 @@ where
         S::Future: Send + 'static,
         E: Into<BoxError>,
     {
-        let slots = Arc::new(Semaphore::new(config.queue_capacity.get()));
-        let metrics = BatchMetrics::new(&hooks.labels);
-        let shared = Arc::new(Shared {
-            queue: Queue::new(metrics.clone()),
-            metrics,
-            config,
-            hooks,
-            slots: slots.clone(),
-            closed: OnceLock::new(),
-            rate: Mutex::new(ServiceRate::new()),
-            draining: AtomicBool::new(false),
-            abort: CancellationToken::new(),
-            abandoned: Arc::default(),
-            completed: AtomicU64::new(0),
-            rejected: AtomicU64::new(0),
-            next_id: AtomicU64::new(0),
-            aborted: AtomicU64::new(0),
-        });
+        let shared = Arc::new(Shared::new(config, hooks));
+        let slots = shared.slots.clone();
         let worker = shared.clone();
         tokio::spawn(async move {
             // However the worker ends (all handles gone, the inner service

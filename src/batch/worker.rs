@@ -9,9 +9,9 @@ use tokio::time::Instant;
 use tower::Service;
 use tracing::Instrument;
 
-use super::Shared;
 use super::metrics::Outcome;
 use super::queue::{Next, Taken, Ticket};
+use super::shared::Shared;
 use crate::BoxError;
 use crate::contain::{CatchUnwind, catch, lock};
 use crate::error::{Closed, FailureKind, ModelFailed};

@@ -6,13 +6,25 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use candle_core::DeviceLocation;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use super::metrics::ReplicaMetrics;
-use super::replica::Reply;
 use super::{ReplicaState, ReplicaStatus};
 use crate::contain::lock;
 use crate::device::format_location;
+use crate::error::ModelFailed;
+
+/// Each input's own result.
+pub(super) type Outcomes<O> = Vec<Result<O, ModelFailed>>;
+pub(super) type Reply<O> = oneshot::Sender<Outcomes<O>>;
+
+/// One batch for a replica.
+pub(super) struct Job<I, O> {
+    pub(super) inputs: Vec<I>,
+    pub(super) reply: Reply<O>,
+    pub(super) lease: Lease,
+    pub(super) span: tracing::Span,
+}
 
 /// A replica taken off the idle set for one batch: its index and the permit
 /// that counted it idle, as one value, so the two cannot diverge.

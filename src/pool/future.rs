@@ -6,7 +6,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::sync::oneshot;
 
-use super::replica::Outcomes;
+use super::board::Outcomes;
 use crate::BoxError;
 use crate::error::{Closed, ModelFailed};
 

@@ -68,6 +68,7 @@ pub mod future;
 mod metrics;
 mod replica;
 mod service;
+mod shared;
 mod watchdog;
 
 use std::num::NonZeroUsize;
@@ -382,7 +383,7 @@ impl CpuThreads {
 }
 
 impl ReplicaStatus {
-    pub(crate) fn new(device: DeviceLocation) -> Self {
+    fn new(device: DeviceLocation) -> Self {
         Self {
             device,
             state: ReplicaState::Loading,

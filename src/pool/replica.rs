@@ -11,27 +11,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::DeviceLocation;
-use tokio::sync::oneshot;
 
-use super::board::{Board, Lease, Running, Slot};
+use super::board::{Board, Job, Lease, Outcomes, Reply, Running, Slot};
 use super::metrics::ReplicaMetrics;
 use super::{ComputePriority, FailurePolicy, PoolConfig, ReplicaState};
 use crate::BoxError;
 use crate::contain::{catch, drop_contained, lock};
 use crate::error::{FailureKind, ModelFailed, Unrecoverable};
 use crate::model::{Loader, Model};
-
-/// Each input's own result.
-pub(super) type Outcomes<O> = Vec<Result<O, ModelFailed>>;
-pub(super) type Reply<O> = oneshot::Sender<Outcomes<O>>;
-
-/// One batch for a replica.
-pub(super) struct Job<I, O> {
-    pub(super) inputs: Vec<I>,
-    pub(super) reply: Reply<O>,
-    pub(super) lease: Lease,
-    pub(super) span: tracing::Span,
-}
 
 /// Starts the thread of replica `index`.
 pub(super) fn spawn<I, L>(

@@ -8,9 +8,10 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
-use super::board::{Board, Lease, PoolStatus};
+use super::board::{Board, Job, Lease, PoolStatus};
 use super::future::ResponseFuture;
-use super::replica::{self, Job};
+use super::replica;
+use super::shared::{Shared, Spawn};
 use super::{CpuThreads, PoolConfig, PoolError, ReplicaStatus, watchdog};
 use crate::BoxError;
 use crate::contain::lock;
@@ -26,17 +27,6 @@ pub struct Pool<I, O> {
     shared: Arc<Shared<I, O>>,
     semaphore: PollSemaphore,
     reserved: Option<OwnedSemaphorePermit>,
-}
-
-type Spawn<I, O> = dyn Fn(usize, mpsc::Receiver<Job<I, O>>) -> std::io::Result<()> + Send + Sync;
-
-/// What every handle of one pool shares.
-pub(super) struct Shared<I, O> {
-    /// One channel per replica; dropping the last handle stops the threads.
-    pub(super) jobs: Vec<Mutex<mpsc::Sender<Job<I, O>>>>,
-    pub(super) board: Arc<Board<O>>,
-    /// Starts the thread of a replica; the watchdog uses it to replace one.
-    pub(super) spawn: Box<Spawn<I, O>>,
 }
 
 impl<I, O> Pool<I, O>

@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::board::Slot;
-use super::service::Shared;
+use super::shared::Shared;
 use super::{PoolError, ReplicaState, replica};
 use crate::contain::lock;
 use crate::error::{FailureKind, ModelFailed};
