@@ -459,3 +459,73 @@ async fn an_admin_port_in_use_is_an_error_not_a_panic() {
 fn echo(_: &Device) -> Result<impl Fn(&[u8]) -> Result<Vec<u8>, BoxError> + use<>, BoxError> {
     Ok(|batch: &[u8]| -> Result<Vec<u8>, BoxError> { Ok(batch.to_vec()) })
 }
+
+#[tokio::test]
+async fn health_attached_to_a_hand_built_stack_sees_its_batcher_stop() {
+    use candlewick::batch::Batch;
+    use candlewick::health::Lifecycle;
+    use candlewick::pool::Pool;
+
+    // The batcher's inner service fails once the test says so: the worker
+    // stops for good, which only a restart repairs.
+    let broken = Arc::new(AtomicBool::new(false));
+    let flag = broken.clone();
+    let inner = tower::service_fn(move |batch: Vec<u8>| {
+        let broken = flag.load(Ordering::Acquire);
+        async move {
+            if broken {
+                return Err::<Vec<Result<u8, BoxError>>, BoxError>(
+                    "the inner service broke".into(),
+                );
+            }
+            Ok(batch.into_iter().map(Ok).collect())
+        }
+    });
+    let pool = Pool::new(echo, PoolConfig::default()).unwrap();
+    let batch = Batch::new(inner, BatchConfig::default());
+    let health = Health::new(HealthConfig::default(), pool.status()).with_batch(batch.status());
+    reach(&health, HealthState::Ready).await;
+    assert_eq!(batch.infer(7).await.unwrap(), 7);
+
+    broken.store(true, Ordering::Release);
+    let err = batch.infer(8).await.unwrap_err();
+    assert!(err.to_string().contains("broke"), "{err}");
+    assert_eq!(
+        health.report().state,
+        HealthState::Ready,
+        "one failed batch is not death"
+    );
+
+    // A batcher whose inner service fails in `poll_ready` is gone for good.
+    let stopped = Batch::new(PollFails, BatchConfig::default());
+    let health = health.with_batch(stopped.status());
+    assert!(stopped.infer(1).await.unwrap_err().is::<Closed>());
+    let report = health.report();
+    assert_eq!(report.state, HealthState::Dead);
+    assert_eq!(report.live.reason, "the batching worker stopped");
+    assert!(!report.ready.ok);
+    // A shutdown stops the batcher on purpose: that is not death.
+    health.set_lifecycle(Lifecycle::Stopped);
+    assert!(health.live().ok);
+    assert_eq!(health.report().state, HealthState::Stopped);
+}
+
+/// A batch service that can never take a batch.
+struct PollFails;
+
+impl tower::Service<Vec<u8>> for PollFails {
+    type Response = Vec<Result<u8, BoxError>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Err("the device is gone".into()))
+    }
+
+    fn call(&mut self, _: Vec<u8>) -> Self::Future {
+        unreachable!("never ready")
+    }
+}
