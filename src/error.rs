@@ -6,6 +6,12 @@
 //! [`classify`] is the one table of statuses, metric outcomes and
 //! retryability, for this crate's errors and tower's own.
 //!
+//! [`Overloaded`] and [`Closed`] share their names with tower's
+//! `load_shed::error::Overloaded` and `buffer::error::Closed` on purpose:
+//! they mean the same, and carry more (a Retry-After estimate; the reason the
+//! service closed). A stack mixing both kinds of layer can test for either;
+//! [`classify`] treats each pair alike.
+//!
 //! # Examples
 //!
 //! ```

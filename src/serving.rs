@@ -1,99 +1,5 @@
 //! The standard stack in one call: a [`Pool`] of replicas behind a [`Batch`],
 //! with [`Health`] and metrics attached.
-//!
-//! # Examples
-//!
-//! ```
-//! use candle_core::Device;
-//! use candlewick::{BoxError, Serving, ServingConfig};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), BoxError> {
-//! let loader = |_: &Device| -> Result<_, BoxError> {
-//!     Ok(|batch: &[String]| -> Result<Vec<usize>, BoxError> {
-//!         Ok(batch.iter().map(|text| text.len()).collect())
-//!     })
-//! };
-//! let serving = Serving::start(loader, ServingConfig::default())?;
-//!
-//! // A cheap handle: clone it into every task that needs the model.
-//! let handle = serving.clone();
-//! let n = tokio::spawn(async move { handle.infer("hello".to_owned()).await }).await??;
-//! assert_eq!(n, 5);
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! [`ServingBuilder::layer`] puts tower layers between the batcher and the
-//! pool (a timeout per batch, a concurrency limit, tracing of each batch).
-//!
-//! # Build it yourself
-//!
-//! `Serving` is a convenience built from public parts only. The same stack by
-//! hand, with tower's `ServiceBuilder`, behaves the same: the same admission
-//! hooks, the same metrics (per-input model errors count as
-//! `outcome="model_error"`), the same health, the same per-request deadlines.
-//! Build it this way to put your own layers anywhere in the stack, or to
-//! share one pool between several batchers.
-//!
-//! ```
-//! use std::sync::Arc;
-//! use std::time::Duration;
-//!
-//! use candle_core::Device;
-//! use candlewick::batch::{BatchLayer, Priority, Request};
-//! use candlewick::health::{Health, HealthState, Lifecycle};
-//! use candlewick::pool::Pool;
-//! use candlewick::{BoxError, ServingConfig};
-//! use tower::{ServiceBuilder, ServiceExt};
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), BoxError> {
-//! // One loader: the pool builds the models with it, and the batcher asks
-//! // it for each input's cost and validity at admission.
-//! let loader = Arc::new(|_: &Device| -> Result<_, BoxError> {
-//!     Ok(|batch: &[String]| -> Result<Vec<usize>, BoxError> {
-//!         Ok(batch.iter().map(|text| text.len()).collect())
-//!     })
-//! });
-//! let config = ServingConfig::default();
-//! let model = &config.model;
-//!
-//! // The replicas, then the batcher in front of them, with any tower layer
-//! // in between (here a time limit per batch).
-//! let pool = Pool::from_arc(loader.clone(), config.pool.clone(), model)?;
-//! let batch = ServiceBuilder::new()
-//!     .layer(BatchLayer::new(config.batch.clone()).hooks_from(loader).model(model))
-//!     .timeout(Duration::from_secs(30))
-//!     .service(pool.clone());
-//!
-//! // Health reads the pool and the batcher without keeping them running;
-//! // the gauges are the ones `Serving` publishes.
-//! let health = Health::new(config.health.clone(), pool.status()).with_batch(batch.status());
-//! health.publish_metrics(model);
-//! candlewick::metrics::record_model_info(model);
-//!
-//! // Each request carries its own deadline and priority through
-//! // `Service::call`, as tower-http requests carry extensions.
-//! let request = Request::new("hello".to_owned())
-//!     .with_timeout(Duration::from_secs(1))
-//!     .with_priority(Priority::High);
-//! assert_eq!(batch.clone().oneshot(request).await?, 5);
-//!
-//! let mut watch = health.watch();
-//! while !health.ready().ok {
-//!     watch.changed().await;
-//! }
-//! assert_eq!(health.report().state, HealthState::Ready);
-//!
-//! // Shutdown, as `Serving::shutdown` does it.
-//! health.set_lifecycle(Lifecycle::Draining);
-//! let deadline = tokio::time::Instant::now() + config.drain_timeout;
-//! batch.drain(deadline).await;
-//! health.set_lifecycle(Lifecycle::Stopped);
-//! # Ok(())
-//! # }
-//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -200,6 +106,29 @@ impl ServingConfig {
 /// Cheap to clone; all clones share the replicas and the queue. The replicas
 /// stop once the last clone is dropped and the queued requests are answered.
 /// Also a `Service<Request<I>, Response = O>` for use inside tower stacks.
+///
+/// # Examples
+///
+/// ```
+/// use candle_core::Device;
+/// use candlewick::{BoxError, Serving, ServingConfig};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), BoxError> {
+/// let loader = |_: &Device| -> Result<_, BoxError> {
+///     Ok(|batch: &[String]| -> Result<Vec<usize>, BoxError> {
+///         Ok(batch.iter().map(|text| text.len()).collect())
+///     })
+/// };
+/// let serving = Serving::start(loader, ServingConfig::default())?;
+///
+/// // A cheap handle: clone it into every task that needs the model.
+/// let handle = serving.clone();
+/// let n = tokio::spawn(async move { handle.infer("hello".to_owned()).await }).await??;
+/// assert_eq!(n, 5);
+/// # Ok(())
+/// # }
+/// ```
 pub struct Serving<I, O> {
     batch: Batch<I, O>,
     pool: Pool<I, O>,

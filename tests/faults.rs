@@ -473,8 +473,12 @@ async fn an_inner_service_that_panics_when_polled_closes_the_queue_with_the_reas
     assert!(err.is::<Closed>(), "{err}");
     assert!(err.to_string().contains("poll_ready crashed"), "{err}");
     assert!(batch.is_closed());
-    // Later requests hear the same reason at once.
+    // Later requests hear the same reason at once, and a tower caller
+    // hears it from `poll_ready`, as from tower's own `Buffer`.
     let err = batch.infer(2).await.unwrap_err();
+    assert!(err.to_string().contains("poll_ready crashed"), "{err}");
+    let err = batch.clone().ready().await.unwrap_err();
+    assert!(err.is::<Closed>(), "{err}");
     assert!(err.to_string().contains("poll_ready crashed"), "{err}");
 }
 

@@ -140,12 +140,27 @@ fn request(
     path: &str,
     body: Option<&[u8]>,
 ) -> std::io::Result<Response> {
+    request_with(addr, method, path, &[], body)
+}
+
+/// [`request`] with extra headers.
+fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> std::io::Result<Response> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     let body = body.unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     )?;
     stream.write_all(body)?;
@@ -633,6 +648,37 @@ fn a_request_past_the_http_timeout_gets_a_json_504() {
         assert!(raw.starts_with("HTTP/1.1 504"), "{path}: {raw}");
         assert!(raw.contains(shape), "{path}: {raw}");
     }
+}
+
+#[test]
+fn a_client_sets_its_own_deadline_in_a_header() {
+    let server = Server::start(&[]);
+    let send = |path: &str, body: &str, timeout: &str| {
+        let headers = [("x-request-timeout-ms", timeout)];
+        request_with(server.addr, "POST", path, &headers, Some(body.as_bytes())).unwrap()
+    };
+    let (tei, openai) = (r#"{"inputs": "hello"}"#, r#"{"input": "hello"}"#);
+    // The handler passes the deadline to the batcher with the request: one
+    // already past never reaches the model, and is answered in each API's
+    // own shape.
+    let late = send("/embed", tei, "0");
+    assert_eq!(late.status, 504, "{}", late.body);
+    assert_eq!(late.json()["error_type"], "deadline");
+    let late = send("/v1/embeddings", openai, "0");
+    assert_eq!(late.status, 504, "{}", late.body);
+    assert_eq!(late.json()["error"]["code"], "deadline");
+    // A malformed one is the client's mistake.
+    let malformed = send("/embed", tei, "soon");
+    assert_eq!(malformed.status, 400, "{}", malformed.body);
+    assert!(
+        malformed.body.contains("x-request-timeout-ms"),
+        "{}",
+        malformed.body
+    );
+    // One the model can meet is met (capped at the server's own timeout).
+    assert_eq!(send("/embed", tei, "60000").embeddings().len(), 1);
+    let on_time = send("/v1/embeddings", openai, "18446744073709551615");
+    assert_eq!(on_time.status, 200, "{}", on_time.body);
 }
 
 #[test]

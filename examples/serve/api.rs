@@ -2,23 +2,30 @@
 //! and one JSON error shape for every failure.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use candlewick::batch::Admission;
+use candlewick::batch::{Admission, Request};
 use candlewick::error::{Overloaded, classify, find};
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tower::ServiceExt as _;
 
 use crate::bert::{BertLoader, Direction, EncodeError, TextEncoder, Token, normalize};
 
 /// The largest request body accepted (413 above).
 pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// The request header in which a client gives how long it will wait, in
+/// milliseconds: its inputs never reach the model after that. The server's
+/// `--request-timeout-ms` is the most a client gets.
+pub(crate) const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -201,11 +208,47 @@ impl AppState {
         })
     }
 
-    /// One embedding per sequence, in order.
-    pub(crate) async fn embed(&self, sequences: Vec<Vec<u32>>) -> Result<Vec<Vec<f32>>, ApiError> {
+    /// How long the client of `headers` waits ([`TIMEOUT_HEADER`]), at most
+    /// the server's request timeout; `None` leaves the server's.
+    pub(crate) fn client_timeout(&self, headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
+        let Some(value) = headers.get(TIMEOUT_HEADER) else {
+            return Ok(None);
+        };
+        let millis: u64 = value
+            .to_str()
+            .ok()
+            .and_then(|value| value.trim().parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed",
+                    format!("{TIMEOUT_HEADER} must be a whole number of milliseconds"),
+                )
+            })?;
+        let server = self.serving.batch().config().default_timeout;
+        let client = Duration::from_millis(millis);
+        Ok(Some(server.map_or(client, |server| server.min(client))))
+    }
+
+    /// One embedding per sequence, in order, each due within `timeout` (the
+    /// server's request timeout if `None`).
+    pub(crate) async fn embed(
+        &self,
+        sequences: Vec<Vec<u32>>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<Vec<f32>>, ApiError> {
+        let calls = sequences.into_iter().map(|ids| {
+            let request = match timeout {
+                Some(timeout) => Request::new(ids).with_timeout(timeout),
+                None => Request::new(ids),
+            };
+            // Through tower's interface: the deadline travels with the
+            // request, as it would through any layer stacked on the batcher.
+            self.serving.batch().clone().oneshot(request)
+        });
         // The first failure answers the request at once; dropping the others
         // (as when the client goes away) cancels what is still queued.
-        futures_util::future::try_join_all(sequences.into_iter().map(|ids| self.serving.infer(ids)))
+        futures_util::future::try_join_all(calls)
             .await
             .map_err(ApiError::from_serving)
     }
@@ -238,15 +281,17 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
 /// the batcher, so each counts toward admission.
 pub(crate) async fn embed(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
+    let timeout = state.client_timeout(&headers)?;
     let request: EmbedRequest = parse_body(body)?;
     let how = Encoding {
         truncate: request.truncate.then_some(request.truncation_direction),
         prompt: state.prompt(request.prompt_name.as_deref())?,
     };
     let sequences = state.encode(request.inputs.into_vec(), &how)?;
-    let mut embeddings = state.embed(sequences).await?;
+    let mut embeddings = state.embed(sequences, timeout).await?;
     if request.normalize {
         embeddings
             .iter_mut()

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::Deserialize;
@@ -35,8 +35,10 @@ struct EmbeddingsRequest {
 /// and normalized again (Matryoshka), with token usage.
 pub(crate) async fn embeddings(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, OpenAiError> {
+    let timeout = state.client_timeout(&headers).map_err(OpenAiError::from)?;
     let request: EmbeddingsRequest = parse_body(body).map_err(OpenAiError::from)?;
     if let Some(model) = &request.model
         && model.as_str() != &*state.model_name
@@ -85,7 +87,7 @@ pub(crate) async fn embeddings(
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     // Admission checks token ids (length, vocabulary): also the input's fault.
     let embeddings = state
-        .embed(sequences)
+        .embed(sequences, timeout)
         .await
         .map_err(|err| OpenAiError::from(err).with_param("input"))?;
     let data: Vec<Value> = embeddings

@@ -3,7 +3,7 @@
 //! [`PrometheusService`] behind the `prometheus` feature).
 //!
 //! Every metric carries the labels `model` and `version` from the stack's
-//! [`ModelInfo`](crate::ModelInfo); per-device metrics add `device`.
+//! [`ModelInfo`]; per-device metrics add `device`.
 //!
 #![doc = include_str!("../../docs/metrics.md")]
 //!

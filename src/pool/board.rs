@@ -257,8 +257,14 @@ impl<O> Board<O> {
     }
 
     /// Makes `index` available to callers again, releasing the permit of its
-    /// `lease` if it held one.
-    pub(super) fn make_idle(&self, index: usize, lease: Option<Lease>) {
+    /// `lease` if it held one. `record` changes its status in the same update
+    /// that makes it idle (a first load's times: started and ready together).
+    pub(super) fn make_idle(
+        &self,
+        index: usize,
+        lease: Option<Lease>,
+        record: impl FnOnce(&mut ReplicaStatus),
+    ) {
         debug_assert!(lease.as_ref().is_none_or(|lease| lease.index == index));
         {
             let mut idle = lock(&self.idle);
@@ -270,7 +276,10 @@ impl<O> Board<O> {
             }
             idle.push(index);
         }
-        self.set_state(index, ReplicaState::Idle);
+        self.update(index, |status| {
+            record(status);
+            status.state = ReplicaState::Idle;
+        });
         match lease.and_then(|mut lease| lease.permit.take()) {
             Some(permit) => drop(permit),
             None => self.semaphore.add_permits(1),

@@ -10,7 +10,7 @@ use super::board::Outcomes;
 use crate::BoxError;
 use crate::error::{Closed, ModelFailed};
 
-/// The future of one batch run by a [`Pool`].
+/// The future of one batch run by a [`Pool`](super::Pool).
 #[derive(Debug)]
 pub struct ResponseFuture<O> {
     rx: oneshot::Receiver<Outcomes<O>>,

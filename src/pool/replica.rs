@@ -107,10 +107,13 @@ impl<L, O> Replica<L, O> {
         let mut failures = 0u32;
         loop {
             // `None`: the pool is gone, or the load can never succeed.
-            let Some(model) = self.load_until_ready(&runtime, &mut failures, jobs) else {
+            let Some((model, loaded)) = self.load_until_ready(&runtime, &mut failures, jobs) else {
                 return;
             };
-            self.board.make_idle(self.index, lease.take());
+            self.board.make_idle(self.index, lease.take(), |status| {
+                status.load_time = Some(loaded.load);
+                status.warmup_time = Some(loaded.warmup);
+            });
             // Serve until the pool is dropped, the model panics, or the
             // watchdog replaced this replica.
             loop {
@@ -197,7 +200,7 @@ impl<L, O> Replica<L, O> {
         }
         // Idle first, then answer: the batcher can hand this replica its next
         // batch while the callers of this one wake up.
-        self.board.make_idle(self.index, Some(lease));
+        self.board.make_idle(self.index, Some(lease), |_| {});
         answer(reply, outcomes);
         Served::Ok
     }
@@ -226,7 +229,7 @@ impl<L, O> Replica<L, O> {
         runtime: &tokio::runtime::Runtime,
         failures: &mut u32,
         jobs: &mpsc::Receiver<Job<I, O>>,
-    ) -> Option<L::Model>
+    ) -> Option<(L::Model, Loaded)>
     where
         L: Loader<I>,
     {
@@ -271,7 +274,10 @@ impl<L, O> Replica<L, O> {
         }
     }
 
-    fn load_once<I>(&self, runtime: &tokio::runtime::Runtime) -> Result<L::Model, BoxError>
+    fn load_once<I>(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+    ) -> Result<(L::Model, Loaded), BoxError>
     where
         L: Loader<I>,
     {
@@ -296,15 +302,23 @@ impl<L, O> Replica<L, O> {
         }
         let warmed = started.elapsed();
 
-        self.board.update(self.index, |status| {
-            status.load_time = Some(loaded);
-            status.warmup_time = Some(warmed);
-        });
         let metrics = &self.board.metrics[self.index];
         metrics.load_time.set(loaded.as_secs_f64());
         metrics.warmup_time.set(warmed.as_secs_f64());
-        Ok(model)
+        Ok((
+            model,
+            Loaded {
+                load: loaded,
+                warmup: warmed,
+            },
+        ))
     }
+}
+
+/// How long a model took to load and to warm up.
+struct Loaded {
+    load: Duration,
+    warmup: Duration,
 }
 
 enum Served {
