@@ -237,6 +237,43 @@ impl Error for InvalidInput {
     }
 }
 
+/// The request needs more than the service can give it even when idle: more
+/// time than it has (its estimated service time, at the measured rate,
+/// exceeds the time to its deadline), or more inputs than the queue holds.
+/// Retrying cannot help. Nothing was queued. HTTP 413.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TooLarge {
+    reason: String,
+}
+
+impl TooLarge {
+    /// A request whose own service would take `estimate`, with `budget` left.
+    pub fn slower_than(estimate: Duration, budget: Duration) -> Self {
+        Self {
+            reason: format!(
+                "serving it alone would take an estimated {:.3} s, and it has {:.3} s",
+                estimate.as_secs_f64(),
+                budget.as_secs_f64()
+            ),
+        }
+    }
+
+    /// A request of `inputs` inputs, for a queue that holds `capacity`.
+    pub fn more_inputs(inputs: usize, capacity: usize) -> Self {
+        Self {
+            reason: format!("{inputs} inputs, and the queue holds at most {capacity}"),
+        }
+    }
+}
+
+impl fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the request is too large to serve: {}", self.reason)
+    }
+}
+
+impl Error for TooLarge {}
+
 /// How a batch failed inside the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -358,6 +395,7 @@ impl Class {
 /// |---|---|---|---|
 /// | [`Overloaded`], tower's `load_shed::error::Overloaded` | 429 | `overloaded` | yes |
 /// | [`InvalidInput`] | 422 | `invalid` | no |
+/// | [`TooLarge`] | 413 | `invalid` | no |
 /// | [`DeadlineExceeded`], tower's `timeout::error::Elapsed` | 504 | `deadline` | yes |
 /// | [`Draining`] | 503 | `draining` | yes |
 /// | [`Closed`], tower's `buffer::error::Closed` | 503 | `closed` | yes |
@@ -371,6 +409,8 @@ pub fn classify(err: &(dyn Error + 'static)) -> Class {
             Class::new(S::TOO_MANY_REQUESTS, "overloaded", true)
         } else if err.is::<InvalidInput>() {
             Class::new(S::UNPROCESSABLE_ENTITY, "invalid", false)
+        } else if err.is::<TooLarge>() {
+            Class::new(S::PAYLOAD_TOO_LARGE, "invalid", false)
         } else if err.is::<DeadlineExceeded>() || err.is::<tower::timeout::error::Elapsed>() {
             Class::new(S::GATEWAY_TIMEOUT, "deadline", true)
         } else if err.is::<Draining>() {

@@ -238,3 +238,136 @@ async fn one_table_classifies_this_crates_errors_and_towers_own() {
         assert_eq!(status_code(&*err), status);
     }
 }
+
+/// `requests` as one all-or-nothing group, on a task of its own.
+fn send_all(
+    service: &Batch<u32, u32>,
+    requests: Vec<Request<u32>>,
+) -> tokio::task::JoinHandle<Result<Vec<u32>, BoxError>> {
+    let service = service.clone();
+    tokio::spawn(async move { service.infer_all(requests).await })
+}
+
+fn inputs(range: std::ops::Range<u32>) -> Vec<Request<u32>> {
+    range.map(Request::new).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_is_admitted_or_refused_as_one() {
+    let config = config(8).with_queue_capacity(NonZeroUsize::new(4).unwrap());
+    let (service, mut handle) = batched(config);
+    handle.allow(0);
+    let first = send_all(&service, inputs(0..3));
+    settle().await;
+    assert_eq!(service.queue_depth().0, 3);
+    // Two more do not fit in the one slot left: neither is queued.
+    let err = service.infer_all(inputs(10..12)).await.unwrap_err();
+    assert!(err.is::<Overloaded>(), "{err}");
+    assert_eq!(service.queue_depth().0, 3);
+    // The first group runs, in several batches if need be, answers in order.
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0, 1, 2]);
+    reply.send_response(batch.iter().map(|x| x + 100).collect());
+    assert_eq!(first.await.unwrap().unwrap(), [100, 101, 102]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_service_never_refuses_a_group_for_its_own_inputs() {
+    // 1 request per 100 ms: ten inputs take a second, four times the most
+    // any request may wait behind others.
+    let patient = config(4).with_max_queue_time(Some(Duration::from_millis(250)));
+    let (service, mut handle) = batched(patient);
+    measure(&service, &mut handle, 1, Duration::from_millis(100)).await;
+    handle.allow(0);
+    let group = send_all(&service, inputs(0..10));
+    settle().await;
+    assert_eq!(service.queue_depth().0, 10, "refused on an idle service");
+    // A single input is never refused with nothing ahead either, however
+    // slow the measured rate.
+    let (lone, mut lone_handle) = batched(config(4).with_max_queue_time(Some(Duration::ZERO)));
+    measure(&lone, &mut lone_handle, 1, Duration::from_secs(10)).await;
+    lone_handle.allow(0);
+    let single = send(&lone, Request::new(1));
+    settle().await;
+    assert_eq!(lone.queue_depth().0, 1, "refused with nothing ahead");
+    // With the group queued, the next request is ahead of nothing it can
+    // skip: it waits too long, and hears so.
+    let err = service.infer(99).await.unwrap_err();
+    assert!(err.is::<Overloaded>(), "{err}");
+    drop((group, single));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_slower_than_its_deadline_even_alone_is_too_large_not_overloaded() {
+    use candlewick::error::{TooLarge, classify};
+
+    let (service, mut handle) = batched(config(4));
+    measure(&service, &mut handle, 1, Duration::from_millis(100)).await;
+    // Ten inputs take a second alone; the group has half of one.
+    let requests: Vec<_> = (0..10)
+        .map(|i| Request::new(i).with_timeout(Duration::from_millis(500)))
+        .collect();
+    let err = service.infer_all(requests).await.unwrap_err();
+    assert!(err.is::<TooLarge>(), "{err}");
+    assert!(err.to_string().contains("1.000 s"), "{err}");
+    assert!(err.to_string().contains("0.500 s"), "{err}");
+    let class = classify(&*err);
+    assert_eq!(class.status, 413);
+    assert!(!class.retryable);
+    assert_eq!(service.queue_depth().0, 0);
+    // More inputs than the queue holds can never be admitted either.
+    let small = config(4).with_queue_capacity(NonZeroUsize::new(3).unwrap());
+    let (small, _handle) = batched(small);
+    let err = small.infer_all(inputs(0..4)).await.unwrap_err();
+    assert!(err.is::<TooLarge>(), "{err}");
+    assert!(err.to_string().contains("at most 3"), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_a_group_cancels_every_input_still_queued() {
+    let (service, mut handle) = batched(config(8));
+    handle.allow(0);
+    let group = send_all(&service, inputs(0..5));
+    settle().await;
+    assert_eq!(service.queue_depth().0, 5);
+    group.abort();
+    settle().await;
+    let next = send(&service, Request::new(9));
+    settle().await;
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [9], "a cancelled input reached the model");
+    reply.send_response(vec![18]);
+    assert_eq!(next.await.unwrap().unwrap(), 18);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_holds_room_while_the_inputs_are_prepared() {
+    let config = config(8).with_queue_capacity(NonZeroUsize::new(3).unwrap());
+    let (service, mut handle) = batched(config);
+    handle.allow(0);
+    // Room for two, before anything is parsed or tokenized.
+    let reservation = service.reserve(2).await.unwrap();
+    assert_eq!(reservation.len(), 2);
+    let _other = send(&service, Request::new(7));
+    settle().await;
+    // The queue is full: nobody else gets in while the inputs are prepared.
+    assert!(service.infer(8).await.unwrap_err().is::<Overloaded>());
+    // The prepared request turned out to hold three inputs: the third finds
+    // no room, and the whole request is refused.
+    let err = reservation.infer_all(inputs(0..3)).await.unwrap_err();
+    assert!(err.is::<Overloaded>(), "{err}");
+    assert_eq!(service.queue_depth().0, 1);
+    // Its room was freed: a reservation of two that holds one gives one back.
+    let reservation = service.reserve(2).await.unwrap();
+    let one = tokio::spawn(reservation.infer_all(inputs(0..1)));
+    settle().await;
+    assert_eq!(service.queue_depth().0, 2);
+    assert!(service.reserve(1).await.is_ok());
+    handle.allow(1);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [7, 0]);
+    reply.send_response(vec![14, 0]);
+    assert_eq!(one.await.unwrap().unwrap(), [0]);
+}

@@ -95,6 +95,7 @@
 //! [`max_wait`]: BatchConfig::max_wait
 //! [`queue_capacity`]: BatchConfig::queue_capacity
 
+mod admission;
 pub mod future;
 mod layer;
 mod metrics;
@@ -110,7 +111,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use layer::BatchLayer;
-pub use service::{Batch, BatchStatus, DrainReport};
+pub use service::{Batch, BatchStatus, DrainReport, Reservation};
 
 use crate::BoxError;
 use crate::contain::saturating_deadline;

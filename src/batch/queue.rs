@@ -164,15 +164,18 @@ impl<I, O> Queue<I, O> {
         lock(&self.state)
     }
 
-    /// Queues `entry`, or hands it back if the queue was closed.
-    pub(super) fn push(&self, entry: Entry<I, O>) -> Result<(), Entry<I, O>> {
+    /// Queues `entries`, one group admitted together, or hands them back if
+    /// the queue was closed.
+    pub(super) fn push_all(&self, entries: Vec<Entry<I, O>>) -> Result<(), Vec<Entry<I, O>>> {
         let mut state = self.lock();
         if state.closed {
-            return Err(entry);
+            return Err(entries);
         }
-        state.cost = state.cost.saturating_add(entry.cost as u128);
-        state.len = state.len.saturating_add(1);
-        state.lanes[lane(entry.priority)].push_back(entry);
+        for entry in entries {
+            state.cost = state.cost.saturating_add(entry.cost as u128);
+            state.len = state.len.saturating_add(1);
+            state.lanes[lane(entry.priority)].push_back(entry);
+        }
         state.publish_depth(&self.metrics);
         drop(state);
         self.wake.notify_one();

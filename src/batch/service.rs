@@ -4,21 +4,18 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, oneshot};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
 use super::future::ResponseFuture;
 use super::metrics::Outcome;
-use super::queue::Entry;
 use super::shared::{CloseOnExit, Shared};
-use super::{Admission, BatchConfig, Hooks, Request, worker};
+use super::{Admission, BatchConfig, Hooks, Priority, Request, worker};
 use crate::BoxError;
-use crate::contain::{catch, lock};
-use crate::error::{
-    Closed, DeadlineExceeded, Draining, FailureKind, InvalidInput, ModelFailed, Overloaded,
-};
+use crate::contain::lock;
+use crate::error::{Closed, DeadlineExceeded, TooLarge};
 
 /// What a [`Batch::drain`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -137,7 +134,7 @@ impl<I, O> Batch<I, O> {
     /// How long a request arriving now would wait for the work queued and
     /// running ahead of it, as [`Overloaded::retry_after`] reports it.
     pub fn estimated_wait(&self) -> Duration {
-        self.retry_after(self.shared.queue.outstanding_cost())
+        self.shared.estimated_wait()
     }
 
     /// Stops admitting requests (they get [`Draining`]), lets queued and
@@ -187,12 +184,6 @@ impl<I, O> Batch<I, O> {
         }
     }
 
-    fn retry_after(&self, queued_cost: usize) -> Duration {
-        let measured = lock(&self.shared.rate).time_for(queued_cost);
-        // Before anything was measured, a second is a modest, honest guess.
-        measured.unwrap_or(Duration::from_secs(1))
-    }
-
     /// Sends one request through the queue without going through
     /// `poll_ready`: under [`Admission::Wait`] it waits for a queue slot.
     /// Takes an input, or a [`Request`] with a deadline and priority of its
@@ -202,136 +193,214 @@ impl<I, O> Batch<I, O> {
     /// `&Batch` between tasks instead of cloning it.
     pub async fn infer(&self, request: impl Into<Request<I>>) -> Result<O, BoxError> {
         let request = request.into();
-        let shared = &self.shared;
-        let deadline = request.resolved_deadline(&shared.config);
-        let slot = match shared.config.admission {
+        let deadline = request.resolved_deadline(&self.shared.config);
+        let slot = match self.shared.config.admission {
             Admission::Shed => None,
-            Admission::Wait => {
-                let acquire = shared.slots.clone().acquire_owned();
-                let slot = match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline, acquire)
-                        .await
-                        .map_err(|_| BoxError::from(DeadlineExceeded::new())),
-                    None => Ok(acquire.await),
-                }
-                .and_then(|slot| slot.map_err(|_| shared.closed().into()));
-                match slot {
-                    Ok(slot) => Some(slot),
-                    Err(err) => {
-                        shared.metrics.outcome(Outcome::of_error(&*err));
-                        return Err(err);
-                    }
-                }
-            }
+            Admission::Wait => match self.wait_for_slots(1, deadline).await {
+                Ok(slot) => Some(slot),
+                Err(err) => return Err(self.refused(err, 1)),
+            },
         };
         self.enqueue(request, deadline, slot).await
     }
 
+    /// Reserves queue room for a request of `n` inputs before they exist:
+    /// checks that the service is open and that the work ahead leaves time
+    /// (see [`max_queue_time`](BatchConfig::max_queue_time); never refused
+    /// with nothing ahead), and claims `n` queue slots, all or none. Under
+    /// [`Admission::Shed`] it never waits; under [`Admission::Wait`] it waits
+    /// for the slots, up to the default timeout.
+    ///
+    /// It costs a few atomic operations: call it before parsing, tokenizing
+    /// or any work a refusal would waste, then run the prepared inputs with
+    /// [`Reservation::infer_all`]. Fails with [`Overloaded`], [`Draining`],
+    /// [`Closed`] or, for more inputs than the queue holds, [`TooLarge`].
+    pub async fn reserve(&self, n: usize) -> Result<Reservation<I, O>, BoxError> {
+        let shared = &self.shared;
+        let slots = if n == 0 {
+            None
+        } else {
+            let deadline = Request::new(()).resolved_deadline(&shared.config);
+            let admitted = async {
+                shared.check_open(n)?;
+                shared.check_ahead()?;
+                match shared.config.admission {
+                    Admission::Shed => shared.claim(n),
+                    Admission::Wait => self.wait_for_slots(n, deadline).await,
+                }
+            };
+            Some(admitted.await.map_err(|err| self.refused(err, n))?)
+        };
+        Ok(Reservation {
+            batch: self.clone(),
+            slots,
+        })
+    }
+
+    /// Runs every request, admitted or refused as one (see [`reserve`]
+    /// and [`Reservation::infer_all`]). The answers come in order.
+    ///
+    /// [`reserve`]: Self::reserve
+    pub async fn infer_all(&self, requests: Vec<Request<I>>) -> Result<Vec<O>, BoxError> {
+        self.reserve(requests.len())
+            .await?
+            .infer_all(requests)
+            .await
+    }
+
+    /// Waits for `n` queue slots until `deadline`.
+    async fn wait_for_slots(
+        &self,
+        n: usize,
+        deadline: Option<Instant>,
+    ) -> Result<OwnedSemaphorePermit, BoxError> {
+        let shared = &self.shared;
+        let capacity = shared.config.queue_capacity.get();
+        let Some(permits) = u32::try_from(n).ok().filter(|_| n <= capacity) else {
+            return Err(TooLarge::more_inputs(n, capacity).into());
+        };
+        let acquire = shared.slots.clone().acquire_many_owned(permits);
+        let slots = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, acquire)
+                .await
+                .map_err(|_| BoxError::from(DeadlineExceeded::new()))?,
+            None => acquire.await,
+        };
+        slots.map_err(|_| shared.closed().into())
+    }
+
     /// Admits and queues `request`, which expires at `deadline` (its own, or
-    /// the configured default).
+    /// the configured default), on `slot` if one was reserved.
     fn enqueue(
         &self,
         request: Request<I>,
         deadline: Option<Instant>,
         slot: Option<OwnedSemaphorePermit>,
     ) -> ResponseFuture<O> {
+        let shared = &self.shared;
         let now = Instant::now();
         let Request {
             input, priority, ..
         } = request;
-        let refuse = |err: BoxError| {
-            self.shared.metrics.outcome(Outcome::of_error(&*err));
-            ResponseFuture::failed(err)
-        };
-        let (cost, slot) = match self.admit(&input, now, deadline, slot) {
-            Ok(admitted) => admitted,
-            Err(err) => return refuse(err),
-        };
-        let (reply, rx) = oneshot::channel();
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::debug_span!("candlewick.request", id, cost, priority = ?priority);
-        let entry = Entry {
-            id,
-            input,
-            cost,
-            arrived: now,
-            deadline,
-            priority,
-            reply,
-            _slot: slot,
-            span,
-        };
-        // The worker stopped after admission checked: nothing was queued.
-        if self.shared.queue.push(entry).is_err() {
-            return refuse(self.shared.closed().into());
+        // Bad input hears why before overload is considered.
+        let admitted = (|| {
+            shared.check_open(1)?;
+            let admitted = shared.admit_input(input)?;
+            shared.check_budget(admitted.cost, deadline, now)?;
+            let slot = match slot {
+                Some(slot) => slot,
+                None => {
+                    shared.check_ahead()?;
+                    shared.claim(1)?
+                }
+            };
+            shared.enqueue(vec![admitted], priority, deadline, slot, now)
+        })();
+        match admitted {
+            Ok(mut futures) => futures.pop().expect("one future per input"),
+            Err(err) => ResponseFuture::failed(self.refused(err, 1)),
         }
-        ResponseFuture::new(rx, deadline, self.shared.abandoned.clone())
     }
 
-    /// Checks `input` and claims a queue slot for it.
-    fn admit(
-        &self,
-        input: &I,
-        now: Instant,
-        deadline: Option<Instant>,
-        slot: Option<OwnedSemaphorePermit>,
-    ) -> Result<(usize, OwnedSemaphorePermit), BoxError> {
-        let shared = &self.shared;
-        if shared.is_closed() {
-            return Err(shared.closed().into());
-        }
-        if shared.is_draining() {
-            shared.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(Draining::new().into());
-        }
-        // The hooks are user code: a panic there fails this request alone.
-        catch(|| (shared.hooks.validate)(input))
-            .map_err(|message| hook_panicked("validate", message))?
-            .map_err(InvalidInput::new)?;
-        let cost = catch(|| (shared.hooks.cost)(input))
-            .map_err(|message| hook_panicked("cost", message))?;
-        if let Some(budget) = shared.config.max_batch_cost
-            && cost > budget.get()
-        {
-            return Err(InvalidInput::new(format!(
-                "input cost {cost} exceeds the batch cost budget {budget}"
-            ))
-            .into());
-        }
-        if deadline.is_some_and(|deadline| deadline <= now) {
-            return Err(DeadlineExceeded::new().into());
-        }
-        if let Some(max) = shared.config.max_queue_time {
-            let ahead = shared.queue.outstanding_cost();
-            let wait = lock(&shared.rate).time_for(ahead);
-            if let Some(wait) = wait.filter(|wait| *wait > max) {
-                return Err(Overloaded::new(wait).into());
-            }
-        }
-        let slot = match slot {
-            Some(slot) => slot,
-            None => self.try_claim_slot()?,
-        };
-        Ok((cost, slot))
+    /// Counts `n` requests refused with `err`.
+    fn refused(&self, err: BoxError, n: usize) -> BoxError {
+        self.shared.metrics.outcome_n(Outcome::of_error(&*err), n);
+        err
+    }
+}
+
+/// Queue room reserved for one client request's inputs before they were
+/// prepared (see [`Batch::reserve`]). Dropping it frees the room.
+pub struct Reservation<I, O> {
+    batch: Batch<I, O>,
+    slots: Option<OwnedSemaphorePermit>,
+}
+
+impl<I, O> Reservation<I, O> {
+    /// The number of inputs reserved for.
+    pub fn len(&self) -> usize {
+        self.slots
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits)
     }
 
-    fn try_claim_slot(&self) -> Result<OwnedSemaphorePermit, BoxError> {
-        let slots = &self.shared.slots;
-        match slots.clone().try_acquire_owned() {
-            Ok(slot) => return Ok(slot),
-            Err(TryAcquireError::Closed) => return Err(self.shared.closed().into()),
-            Err(TryAcquireError::NoPermits) => {}
+    /// Whether nothing was reserved.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Runs `requests` as one: every input is validated and measured first,
+    /// and the group is queued only if all pass and its own estimated
+    /// service time fits its earliest deadline ([`TooLarge`] otherwise). A
+    /// group larger than the reservation claims the difference, all or
+    /// none. The inputs may run in several batches; the answers come in
+    /// order. The first failure answers the whole group, and dropping the
+    /// future (or that failure) cancels every input still queued.
+    pub async fn infer_all(mut self, requests: Vec<Request<I>>) -> Result<Vec<O>, BoxError> {
+        let n = requests.len();
+        let futures = self
+            .queue_all(requests)
+            .map_err(|err| self.batch.refused(err, n))?;
+        let mut outputs = Vec::with_capacity(n);
+        for future in futures {
+            outputs.push(future.await?);
         }
-        // Requests whose callers went away still hold slots until the worker
-        // meets them; reclaim those before turning anyone away (and only
-        // when some went away: the scan costs a pass over the queue).
-        if self.shared.abandoned.swap(0, Ordering::AcqRel) > 0
-            && self.shared.queue.remove_cancelled() > 0
-            && let Ok(slot) = slots.clone().try_acquire_owned()
-        {
-            return Ok(slot);
+        Ok(outputs)
+    }
+
+    fn queue_all(&mut self, requests: Vec<Request<I>>) -> Result<Vec<ResponseFuture<O>>, BoxError> {
+        let shared = &self.batch.shared;
+        let now = Instant::now();
+        if requests.is_empty() {
+            return Ok(Vec::new());
         }
-        Err(Overloaded::new(self.estimated_wait()).into())
+        shared.check_open(requests.len())?;
+        let deadline = requests
+            .iter()
+            .filter_map(|request| request.resolved_deadline(&shared.config))
+            .min();
+        let priority = if requests.iter().any(|r| r.priority == Priority::High) {
+            Priority::High
+        } else {
+            Priority::Normal
+        };
+        let admitted = requests
+            .into_iter()
+            .map(|request| shared.admit_input(request.input))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cost = admitted
+            .iter()
+            .fold(0usize, |sum, input| sum.saturating_add(input.cost));
+        shared.check_budget(cost, deadline, now)?;
+        let slots = take_slots(&mut self.slots, shared, admitted.len())?;
+        shared.enqueue(admitted, priority, deadline, slots, now)
+    }
+}
+
+/// `n` slots: those `reserved`, with the difference claimed (all or none)
+/// or given back.
+fn take_slots<I, O>(
+    reserved: &mut Option<OwnedSemaphorePermit>,
+    shared: &Shared<I, O>,
+    n: usize,
+) -> Result<OwnedSemaphorePermit, BoxError> {
+    let Some(mut slots) = reserved.take() else {
+        return shared.claim(n);
+    };
+    let held = slots.num_permits();
+    if n > held {
+        slots.merge(shared.claim(n.saturating_sub(held))?);
+    } else if n < held {
+        drop(slots.split(held.saturating_sub(n)));
+    }
+    Ok(slots)
+}
+
+impl<I, O> fmt::Debug for Reservation<I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("len", &self.len())
+            .finish()
     }
 }
 
@@ -435,13 +504,4 @@ impl<I: Send, O: Send> Stoppable for Shared<I, O> {
     fn is_stopped(&self) -> bool {
         self.is_closed()
     }
-}
-
-/// The error for a request whose admission hook panicked.
-fn hook_panicked(hook: &str, message: String) -> BoxError {
-    ModelFailed::new(
-        FailureKind::Panic,
-        format!("the model's {hook} hook panicked: {message}"),
-    )
-    .into()
 }

@@ -1,0 +1,186 @@
+//! Admission: the checks a request passes before it is queued, cheapest
+//! first, shared by single requests and all-or-nothing groups.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, TryAcquireError, oneshot};
+use tokio::time::Instant;
+
+use super::Priority;
+use super::future::ResponseFuture;
+use super::queue::Entry;
+use super::shared::Shared;
+use crate::BoxError;
+use crate::contain::{catch, drop_contained, lock};
+use crate::error::{
+    DeadlineExceeded, Draining, FailureKind, InvalidInput, ModelFailed, Overloaded, TooLarge,
+};
+
+/// An input that passed its own checks, with its cost.
+pub(super) struct Admitted<I> {
+    pub(super) input: I,
+    pub(super) cost: usize,
+}
+
+impl<I, O> Shared<I, O> {
+    /// Refuses `n` requests once the worker stopped or a drain began.
+    pub(super) fn check_open(&self, n: usize) -> Result<(), BoxError> {
+        if self.is_closed() {
+            return Err(self.closed().into());
+        }
+        if self.is_draining() {
+            self.rejected.fetch_add(n as u64, Ordering::Relaxed);
+            return Err(Draining::new().into());
+        }
+        Ok(())
+    }
+
+    /// Predictive shedding: [`Overloaded`] when the work queued and running
+    /// ahead would take longer than `max_queue_time` to serve at the
+    /// measured rate. Work-conserving: with nothing ahead, never.
+    pub(super) fn check_ahead(&self) -> Result<(), BoxError> {
+        let Some(max) = self.config.max_queue_time else {
+            return Ok(());
+        };
+        let ahead = self.queue.outstanding_cost();
+        if ahead == 0 {
+            return Ok(());
+        }
+        match lock(&self.rate).time_for(ahead) {
+            Some(wait) if wait > max => Err(Overloaded::new(wait).into()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Claims `n` queue slots, all or none, without waiting.
+    pub(super) fn claim(&self, n: usize) -> Result<OwnedSemaphorePermit, BoxError> {
+        let capacity = self.config.queue_capacity.get();
+        let Some(permits) = u32::try_from(n).ok().filter(|_| n <= capacity) else {
+            return Err(TooLarge::more_inputs(n, capacity).into());
+        };
+        match self.slots.clone().try_acquire_many_owned(permits) {
+            Ok(slots) => return Ok(slots),
+            Err(TryAcquireError::Closed) => return Err(self.closed().into()),
+            Err(TryAcquireError::NoPermits) => {}
+        }
+        // Requests whose callers went away still hold slots until the worker
+        // meets them; reclaim those before turning anyone away (and only
+        // when some went away: the scan costs a pass over the queue).
+        if self.abandoned.swap(0, Ordering::AcqRel) > 0
+            && self.queue.remove_cancelled() > 0
+            && let Ok(slots) = self.slots.clone().try_acquire_many_owned(permits)
+        {
+            return Ok(slots);
+        }
+        Err(Overloaded::new(self.estimated_wait()).into())
+    }
+
+    /// How long a request arriving now would wait for the work queued and
+    /// running ahead of it: a second before anything was measured.
+    pub(super) fn estimated_wait(&self) -> Duration {
+        let ahead = self.queue.outstanding_cost();
+        lock(&self.rate)
+            .time_for(ahead)
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// Validates `input` and measures its cost with the model's hooks.
+    pub(super) fn admit_input(&self, input: I) -> Result<Admitted<I>, BoxError> {
+        // The hooks are user code: a panic there fails this request alone.
+        catch(|| (self.hooks.validate)(&input))
+            .map_err(|message| hook_panicked("validate", message))?
+            .map_err(InvalidInput::new)?;
+        let cost = catch(|| (self.hooks.cost)(&input))
+            .map_err(|message| hook_panicked("cost", message))?;
+        if let Some(budget) = self.config.max_batch_cost
+            && cost > budget.get()
+        {
+            return Err(InvalidInput::new(format!(
+                "input cost {cost} exceeds the batch cost budget {budget}"
+            ))
+            .into());
+        }
+        Ok(Admitted { input, cost })
+    }
+
+    /// Refuses a request of `cost` whose deadline passed, or whose own
+    /// service, at the measured rate, would outlast its deadline even on an
+    /// idle service ([`TooLarge`]: retrying cannot help).
+    pub(super) fn check_budget(
+        &self,
+        cost: usize,
+        deadline: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), BoxError> {
+        let Some(deadline) = deadline else {
+            return Ok(());
+        };
+        if deadline <= now {
+            return Err(DeadlineExceeded::new().into());
+        }
+        let budget = deadline.saturating_duration_since(now);
+        match lock(&self.rate).time_for(cost) {
+            Some(estimate) if estimate > budget => {
+                Err(TooLarge::slower_than(estimate, budget).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Queues admitted inputs as one group, each holding one of `slots`
+    /// (one per input): all of them or, if the worker stopped meanwhile,
+    /// none.
+    pub(super) fn enqueue(
+        &self,
+        admitted: Vec<Admitted<I>>,
+        priority: Priority,
+        deadline: Option<Instant>,
+        slots: OwnedSemaphorePermit,
+        now: Instant,
+    ) -> Result<Vec<ResponseFuture<O>>, BoxError> {
+        let n = admitted.len();
+        assert_eq!(slots.num_permits(), n, "one queue slot per input");
+        let mut slots = Some(slots);
+        let mut entries = Vec::with_capacity(n);
+        let mut futures = Vec::with_capacity(n);
+        for (index, Admitted { input, cost }) in admitted.into_iter().enumerate() {
+            // The last input takes what is left of the slots.
+            let slot = if index.saturating_add(1) == n {
+                slots.take()
+            } else {
+                slots.as_mut().and_then(|slots| slots.split(1))
+            };
+            let (reply, rx) = oneshot::channel();
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::debug_span!("candlewick.request", id, cost, priority = ?priority);
+            entries.push(Entry {
+                id,
+                input,
+                cost,
+                arrived: now,
+                deadline,
+                priority,
+                reply,
+                _slot: slot.expect("one queue slot per input"),
+                span,
+            });
+            futures.push(ResponseFuture::new(rx, deadline, self.abandoned.clone()));
+        }
+        // The worker stopped after admission checked: nothing was queued.
+        if let Err(entries) = self.queue.push_all(entries) {
+            drop_contained(entries, "a refused request's inputs");
+            return Err(self.closed().into());
+        }
+        Ok(futures)
+    }
+}
+
+/// The error for a request whose admission hook panicked.
+fn hook_panicked(hook: &str, message: String) -> BoxError {
+    ModelFailed::new(
+        FailureKind::Panic,
+        format!("the model's {hook} hook panicked: {message}"),
+    )
+    .into()
+}
