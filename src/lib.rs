@@ -32,12 +32,19 @@
 //! # The data path
 //!
 //! ```text
-//! caller ─► admission ─► queue ─► batch former ─► device pool ─► replica thread ─► model.forward(batch)
+//! caller ─► reserve ─► prepare ─► admission ─► queue ─► batch former ─► device pool ─► replica thread ─► model.forward(batch)
+//!           (slots,     (parse,    (validate,   (all-or-
+//!            429 before  tokenize   cost,        nothing,
+//!            any work)   off the    deadline)    cancel-
+//!                        runtime)                aware)
 //! ```
 //!
 //! * [`Model`] and [`Loader`]: the model trait, shaped like candle's `Module`.
 //! * [`pool`]: replicas on devices, each on its own OS thread, supervised.
-//! * [`batch`]: the batching layer, which forms batches when a replica is free.
+//! * [`batch`]: the batching layer, which forms batches when a replica is free,
+//!   and admits single requests or all-or-nothing groups.
+//! * [`prepare`]: parsing and tokenizing on threads of their own, bounded,
+//!   so the async runtime only reads requests, admits and answers.
 //! * [`Serving`]: both, assembled from one [`ServingConfig`], with health and
 //!   metrics attached; [`ServingBuilder`] adds tower layers between the
 //!   batcher and the pool, and [the same stack by hand](#build-it-yourself)
@@ -173,6 +180,7 @@ pub mod k8s;
 pub mod metrics;
 mod model;
 pub mod pool;
+pub mod prepare;
 mod serving;
 
 pub use model::{Approval, LoadOnce, Loader, Model, ModelInfo};

@@ -148,6 +148,7 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
         .await;
     assert!(serving.infer(1).await.is_err());
     sent += 1;
+    let prepared = exercise_the_preparer().await;
     // Let the health gauge task see the final state.
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert_eq!(health.report().state, HealthState::Stopped);
@@ -208,7 +209,7 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
             Some((name.to_owned(), cells[2].to_owned()))
         })
         .collect();
-    assert_eq!(documented.len(), 15);
+    assert_eq!(documented.len(), 19);
     // Failed batches are not bisected under `FailBatch`: none is systemic.
     assert_eq!(counters["candlewick_batch_systemic_failures_total"], 0);
     for (name, kind) in &documented {
@@ -261,6 +262,49 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
         gauges["candlewick_model_info{approval=unreviewed,data_snapshot=unknown,revision=unknown}"],
         1.0
     );
+
+    // The preparation stage: one sample per job run, one refusal.
+    assert_eq!(histograms["candlewick_prepare_duration_seconds"], prepared);
+    assert_eq!(histograms["candlewick_prepare_wait_seconds"], prepared);
+    assert_eq!(counters["candlewick_prepare_rejected_total"], 1);
+    assert_eq!(gauges["candlewick_prepare_queue_depth{}"], 0.0);
+}
+
+/// Runs jobs through a one-thread, one-slot preparer until one is refused;
+/// returns how many ran.
+async fn exercise_the_preparer() -> usize {
+    use candlewick::prepare::{PrepareConfig, Preparer};
+
+    let config = PrepareConfig::default()
+        .with_threads(NonZeroUsize::MIN)
+        .with_queue_capacity(NonZeroUsize::MIN);
+    let preparer = Preparer::new(config, &ModelInfo::new("doubler", "v7")).unwrap();
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (started, running) = tokio::sync::oneshot::channel();
+    let busy = tokio::spawn({
+        let preparer = preparer.clone();
+        async move {
+            preparer
+                .run(move || {
+                    let _ = started.send(());
+                    let _ = hold.recv();
+                })
+                .await
+        }
+    });
+    running.await.unwrap();
+    let queued = tokio::spawn({
+        let preparer = preparer.clone();
+        async move { preparer.run(|| ()).await }
+    });
+    while preparer.queue_depth() < 1 {
+        tokio::task::yield_now().await;
+    }
+    assert!(preparer.run(|| ()).await.is_err());
+    drop(release);
+    busy.await.unwrap().unwrap();
+    queued.await.unwrap().unwrap();
+    2
 }
 
 async fn futures_collect(

@@ -63,6 +63,14 @@ pub mod names {
     pub const HEALTH_STATE: &str = "candlewick_health_state";
     /// Gauge: always 1, labelled with the model's metadata.
     pub const MODEL_INFO: &str = "candlewick_model_info";
+    /// Histogram, seconds: one request's preparation (parsing, tokenizing).
+    pub const PREPARE_DURATION: &str = "candlewick_prepare_duration_seconds";
+    /// Histogram, seconds: the wait for a preparation thread.
+    pub const PREPARE_WAIT: &str = "candlewick_prepare_wait_seconds";
+    /// Gauge: requests waiting for a preparation thread.
+    pub const PREPARE_QUEUE_DEPTH: &str = "candlewick_prepare_queue_depth";
+    /// Counter: requests refused because the preparation queue was full.
+    pub const PREPARE_REJECTED: &str = "candlewick_prepare_rejected_total";
 }
 
 /// Histogram buckets, in seconds, that resolve a p99 anywhere from 100 µs to
@@ -141,6 +149,26 @@ pub fn describe() {
         MODEL_INFO,
         Unit::Count,
         "Always 1; labelled with the model's metadata."
+    );
+    describe_histogram!(
+        PREPARE_DURATION,
+        Unit::Seconds,
+        "Time one request took to prepare (parse, tokenize) on a preparation thread."
+    );
+    describe_histogram!(
+        PREPARE_WAIT,
+        Unit::Seconds,
+        "Time a request waited for a preparation thread."
+    );
+    describe_gauge!(
+        PREPARE_QUEUE_DEPTH,
+        Unit::Count,
+        "Requests waiting for a preparation thread."
+    );
+    describe_counter!(
+        PREPARE_REJECTED,
+        Unit::Count,
+        "Requests refused because the preparation queue was full."
     );
 }
 
