@@ -113,25 +113,24 @@ async fn measure(service: &Batch<u32, u32>, handle: &mut Handle, n: u32, batch_t
 
 #[tokio::test(start_paused = true)]
 async fn predictive_shedding_rejects_what_would_wait_too_long() {
-    // 4 requests per 100 ms: 40 per second.
+    // A batch of up to 4 takes 100 ms.
     let config = config(4).with_max_queue_time(Some(Duration::from_millis(250)));
     let (service, mut handle) = batched(config);
     measure(&service, &mut handle, 4, Duration::from_millis(100)).await;
     handle.allow(0);
-    // Ten queued requests take 250 ms to serve: the eleventh is still admitted.
-    let admitted: Vec<_> = (0..10).map(|i| send(&service, Request::new(i))).collect();
+    // Eight queued requests take two batches, 200 ms: the ninth is admitted.
+    let admitted: Vec<_> = (0..9).map(|i| send(&service, Request::new(i))).collect();
     settle().await;
-    let eleventh = send(&service, Request::new(10));
-    settle().await;
-    assert_eq!(service.queue_depth().0, 11);
-    // Eleven take 275 ms: the twelfth would wait too long, and hears so at once.
+    assert_eq!(service.queue_depth().0, 9);
+    // Nine take three batches, 300 ms: the tenth would wait too long, and
+    // hears so at once.
     let start = Instant::now();
-    let err = service.infer(11).await.unwrap_err();
+    let err = service.infer(9).await.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
     let overloaded = err.downcast_ref::<Overloaded>().expect("typed error");
-    assert_eq!(overloaded.retry_after(), Duration::from_millis(275));
+    assert_eq!(overloaded.retry_after(), Duration::from_millis(300));
     assert_eq!(status_code(&*err), 429);
-    drop((admitted, eleventh));
+    drop(admitted);
 }
 
 #[tokio::test(start_paused = true)]
@@ -274,7 +273,7 @@ async fn a_group_is_admitted_or_refused_as_one() {
 
 #[tokio::test(start_paused = true)]
 async fn an_idle_service_never_refuses_a_group_for_its_own_inputs() {
-    // 1 request per 100 ms: ten inputs take a second, four times the most
+    // A batch of up to 4 takes 100 ms: ten inputs take 300 ms, more than
     // any request may wait behind others.
     let patient = config(4).with_max_queue_time(Some(Duration::from_millis(250)));
     let (service, mut handle) = batched(patient);
@@ -304,14 +303,14 @@ async fn a_group_slower_than_its_deadline_even_alone_is_too_large_not_overloaded
 
     let (service, mut handle) = batched(config(4));
     measure(&service, &mut handle, 1, Duration::from_millis(100)).await;
-    // Ten inputs take a second alone; the group has half of one.
+    // Ten inputs take three batches of 100 ms alone; the group has 250 ms.
     let requests: Vec<_> = (0..10)
-        .map(|i| Request::new(i).with_timeout(Duration::from_millis(500)))
+        .map(|i| Request::new(i).with_timeout(Duration::from_millis(250)))
         .collect();
     let err = service.infer_all(requests).await.unwrap_err();
     assert!(err.is::<TooLarge>(), "{err}");
-    assert!(err.to_string().contains("1.000 s"), "{err}");
-    assert!(err.to_string().contains("0.500 s"), "{err}");
+    assert!(err.to_string().contains("0.300 s"), "{err}");
+    assert!(err.to_string().contains("0.250 s"), "{err}");
     let class = classify(&*err);
     assert_eq!(class.status, 413);
     assert!(!class.retryable);

@@ -314,9 +314,10 @@ fn overload_gets_429_with_retry_after_and_the_server_survives() {
         "--max-batch-size",
         "1",
         "--queue-capacity",
-        "4",
+        "16",
     ]);
     let addr = server.addr;
+    // Each request fills the whole queue: while one waits, the others are shed.
     let body = json!({"inputs": vec!["overload the only replica with a long enough sentence"; 16]});
     let clients: Vec<_> = (0..16)
         .map(|_| {
@@ -648,6 +649,68 @@ fn a_request_past_the_http_timeout_gets_a_json_504() {
         assert!(raw.starts_with("HTTP/1.1 504"), "{path}: {raw}");
         assert!(raw.contains(shape), "{path}: {raw}");
     }
+}
+
+#[test]
+fn an_idle_server_admits_a_full_client_batch_as_one() {
+    // Anything queued ahead would make a request wait too long...
+    let server = Server::start(&["--max-queue-time-ms", "1", "--replicas", "1"]);
+    // ...so first measure the service rate.
+    for _ in 0..5 {
+        assert_eq!(
+            embed(server.addr, &json!({"inputs": "warm up"})).status,
+            200
+        );
+    }
+    // 64 inputs on an idle server: the request's own inputs are not work
+    // ahead of it.
+    let long = "a sentence that goes on and on ".repeat(5);
+    let body = json!({"inputs": vec![long; 64]});
+    let response = embed(server.addr, &body);
+    assert_eq!(response.embeddings().len(), 64);
+}
+
+#[test]
+fn a_request_that_cannot_finish_in_time_even_alone_is_a_413() {
+    let server = Server::start(&["--queue-capacity", "16"]);
+    for _ in 0..5 {
+        assert_eq!(
+            embed(server.addr, &json!({"inputs": "warm up"})).status,
+            200
+        );
+    }
+    let long = "a sentence that goes on and on ".repeat(200);
+    let body = json!({"inputs": vec![long; 16], "truncate": true}).to_string();
+    let headers = [("x-request-timeout-ms", "1")];
+    let response = request_with(
+        server.addr,
+        "POST",
+        "/embed",
+        &headers,
+        Some(body.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(response.status, 413, "{}", response.body);
+    assert_eq!(response.json()["error_type"], "too_large");
+    let message = response.json()["error"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("estimated") && message.contains("0.001 s"),
+        "{message}"
+    );
+    assert!(response.header("retry-after").is_none());
+    // More inputs than the queue holds can never be served either.
+    let many = json!({"inputs": vec!["short"; 17]});
+    let response = embed(server.addr, &many);
+    assert_eq!(response.status, 413, "{}", response.body);
+    assert!(response.body.contains("17 inputs"), "{}", response.body);
+    // The OpenAI API says the same in its own shape.
+    let response = post_json(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"input": vec!["short"; 17]}),
+    );
+    assert_eq!(response.status, 400, "{}", response.body);
+    assert_eq!(response.json()["error"]["code"], "too_large");
 }
 
 #[test]

@@ -10,12 +10,12 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use candlewick::batch::{Admission, Request};
+use candlewick::batch::{Admission, Request, Reservation};
 use candlewick::error::{Overloaded, classify, find};
+use candlewick::prepare::Preparer;
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tower::ServiceExt as _;
 
 use crate::bert::{BertLoader, Direction, EncodeError, TextEncoder, Token, normalize};
 
@@ -27,10 +27,14 @@ pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// `--request-timeout-ms` is the most a client gets.
 pub(crate) const TIMEOUT_HEADER: &str = "x-request-timeout-ms";
 
-/// What every handler shares.
+/// What every handler shares; cheap to clone into a preparation job.
 #[derive(Clone)]
-pub(crate) struct AppState {
+pub(crate) struct AppState(Arc<Shared>);
+
+pub(crate) struct Shared {
     serving: Serving<Vec<u32>, Vec<f32>>,
+    /// Parses and tokenizes requests off the runtime's workers.
+    preparer: Preparer,
     encoder: TextEncoder,
     /// The served model's name, as `/v1/models` lists it.
     pub(crate) model_name: Arc<str>,
@@ -41,9 +45,18 @@ pub(crate) struct AppState {
     info: Arc<Value>,
 }
 
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
 impl AppState {
     pub(crate) fn new(
         serving: Serving<Vec<u32>, Vec<f32>>,
+        preparer: Preparer,
         loader: &BertLoader,
         config: &ServingConfig,
         max_client_batch: usize,
@@ -91,14 +104,43 @@ impl AppState {
                 "max_client_batch": max_client_batch,
             },
         });
-        Self {
+        Self(Arc::new(Shared {
             model_name: Arc::from(model.name.as_str()),
             dimension: loader.dimension(),
             encoder,
             serving,
+            preparer,
             max_client_batch,
             info: Arc::new(info),
-        }
+        }))
+    }
+
+    /// Room in the batcher's queue for one client request, taken before its
+    /// body is parsed or tokenized: under overload, the 429 costs next to
+    /// nothing. The request's real input count is claimed when it is queued.
+    pub(crate) async fn reserve(&self) -> Result<Reservation<Vec<u32>, Vec<f32>>, ApiError> {
+        self.serving
+            .batch()
+            .reserve(1)
+            .await
+            .map_err(ApiError::from_serving)
+    }
+
+    /// Runs `work` (parsing, tokenizing) on a preparation thread, never on
+    /// the runtime's workers; a full preparation queue is a 429.
+    pub(crate) async fn prepare<T, E>(
+        &self,
+        work: impl FnOnce(&AppState) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<ApiError> + Send + 'static,
+    {
+        let state = self.clone();
+        self.preparer
+            .run(move || work(&state))
+            .await
+            .map_err(|err| E::from(ApiError::from_serving(err)))?
     }
 }
 
@@ -231,35 +273,34 @@ impl AppState {
     }
 
     /// One embedding per sequence, in order, each due within `timeout` (the
-    /// server's request timeout if `None`).
+    /// server's request timeout if `None`): admitted or refused as one, in
+    /// the room `reservation` holds. The first failure answers the request
+    /// at once; dropping it (as when the client goes away) cancels what is
+    /// still queued.
     pub(crate) async fn embed(
         &self,
+        reservation: Reservation<Vec<u32>, Vec<f32>>,
         sequences: Vec<Vec<u32>>,
         timeout: Option<Duration>,
     ) -> Result<Vec<Vec<f32>>, ApiError> {
-        let calls = sequences.into_iter().map(|ids| {
-            let request = match timeout {
+        let requests = sequences
+            .into_iter()
+            .map(|ids| match timeout {
+                // The deadline travels with each request into the batcher.
                 Some(timeout) => Request::new(ids).with_timeout(timeout),
                 None => Request::new(ids),
-            };
-            // Through tower's interface: the deadline travels with the
-            // request, as it would through any layer stacked on the batcher.
-            self.serving.batch().clone().oneshot(request)
-        });
-        // The first failure answers the request at once; dropping the others
-        // (as when the client goes away) cancels what is still queued.
-        futures_util::future::try_join_all(calls)
+            })
+            .collect();
+        reservation
+            .infer_all(requests)
             .await
             .map_err(ApiError::from_serving)
     }
 }
 
-/// Reads a JSON body, answering malformed, oversized or stalled bodies with
-/// their own errors.
-pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
-    body: Result<Bytes, BytesRejection>,
-) -> Result<T, ApiError> {
-    let body = body.map_err(|rejection| {
+/// The body as read, or the error for an oversized or stalled one.
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
         if find::<tower_http::timeout::TimeoutError>(&rejection).is_some() {
             return ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
@@ -272,27 +313,37 @@ pub(crate) fn parse_body<T: serde::de::DeserializeOwned>(
             _ => "malformed",
         };
         ApiError::new(rejection.status(), kind, rejection.body_text())
-    })?;
-    serde_json::from_slice(&body).map_err(ApiError::from_json)
+    })
+}
+
+/// A JSON body, or the error for a malformed one.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(ApiError::from_json)
 }
 
 /// `POST /embed` (and `POST /`, where TEI clients send it): one embedding
-/// per input, in order. Each input of a client batch is its own request to
-/// the batcher, so each counts toward admission.
+/// per input, in order. A client batch is admitted or refused as one.
 pub(crate) async fn embed(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
     let timeout = state.client_timeout(&headers)?;
-    let request: EmbedRequest = parse_body(body)?;
-    let how = Encoding {
-        truncate: request.truncate.then_some(request.truncation_direction),
-        prompt: state.prompt(request.prompt_name.as_deref())?,
-    };
-    let sequences = state.encode(request.inputs.into_vec(), &how)?;
-    let mut embeddings = state.embed(sequences, timeout).await?;
-    if request.normalize {
+    let body = read_body(body)?;
+    let reservation = state.reserve().await?;
+    let (sequences, unit_length) = state
+        .prepare(move |state| {
+            let request: EmbedRequest = parse_json(&body)?;
+            let how = Encoding {
+                truncate: request.truncate.then_some(request.truncation_direction),
+                prompt: state.prompt(request.prompt_name.as_deref())?,
+            };
+            let sequences = state.encode(request.inputs.into_vec(), &how)?;
+            Ok::<_, ApiError>((sequences, request.normalize))
+        })
+        .await?;
+    let mut embeddings = state.embed(reservation, sequences, timeout).await?;
+    if unit_length {
         embeddings
             .iter_mut()
             .for_each(|embedding| normalize(embedding));
@@ -322,30 +373,35 @@ pub(crate) async fn tokenize(
     State(state): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<Token>>>, ApiError> {
-    let request: TokenizeRequest = parse_body(body)?;
-    let prompt = state.prompt(request.prompt_name.as_deref())?;
-    let texts = match request.inputs {
-        TextInputs::One(text) => vec![text],
-        TextInputs::Many(texts) => texts,
-    };
-    if texts.len() > state.max_client_batch {
-        return Err(ApiError::validation(format!(
-            "{} inputs in one request; the most is {}",
-            texts.len(),
-            state.max_client_batch
-        )));
-    }
-    texts
-        .iter()
-        .map(|text| {
-            let text = format!("{}{text}", prompt.unwrap_or_default());
-            state
-                .encoder
-                .tokenize(&text, request.add_special_tokens)
-                .map_err(ApiError::from_encode)
+    let body = read_body(body)?;
+    let tokens = state
+        .prepare(move |state| {
+            let request: TokenizeRequest = parse_json(&body)?;
+            let prompt = state.prompt(request.prompt_name.as_deref())?;
+            let texts = match request.inputs {
+                TextInputs::One(text) => vec![text],
+                TextInputs::Many(texts) => texts,
+            };
+            if texts.len() > state.max_client_batch {
+                return Err(ApiError::validation(format!(
+                    "{} inputs in one request; the most is {}",
+                    texts.len(),
+                    state.max_client_batch
+                )));
+            }
+            texts
+                .iter()
+                .map(|text| {
+                    let text = format!("{}{text}", prompt.unwrap_or_default());
+                    state
+                        .encoder
+                        .tokenize(&text, request.add_special_tokens)
+                        .map_err(ApiError::from_encode)
+                })
+                .collect::<Result<Vec<_>, _>>()
         })
-        .collect::<Result<_, _>>()
-        .map(Json)
+        .await?;
+    Ok(Json(tokens))
 }
 
 /// `GET /info`: the model, devices, batching and admission settings, health.
@@ -410,9 +466,10 @@ impl ApiError {
     /// type (TEI calls invalid input `validation`).
     fn from_serving(err: BoxError) -> Self {
         let class = classify(&*err);
-        let kind = match class.outcome {
-            "invalid" => "validation",
-            outcome => outcome,
+        let kind = match (class.status, class.outcome) {
+            (StatusCode::PAYLOAD_TOO_LARGE, _) => "too_large",
+            (_, "invalid") => "validation",
+            (_, outcome) => outcome,
         };
         let mut error = Self::new(class.status, kind, err.to_string());
         error.retry_after = err

@@ -26,6 +26,7 @@ use candle_core::DeviceLocation;
 use candlewick::batch::{Admission, BatchConfig, CostMode};
 use candlewick::metrics::PrometheusService;
 use candlewick::pool::{ComputePriority, PoolConfig};
+use candlewick::prepare::{PrepareConfig, Preparer};
 use candlewick::{BoxError, ModelInfo, Serving, ServingConfig};
 use clap::Parser;
 
@@ -82,6 +83,13 @@ struct Args {
     /// The deadline of each request, in ms.
     #[arg(long, default_value_t = 30_000)]
     request_timeout_ms: u64,
+    /// Threads that parse and tokenize requests, off the async runtime (0:
+    /// one per core).
+    #[arg(long, default_value_t = 0)]
+    prepare_threads: usize,
+    /// Requests waiting to be parsed and tokenized; more are refused (429).
+    #[arg(long, default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    prepare_queue_capacity: usize,
     /// The most inputs in one client request (413 above).
     #[arg(long, default_value_t = 64)]
     max_client_batch: usize,
@@ -236,7 +244,20 @@ async fn serve(args: Args) -> Result<(), BoxError> {
     // The recorder goes in before the stack registers its metrics.
     let metrics = PrometheusService::install()?;
     let serving = Serving::start(loader.clone(), config.clone())?;
-    let state = AppState::new(serving.clone(), &loader, &config, args.max_client_batch);
+    let mut prepare = PrepareConfig::default().with_queue_capacity(
+        NonZeroUsize::new(args.prepare_queue_capacity).expect("checked by clap"),
+    );
+    if let Some(threads) = NonZeroUsize::new(args.prepare_threads) {
+        prepare = prepare.with_threads(threads);
+    }
+    let preparer = Preparer::new(prepare, &config.model)?;
+    let state = AppState::new(
+        serving.clone(),
+        preparer,
+        &loader,
+        &config,
+        args.max_client_batch,
+    );
 
     // The control plane: its own listener, thread and runtime.
     let admin = serving

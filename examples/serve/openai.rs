@@ -11,7 +11,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, AppState, Encoding, Inputs, json_error, parse_body};
+use crate::api::{ApiError, AppState, Encoding, Inputs, json_error, parse_json, read_body};
 use crate::bert::normalize;
 
 /// The body of `POST /v1/embeddings`.
@@ -30,16 +30,63 @@ struct EmbeddingsRequest {
     user: Option<String>,
 }
 
+/// What `POST /v1/embeddings` asked for, checked and tokenized.
+struct Prepared {
+    sequences: Vec<Vec<u32>>,
+    base64: bool,
+    dimensions: usize,
+}
+
 /// `POST /v1/embeddings`: unit-length embeddings, as floats or as base64 of
 /// little-endian `f32`s (the SDKs' default), optionally cut to `dimensions`
-/// and normalized again (Matryoshka), with token usage.
+/// and normalized again (Matryoshka), with token usage. A client batch is
+/// admitted or refused as one.
 pub(crate) async fn embeddings(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, OpenAiError> {
-    let timeout = state.client_timeout(&headers).map_err(OpenAiError::from)?;
-    let request: EmbeddingsRequest = parse_body(body).map_err(OpenAiError::from)?;
+    let timeout = state.client_timeout(&headers)?;
+    let body = read_body(body)?;
+    let reservation = state.reserve().await?;
+    let Prepared {
+        sequences,
+        base64,
+        dimensions,
+    } = state.prepare(move |state| prepare(state, &body)).await?;
+    let tokens: usize = sequences.iter().map(Vec::len).sum();
+    // Admission checks token ids (length, vocabulary): also the input's fault.
+    let embeddings = state
+        .embed(reservation, sequences, timeout)
+        .await
+        .map_err(|err| OpenAiError::from(err).with_param("input"))?;
+    let data: Vec<Value> = embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(index, mut embedding)| {
+            embedding.truncate(dimensions);
+            normalize(&mut embedding);
+            let embedding = if base64 {
+                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(embedding)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": &*state.model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    })))
+}
+
+/// Parses, checks and tokenizes a `POST /v1/embeddings` body (on a
+/// preparation thread).
+fn prepare(state: &AppState, body: &[u8]) -> Result<Prepared, OpenAiError> {
+    let request: EmbeddingsRequest = parse_json(body)?;
     if let Some(model) = &request.model
         && model.as_str() != &*state.model_name
     {
@@ -84,33 +131,11 @@ pub(crate) async fn embeddings(
     let sequences = state
         .encode(request.input.into_vec(), &how)
         .map_err(|err| OpenAiError::from(err).with_param("input"))?;
-    let tokens: usize = sequences.iter().map(Vec::len).sum();
-    // Admission checks token ids (length, vocabulary): also the input's fault.
-    let embeddings = state
-        .embed(sequences, timeout)
-        .await
-        .map_err(|err| OpenAiError::from(err).with_param("input"))?;
-    let data: Vec<Value> = embeddings
-        .into_iter()
-        .enumerate()
-        .map(|(index, mut embedding)| {
-            embedding.truncate(dimensions);
-            normalize(&mut embedding);
-            let embedding = if base64 {
-                let bytes: Vec<u8> = embedding.iter().flat_map(|x| x.to_le_bytes()).collect();
-                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
-            } else {
-                json!(embedding)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
-        })
-        .collect();
-    Ok(Json(json!({
-        "object": "list",
-        "data": data,
-        "model": &*state.model_name,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    })))
+    Ok(Prepared {
+        sequences,
+        base64,
+        dimensions,
+    })
 }
 
 /// `GET /v1/models`: the one model served.

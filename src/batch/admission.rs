@@ -43,11 +43,11 @@ impl<I, O> Shared<I, O> {
         let Some(max) = self.config.max_queue_time else {
             return Ok(());
         };
-        let ahead = self.queue.outstanding_cost();
-        if ahead == 0 {
+        let (items, raw) = self.queue.outstanding();
+        if items == 0 {
             return Ok(());
         }
-        match lock(&self.rate).time_for(ahead) {
+        match lock(&self.rate).time_for(items, raw, &self.config) {
             Some(wait) if wait > max => Err(Overloaded::new(wait).into()),
             _ => Ok(()),
         }
@@ -79,9 +79,9 @@ impl<I, O> Shared<I, O> {
     /// How long a request arriving now would wait for the work queued and
     /// running ahead of it: a second before anything was measured.
     pub(super) fn estimated_wait(&self) -> Duration {
-        let ahead = self.queue.outstanding_cost();
+        let (items, raw) = self.queue.outstanding();
         lock(&self.rate)
-            .time_for(ahead)
+            .time_for(items, raw, &self.config)
             .unwrap_or(Duration::from_secs(1))
     }
 
@@ -104,11 +104,13 @@ impl<I, O> Shared<I, O> {
         Ok(Admitted { input, cost })
     }
 
-    /// Refuses a request of `cost` whose deadline passed, or whose own
-    /// service, at the measured rate, would outlast its deadline even on an
-    /// idle service ([`TooLarge`]: retrying cannot help).
+    /// Refuses a request of `items` inputs of own costs summing to `cost`
+    /// whose deadline passed, or whose own service, as the cost model
+    /// estimates it, would outlast its deadline even on an idle service
+    /// ([`TooLarge`]: retrying cannot help).
     pub(super) fn check_budget(
         &self,
+        items: usize,
         cost: usize,
         deadline: Option<Instant>,
         now: Instant,
@@ -120,7 +122,7 @@ impl<I, O> Shared<I, O> {
             return Err(DeadlineExceeded::new().into());
         }
         let budget = deadline.saturating_duration_since(now);
-        match lock(&self.rate).time_for(cost) {
+        match lock(&self.rate).time_for(items, cost, &self.config) {
             Some(estimate) if estimate > budget => {
                 Err(TooLarge::slower_than(estimate, budget).into())
             }

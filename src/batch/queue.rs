@@ -55,7 +55,10 @@ impl<I, O> Entry<I, O> {
 pub(super) struct Taken<I, O> {
     pub(super) inputs: Vec<I>,
     pub(super) tickets: Vec<Ticket<O>>,
+    /// The batch's cost, as [`CostMode`] counts it.
     pub(super) cost: usize,
+    /// The sum of its inputs' own costs.
+    pub(super) raw: usize,
 }
 
 /// Where the answer to one batched request goes.
@@ -127,8 +130,9 @@ struct State<I, O> {
     len: usize,
     /// Sum of the costs of all entries (wide enough never to overflow).
     cost: u128,
-    /// Sum of the costs of the batches running.
-    running_cost: u128,
+    /// Inputs in the batches running, and the sum of their own costs.
+    running_items: usize,
+    running_raw: u128,
     /// Set by [`Queue::close`]: nothing is admitted any more.
     closed: bool,
 }
@@ -148,7 +152,8 @@ impl<I, O> Queue<I, O> {
                 lanes: [VecDeque::new(), VecDeque::new()],
                 len: 0,
                 cost: 0,
-                running_cost: 0,
+                running_items: 0,
+                running_raw: 0,
                 closed: false,
             }),
             wake: Notify::new(),
@@ -294,7 +299,9 @@ impl<I, O> Queue<I, O> {
                     if taken.inputs.is_empty() {
                         Next::Empty
                     } else {
-                        state.running_cost = state.running_cost.saturating_add(taken.cost as u128);
+                        state.running_items =
+                            state.running_items.saturating_add(taken.inputs.len());
+                        state.running_raw = state.running_raw.saturating_add(taken.raw as u128);
                         self.in_flight.fetch_add(1, Ordering::AcqRel);
                         let metrics = &self.metrics;
                         metrics.batch_size.record(taken.inputs.len() as f64);
@@ -317,23 +324,27 @@ impl<I, O> Queue<I, O> {
         next
     }
 
-    /// Marks a batch of `size` and `cost` taken by [`next`](Self::next) as
-    /// answered.
-    pub(super) fn finish_batch(&self, size: usize, cost: usize) {
+    /// Marks a batch of `size` inputs of own costs summing to `raw`, taken
+    /// by [`next`](Self::next), as answered.
+    pub(super) fn finish_batch(&self, size: usize, raw: usize) {
         {
             let mut state = self.lock();
-            state.running_cost = state.running_cost.saturating_sub(cost as u128);
+            state.running_items = state.running_items.saturating_sub(size);
+            state.running_raw = state.running_raw.saturating_sub(raw as u128);
             self.metrics.in_flight.decrement(size as f64);
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
         self.progress.notify_waiters();
     }
 
-    /// The cost of everything a request admitted now waits for: the queue and
-    /// the batches running.
-    pub(super) fn outstanding_cost(&self) -> usize {
+    /// Everything a request admitted now waits for, the queue and the
+    /// batches running: its inputs, and the sum of their own costs.
+    pub(super) fn outstanding(&self) -> (usize, usize) {
         let state = self.lock();
-        saturate(state.cost.saturating_add(state.running_cost))
+        (
+            state.len.saturating_add(state.running_items),
+            saturate(state.cost.saturating_add(state.running_raw)),
+        )
     }
 
     /// The number of batches taken and not yet answered.
@@ -376,6 +387,7 @@ impl<I, O> State<I, O> {
             inputs: Vec::with_capacity(capacity),
             tickets: Vec::with_capacity(capacity),
             cost: 0,
+            raw: 0,
         };
         // The high lane goes first, unless the normal lane's oldest request
         // has waited past the starvation bound.
@@ -405,6 +417,7 @@ impl<I, O> State<I, O> {
                 }
                 longest = longest.max(entry.cost);
                 taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
+                taken.raw = taken.raw.saturating_add(entry.cost);
                 metrics
                     .queue_wait
                     .record(now.saturating_duration_since(entry.arrived));

@@ -1,79 +1,301 @@
-//! The service-rate estimate behind predictive shedding and Retry-After.
+//! The cost model behind predictive shedding, `TooLarge` and Retry-After:
+//! what a batch costs in time, measured online.
+//!
+//! A batch of cost `c` takes `fixed + per_cost · c` (a kernel launch, a
+//! forward pass's overhead, then the work itself), fit by least squares over
+//! the last [`WINDOW`](CostModel::WINDOW) batches. Work of `n` inputs and
+//! cost `C` then takes as many batches as `n` and `C` need under the batch
+//! limits, spread over as many replicas as were seen working at once. So a
+//! queue of long inputs is not priced at the rate short ones were served at,
+//! nor short ones at the rate of long ones, and padding is counted at the
+//! share the recent batches wasted.
+//!
+//! Where the measurements cannot tell (every batch cost about the same), the
+//! model leans optimistic and prices every batch at the recent average,
+//! whatever its size: a wrong guess then admits a request that waits
+//! somewhat longer, rather than refusing one that would have been served.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::BatchConfig;
 use crate::contain::duration_at_rate;
 
-/// A running estimate of how fast the service works off queued cost: cost
-/// completed per second of *busy* time (while a batch runs or requests wait),
-/// over the last [`WINDOW`](Self::WINDOW) batches.
-///
-/// Counting busy time rather than batch latency measures the whole service,
-/// however many batches overlap, including the hand-off between batches, and
-/// ignores idle gaps between bursts.
-#[derive(Debug)]
-pub(super) struct ServiceRate {
-    running: usize,
-    busy_since: Option<Instant>,
-    /// Busy time and completed cost so far.
-    busy: Duration,
-    cost: u64,
-    /// `(busy, cost)` as they stood at recent completions, oldest first.
-    history: VecDeque<(Duration, u64)>,
+/// One finished batch.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    /// The batch's cost as the batcher counts it (padded in padded mode).
+    cost: f64,
+    /// The sum of its inputs' own costs.
+    raw: f64,
+    /// Dispatch to answer, in seconds.
+    seconds: f64,
+    /// Batches running when it started, itself included.
+    parallel: usize,
 }
 
-impl ServiceRate {
-    const WINDOW: usize = 32;
+/// `seconds = fixed + per_cost · cost`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Fit {
+    fixed: f64,
+    per_cost: f64,
+}
+
+/// An online model of batch time; see the [module docs](self).
+#[derive(Debug)]
+pub(super) struct CostModel {
+    samples: VecDeque<Sample>,
+    running: usize,
+    /// Recomputed when a batch finishes, read at every admission.
+    fit: Option<Fit>,
+}
+
+impl CostModel {
+    pub(super) const WINDOW: usize = 64;
 
     pub(super) fn new() -> Self {
         Self {
+            samples: VecDeque::with_capacity(Self::WINDOW),
             running: 0,
-            busy_since: None,
-            busy: Duration::ZERO,
-            cost: 0,
-            history: VecDeque::from([(Duration::ZERO, 0)]),
+            fit: None,
         }
     }
 
-    /// A batch was dispatched at `now`.
-    pub(super) fn started(&mut self, now: Instant) {
-        if self.busy_since.is_none() {
-            self.busy_since = Some(now);
-        }
+    /// A batch was dispatched; returns how many run now, itself included.
+    pub(super) fn started(&mut self) -> usize {
         self.running = self.running.saturating_add(1);
+        self.running
     }
 
-    /// A batch of `cost` finished at `now`; `queued` tells whether requests
-    /// are waiting, in which case the service stays busy.
-    pub(super) fn finished(&mut self, now: Instant, cost: usize, queued: bool) {
+    /// A batch ended without an answer to learn from.
+    pub(super) fn abandoned(&mut self) {
         self.running = self.running.saturating_sub(1);
-        if let Some(since) = self.busy_since {
-            self.busy = self
-                .busy
-                .saturating_add(now.saturating_duration_since(since));
-            self.busy_since = (self.running > 0 || queued).then_some(now);
-        }
-        self.cost = self.cost.saturating_add(cost as u64);
-        if self.history.len() > Self::WINDOW {
-            self.history.pop_front();
-        }
-        self.history.push_back((self.busy, self.cost));
     }
 
-    /// Cost units served per second of busy time, once measured.
+    /// A batch of `cost` (its inputs' own costs summing to `raw`), started
+    /// at `started` alongside `parallel - 1` others, was answered at `now`.
+    pub(super) fn finished(
+        &mut self,
+        started: Instant,
+        now: Instant,
+        cost: usize,
+        raw: usize,
+        parallel: usize,
+    ) {
+        self.running = self.running.saturating_sub(1);
+        if self.samples.len() >= Self::WINDOW {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(Sample {
+            cost: cost as f64,
+            raw: raw as f64,
+            seconds: now.saturating_duration_since(started).as_secs_f64(),
+            parallel: parallel.max(1),
+        });
+        self.fit = fit(&self.samples);
+    }
+
+    /// The fitted batch time, once a batch was measured.
+    #[cfg(test)]
+    fn fit(&self) -> Option<Fit> {
+        self.fit
+    }
+
+    /// How long `items` inputs of own costs summing to `raw` take to serve
+    /// under `config`'s batch limits, once a batch was measured.
+    pub(super) fn time_for(
+        &self,
+        items: usize,
+        raw: usize,
+        config: &BatchConfig,
+    ) -> Option<Duration> {
+        let fit = self.fit?;
+        if items == 0 {
+            return Some(Duration::ZERO);
+        }
+        let cost = raw as f64 * self.padding();
+        let by_size = (items as f64 / config.max_batch_size.get() as f64).ceil();
+        let by_cost = config
+            .max_batch_cost
+            .map_or(1.0, |budget| (cost / budget.get() as f64).ceil());
+        let batches = by_size.max(by_cost).max(1.0);
+        let seconds = batches * fit.fixed + cost * fit.per_cost;
+        Some(duration_at_rate(seconds, self.parallelism() as f64))
+    }
+
+    /// Cost served per second with batches the size of the recent ones,
+    /// across the replicas seen working at once.
     pub(super) fn per_second(&self) -> Option<f64> {
-        let (busy_then, cost_then) = *self.history.front()?;
-        let busy = self.busy.saturating_sub(busy_then).as_secs_f64();
-        let cost = self.cost.saturating_sub(cost_then);
-        (busy > 0.0 && cost > 0).then(|| cost as f64 / busy)
+        let seconds: f64 = self.samples.iter().map(|s| s.seconds).sum();
+        let cost: f64 = self.samples.iter().map(|s| s.cost).sum();
+        (seconds > 0.0 && cost > 0.0).then(|| cost / seconds * self.parallelism() as f64)
     }
 
-    /// How long `cost` units of queued work take to serve, once measured.
-    pub(super) fn time_for(&self, cost: usize) -> Option<Duration> {
-        let rate = self.per_second()?;
-        Some(duration_at_rate(cost as f64, rate))
+    /// The most batches seen running at once in the window.
+    fn parallelism(&self) -> usize {
+        self.samples
+            .iter()
+            .map(|s| s.parallel)
+            .max()
+            .unwrap_or(1)
+            .max(1)
+    }
+
+    /// How much a batch's cost exceeds its inputs' own (padding), recently.
+    fn padding(&self) -> f64 {
+        let cost: f64 = self.samples.iter().map(|s| s.cost).sum();
+        let raw: f64 = self.samples.iter().map(|s| s.raw).sum();
+        if raw > 0.0 {
+            (cost / raw).max(1.0)
+        } else {
+            1.0
+        }
+    }
+}
+
+/// Least squares of seconds on cost, where the costs spread enough to tell
+/// the two parts apart; the per-cost part is held to what the most
+/// efficient batch allows (no batch can beat it). Otherwise every batch is
+/// taken to cost what the recent ones took on average, whatever its size.
+fn fit(samples: &VecDeque<Sample>) -> Option<Fit> {
+    if samples.is_empty() {
+        return None;
+    }
+    let n = samples.len() as f64;
+    let mean_cost = samples.iter().map(|s| s.cost).sum::<f64>() / n;
+    let mean_seconds = samples.iter().map(|s| s.seconds).sum::<f64>() / n;
+    let (mut covariance, mut variance) = (0.0, 0.0);
+    for s in samples {
+        covariance += (s.cost - mean_cost) * (s.seconds - mean_seconds);
+        variance += (s.cost - mean_cost).powi(2);
+    }
+    // A spread of at least a tenth of the mean cost, over a few batches.
+    let spread = (variance / n).sqrt() >= 0.1 * mean_cost;
+    if samples.len() >= 4 && spread && mean_cost > 0.0 {
+        let bound = samples
+            .iter()
+            .filter(|s| s.cost > 0.0)
+            .map(|s| s.seconds / s.cost)
+            .fold(f64::INFINITY, f64::min);
+        let per_cost = (covariance / variance).min(bound);
+        let fixed = mean_seconds - per_cost * mean_cost;
+        if per_cost >= 0.0 && fixed >= 0.0 {
+            return Some(Fit { fixed, per_cost });
+        }
+    }
+    Some(Fit {
+        fixed: mean_seconds,
+        per_cost: 0.0,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::arithmetic_side_effects)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use super::*;
+    use crate::batch::CostMode;
+
+    /// A virtual accelerator: 2 ms + 20 µs per cost unit.
+    fn seconds(cost: usize) -> f64 {
+        0.002 + 0.000_02 * cost as f64
+    }
+
+    fn model_after(costs: &[usize], parallel: usize) -> CostModel {
+        let mut model = CostModel::new();
+        let start = Instant::now();
+        for &cost in costs {
+            model.started();
+            let end = start + Duration::from_secs_f64(seconds(cost));
+            model.finished(start, end, cost, cost, parallel);
+        }
+        model
+    }
+
+    fn config(max_batch: usize, budget: Option<usize>) -> BatchConfig {
+        BatchConfig::default()
+            .with_max_batch_size(NonZeroUsize::new(max_batch).unwrap())
+            .with_max_batch_cost(budget.and_then(NonZeroUsize::new), CostMode::Sum)
+    }
+
+    #[test]
+    fn mixed_costs_recover_the_fixed_and_per_cost_parts() {
+        let costs: Vec<usize> = (0..64).map(|i| 8 + (i * 37) % 250).collect();
+        let fit = model_after(&costs, 1).fit().unwrap();
+        assert!((fit.fixed - 0.002).abs() < 1e-6, "{fit:?}");
+        assert!((fit.per_cost - 0.000_02).abs() < 1e-9, "{fit:?}");
+    }
+
+    #[test]
+    fn long_work_is_not_priced_at_the_rate_of_short_batches() {
+        // Only short batches were seen: 4 cost units each, 2.08 ms.
+        let model = model_after(&[4; 16], 1);
+        // 64 inputs of 512 in batches of at most 8192: 4 batches. The model
+        // cannot see the per-cost part yet, so it errs low, never high: at
+        // most the truth (4 · 2 ms + 32768 · 20 µs = 0.663 s).
+        let estimate = model
+            .time_for(64, 64 * 512, &config(64, Some(8192)))
+            .unwrap();
+        assert!(estimate <= Duration::from_secs_f64(0.663), "{estimate:?}");
+        // Per-cost throughput extrapolated from those batches would say 5.3 s.
+        let naive = 64.0 * 512.0 / (4.0 / seconds(4));
+        assert!(naive > 5.0);
+    }
+
+    #[test]
+    fn estimates_of_mixed_queues_are_within_a_few_percent() {
+        let costs: Vec<usize> = (0..64).map(|i| 8 + (i * 53) % 250).collect();
+        let model = model_after(&costs, 1);
+        for (items, raw, batches) in [(32, 32 * 100, 1), (200, 200 * 40, 4), (5, 5 * 250, 1)] {
+            let truth = batches as f64 * 0.002 + raw as f64 * 0.000_02;
+            let estimate = model
+                .time_for(items, raw, &config(64, None))
+                .unwrap()
+                .as_secs_f64();
+            assert!(
+                (estimate - truth).abs() / truth < 0.02,
+                "{items} items: {estimate} vs {truth}"
+            );
+        }
+    }
+
+    #[test]
+    fn replicas_working_at_once_divide_the_time() {
+        let costs: Vec<usize> = (0..64).map(|i| 8 + (i * 37) % 250).collect();
+        let one = model_after(&costs, 1).time_for(256, 256 * 64, &config(64, None));
+        let four = model_after(&costs, 4).time_for(256, 256 * 64, &config(64, None));
+        let ratio = one.unwrap().as_secs_f64() / four.unwrap().as_secs_f64();
+        assert!((ratio - 4.0).abs() < 1e-9, "{ratio}");
+    }
+
+    #[test]
+    fn padding_counts_at_the_share_recent_batches_wasted() {
+        let mut model = CostModel::new();
+        let start = Instant::now();
+        for i in 0..16 {
+            // Padded to twice the inputs' own cost.
+            let (cost, raw) = (200 + i * 10, 100 + i * 5);
+            model.started();
+            let end = start + Duration::from_secs_f64(seconds(cost));
+            model.finished(start, end, cost, raw, 1);
+        }
+        let estimate = model.time_for(10, 1000, &config(64, None)).unwrap();
+        let truth = 0.002 + 2000.0 * 0.000_02;
+        assert!(
+            (estimate.as_secs_f64() - truth).abs() / truth < 0.02,
+            "{estimate:?}"
+        );
+    }
+
+    #[test]
+    fn nothing_is_estimated_before_a_batch_was_measured() {
+        assert_eq!(CostModel::new().time_for(1, 1, &config(8, None)), None);
+        assert_eq!(
+            model_after(&[10], 1).time_for(0, 0, &config(8, None)),
+            Some(Duration::ZERO)
+        );
     }
 }

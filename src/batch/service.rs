@@ -286,7 +286,7 @@ impl<I, O> Batch<I, O> {
         let admitted = (|| {
             shared.check_open(1)?;
             let admitted = shared.admit_input(input)?;
-            shared.check_budget(admitted.cost, deadline, now)?;
+            shared.check_budget(1, admitted.cost, deadline, now)?;
             let slot = match slot {
                 Some(slot) => slot,
                 None => {
@@ -371,7 +371,7 @@ impl<I, O> Reservation<I, O> {
         let cost = admitted
             .iter()
             .fold(0usize, |sum, input| sum.saturating_add(input.cost));
-        shared.check_budget(cost, deadline, now)?;
+        shared.check_budget(admitted.len(), cost, deadline, now)?;
         let slots = take_slots(&mut self.slots, shared, admitted.len())?;
         shared.enqueue(admitted, priority, deadline, slots, now)
     }
@@ -387,6 +387,10 @@ fn take_slots<I, O>(
     let Some(mut slots) = reserved.take() else {
         return shared.claim(n);
     };
+    let capacity = shared.config.queue_capacity.get();
+    if n > capacity {
+        return Err(TooLarge::more_inputs(n, capacity).into());
+    }
     let held = slots.num_permits();
     if n > held {
         slots.merge(shared.claim(n.saturating_sub(held))?);

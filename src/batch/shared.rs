@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::metrics::BatchMetrics;
 use super::queue::Queue;
-use super::rate::ServiceRate;
+use super::rate::CostModel;
 use super::{BatchConfig, Hooks};
 use crate::error::Closed;
 
@@ -22,7 +22,8 @@ pub(super) struct Shared<I, O> {
     pub(super) slots: Arc<Semaphore>,
     /// Why the worker stopped for good, once it did.
     pub(super) closed: OnceLock<Closed>,
-    pub(super) rate: Mutex<ServiceRate>,
+    /// What a batch costs in time, measured.
+    pub(super) rate: Mutex<CostModel>,
     /// Set when a drain began: admit nothing more, dispatch without waiting.
     pub(super) draining: AtomicBool,
     /// Cancelled when a drain runs out of time.
@@ -50,7 +51,7 @@ impl<I, O> Shared<I, O> {
             config,
             hooks,
             closed: OnceLock::new(),
-            rate: Mutex::new(ServiceRate::new()),
+            rate: Mutex::new(CostModel::new()),
             draining: AtomicBool::new(false),
             abort: CancellationToken::new(),
             abandoned: Arc::default(),

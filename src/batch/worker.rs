@@ -94,6 +94,7 @@ where
         inputs,
         tickets,
         cost,
+        raw,
     } = batch;
     let size = inputs.len();
     // The batch span names the requests it carried, and links to their spans.
@@ -102,13 +103,16 @@ where
     for ticket in &tickets {
         span.follows_from(&ticket.span);
     }
-    lock(&shared.rate).started(Instant::now());
+    let parallel = lock(&shared.rate).started();
     // From here the batch's bookkeeping is done however it ends.
     let mut finish = Finish {
         shared: shared.clone(),
         size,
         cost,
-        served: 0,
+        raw,
+        started: Instant::now(),
+        parallel,
+        answered: false,
     };
     let future = match span.in_scope(|| catch(|| inner.call(inputs))) {
         Ok(future) => future,
@@ -132,9 +136,10 @@ where
                             Err(ModelFailed::new(FailureKind::Panic, message).into())
                         }
                     };
+                    // Only a batch the model answered says what batches cost.
+                    finish.answered(result.is_ok());
                     answer(&shared, tickets, result);
                     shared.completed.fetch_add(size as u64, Ordering::Relaxed);
-                    finish.served(cost);
                 }
                 // A drain ran out of time: the model's answer will not come
                 // in time, so say so now.
@@ -153,27 +158,42 @@ where
 
 /// The bookkeeping of one dispatched batch, done when it is dropped: when the
 /// batch was answered, and equally when the inner service panicked or the
-/// task was dropped, so the service rate and the in-flight counts never leak.
+/// task was dropped, so the cost model and the in-flight counts never leak.
 struct Finish<I, O> {
     shared: Arc<Shared<I, O>>,
     size: usize,
+    /// The batch's cost, and its inputs' own.
     cost: usize,
-    /// The cost the inner service served, for the service rate.
-    served: usize,
+    raw: usize,
+    started: Instant,
+    /// Batches running when it started, itself included.
+    parallel: usize,
+    /// Whether the inner service answered it: a sample for the cost model.
+    answered: bool,
 }
 
 impl<I, O> Finish<I, O> {
-    /// The inner service answered, having served `cost`.
-    fn served(&mut self, cost: usize) {
-        self.served = cost;
+    fn answered(&mut self, answered: bool) {
+        self.answered = answered;
     }
 }
 
 impl<I, O> Drop for Finish<I, O> {
     fn drop(&mut self) {
-        let queued = self.shared.queue.depth().0 > 0;
-        lock(&self.shared.rate).finished(Instant::now(), self.served, queued);
-        self.shared.queue.finish_batch(self.size, self.cost);
+        let mut model = lock(&self.shared.rate);
+        if self.answered {
+            model.finished(
+                self.started,
+                Instant::now(),
+                self.cost,
+                self.raw,
+                self.parallel,
+            );
+        } else {
+            model.abandoned();
+        }
+        drop(model);
+        self.shared.queue.finish_batch(self.size, self.raw);
     }
 }
 
