@@ -673,11 +673,10 @@ fn an_idle_server_admits_a_full_client_batch_as_one() {
 #[test]
 fn a_request_that_cannot_finish_in_time_even_alone_is_a_413() {
     let server = Server::start(&["--queue-capacity", "16"]);
-    for _ in 0..5 {
-        assert_eq!(
-            embed(server.addr, &json!({"inputs": "warm up"})).status,
-            200
-        );
+    // Inputs of many lengths, so the cost model learns what a token costs.
+    for words in (1..=8).map(|k| k * 24) {
+        let text = "word ".repeat(words);
+        assert_eq!(embed(server.addr, &json!({"inputs": text})).status, 200);
     }
     let long = "a sentence that goes on and on ".repeat(200);
     let body = json!({"inputs": vec![long; 16], "truncate": true}).to_string();
