@@ -39,8 +39,21 @@
 //! task; an invalid input gets [`InvalidInput`](crate::error::InvalidInput) and
 //! never enters a batch. When the queue is full, [`Admission`] decides between
 //! rejecting at once with [`Overloaded`](crate::error::Overloaded) (carrying a
-//! Retry-After estimated from the measured service rate) and classic tower
+//! Retry-After estimated from the measured cost of batches) and classic tower
 //! backpressure.
+//!
+//! A client request of several inputs is admitted as one group with
+//! [`Batch::infer_all`]: all of its inputs or none, judged on the work queued
+//! ahead of it, never on its own inputs. [`Batch::reserve`] takes the queue
+//! room first, before the inputs are even parsed, so an overloaded service
+//! refuses without spending work on the request; [`Reservation::infer_all`]
+//! then runs the prepared inputs. A request that could not finish by its
+//! deadline even on an idle service gets
+//! [`TooLarge`](crate::error::TooLarge) (413, not retryable), never a 429.
+//!
+//! The time estimates come from a cost model measured online: a batch of
+//! cost `c` takes `fixed + per_cost · c`, fit over the recent batches, with
+//! the padding share and the parallelism they showed.
 //!
 //! # A note on choosing `max_wait`
 //!
@@ -167,7 +180,7 @@ pub struct BatchConfig {
     /// What happens when the queue is full. Default: [`Admission::Shed`].
     pub admission: Admission,
     /// Reject a request at admission when the work queued ahead of it would
-    /// take longer than this to serve, at the measured service rate, instead
+    /// take longer than this to serve, as the measured cost of batches says, instead
     /// of admitting a request that will wait too long. `None` sheds only when
     /// the queue is full. Default: none.
     pub max_queue_time: Option<Duration>,
