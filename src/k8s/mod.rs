@@ -35,6 +35,9 @@
 //! # }
 //! ```
 
+// Arrows point down: `builder` resolves the settings into a `plan` and
+// calls the factories (`deployment`, `rollout`, `policy`, `autoscaling`),
+// which import `plan` and nothing above it; `lint` checks their output.
 mod autoscaling;
 mod builder;
 mod compat;
@@ -43,18 +46,23 @@ mod deployment;
 mod error;
 mod lint;
 mod output;
+mod plan;
 mod policy;
+mod rollout;
 mod settings;
 
 pub use builder::ManifestBuilder;
 pub use custom::{
-    AdapterConfig, AdapterName, AdapterResource, AdapterResources, AdapterRule, BackendRef,
-    HttpRoute, HttpRouteRule, HttpRouteSpec, KedaAdvanced, KedaHpaConfig, KedaTrigger, ParentRef,
-    ScaleTargetRef, ScaledObject, ScaledObjectSpec,
+    AdapterConfig, AdapterName, AdapterResource, AdapterResources, AdapterRule, AnalysisArg,
+    AnalysisMetric, AnalysisTemplate, AnalysisTemplateRef, AnalysisTemplateSpec, BackendRef,
+    CanaryStep, CanaryStrategy, GatewayApiRoute, HttpRoute, HttpRouteRule, HttpRouteSpec,
+    KedaAdvanced, KedaHpaConfig, KedaTrigger, MetricProvider, ParentRef, PrometheusQuery, Rollout,
+    RolloutAnalysis, RolloutSpec, RolloutStrategy, ScaleTargetRef, ScaledObject, ScaledObjectSpec,
+    TrafficRouting, TrafficRoutingPlugins,
 };
 pub use error::ManifestError;
 pub use output::{ManifestSet, Manifests, Object};
 pub use settings::{
-    Autoscaler, Autoscaling, Canary, Disruption, GpuPool, Region, RegionMode, Resources, Scale,
-    ScaleMetric, Spread, Taint,
+    Autoscaler, Autoscaling, Canary, CanaryRollout, Disruption, GpuPool, ModelSource, ModelVolume,
+    Region, RegionMode, Resources, Scale, ScaleMetric, Spread, Taint,
 };
