@@ -88,7 +88,13 @@ fn builder(args: &Args) -> ManifestBuilder {
     if args.keda {
         autoscaling = autoscaling.with_keda("http://prometheus.monitoring.svc:9090");
     }
-    let mut server_args = vec!["--model-version".to_owned(), args.model_version.clone()];
+    // The server labels its metrics with the version the manifests declare.
+    // Every track gets these arguments, so not in the two-track canary
+    // layout, whose canary serves another version.
+    let mut server_args = Vec::new();
+    if args.layout != Layout::Canary {
+        server_args.extend(["--model-version".to_owned(), args.model_version.clone()]);
+    }
     let mut builder = ManifestBuilder::new(&config, "embedder", args.image.clone());
     if let Some(claim) = &args.model_claim {
         // The server names the model after its directory.

@@ -12,7 +12,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::error::ManifestError;
 use super::settings::{
-    CanaryRollout, Disruption, GpuPool, ModelVolume, Region, RegionMode, Resources, Scale, Spread,
+    Canary, CanaryRollout, Disruption, GpuPool, ModelVolume, Region, RegionMode, Resources, Scale,
+    Spread,
 };
 use crate::ModelInfo;
 use crate::health::ProbePaths;
@@ -61,7 +62,7 @@ pub(crate) struct Plan {
     pub(crate) disruption: Disruption,
     pub(crate) regions: Vec<Region>,
     pub(crate) region_mode: RegionMode,
-    pub(crate) canary: Option<super::settings::Canary>,
+    pub(crate) canary: Option<Canary>,
     pub(crate) canary_rollout: Option<CanaryRollout>,
     pub(crate) recreate: bool,
 }
@@ -253,7 +254,7 @@ impl Plan {
     }
 
     /// The workloads of one region: the stable track, and the canary track
-    /// of a [`Canary`](super::settings::Canary) layout.
+    /// of a [`Canary`] layout.
     pub(crate) fn tracks(&self, region: Option<&Region>) -> Vec<Track> {
         let role = region.map(|region| match &self.region_mode {
             RegionMode::ActivePassive { active, .. } if *active != region.name => "passive",
