@@ -213,6 +213,8 @@ def main():
     size, _ = image_bytes(baked)
     print(f"measured: image {baked}: {size / 1e6:.1f} MB unpacked")
     run(baked, "MiniLM baked in", expect_dimension=384)
+    # Rebuilding a tag leaves the previous image untagged.
+    buildah("rmi", "--prune")
 
 
 if __name__ == "__main__":
