@@ -83,6 +83,14 @@ def image_bytes(ref):
         buildah("rm", container)
 
 
+def pushed_bytes(ref):
+    """What a registry receives: the image as an OCI archive (gzip layers)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = Path(scratch) / "image.tar"
+        buildah("push", "--quiet", ref, f"oci-archive:{archive}")
+        return archive.stat().st_size
+
+
 def server_pid(ancestor):
     """The server process (uid 65532) below `ancestor`, once it runs."""
     for entry in Path("/proc").iterdir():
@@ -199,7 +207,7 @@ def main():
 
     builtin = build()
     size, shell = image_bytes(builtin)
-    print(f"measured: image {builtin}: {size / 1e6:.1f} MB unpacked")
+    print(f"measured: image {builtin}: {size / 1e6:.1f} MB unpacked, {pushed_bytes(builtin) / 1e6:.1f} MB pushed")
     check(size <= MAX_IMAGE_BYTES, f"image is at most {MAX_IMAGE_BYTES / 1e6:.0f} MB")
     check(not shell, "image has no shell")
     cold_start = run(builtin, "built-in model", expect_dimension=128)
