@@ -5,7 +5,9 @@ as Kubernetes would run it: as uid/gid 65532, root filesystem read-only,
 /tmp a tmpfs. Checks the entrypoint, the probes, /embed, the exit status
 0 after SIGTERM within the grace period, and measures image size and cold
 start (process start to ready) three ways: the built-in model, MiniLM
-mounted read-only with --model-dir, and MiniLM baked into the image.
+mounted read-only with --model-dir, and MiniLM baked into the image. The
+server runs with the arguments and mounts the generated Deployment gives
+it (examples/manifests), whose image and securityContext must match.
 
     python3 .ci/check_image.py MINILM_DIR
 
@@ -91,6 +93,19 @@ def pushed_bytes(ref):
         return archive.stat().st_size
 
 
+def generated(*flags):
+    """The server container of the Deployment examples/manifests prints, and
+    the model and version its labels (and a canary analysis) name."""
+    out = subprocess.run(
+        ["cargo", "run", "--quiet", "--example", "manifests", "--features", "k8s", "--", "--json", *flags],
+        cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True,
+    ).stdout
+    deployment = next(i for i in json.loads(out)["items"] if i["kind"] == "Deployment")
+    labels = deployment["metadata"]["labels"]
+    model = (labels["candlewick.rs/model"], labels["candlewick.rs/model-version"])
+    return deployment["spec"]["template"]["spec"]["containers"][0], model
+
+
 def server_pid(ancestor):
     """The server process (uid 65532) below `ancestor`, once it runs."""
     for entry in Path("/proc").iterdir():
@@ -113,8 +128,9 @@ def server_pid(ancestor):
     return None
 
 
-def run(ref, name, args=(), volumes=(), expect_dimension=None):
-    """Runs `ref` read-only as its configured user; returns the cold start."""
+def run(ref, name, args=(), volumes=(), expect_dimension=None, expect_model=None):
+    """Runs `ref` read-only as its configured user; returns the cold start.
+    `expect_model`: the (model, version) its request metrics must carry."""
     config = json.loads(buildah("inspect", "--type", "image", ref))["OCIv1"]["config"]
     entrypoint = config["Entrypoint"]
     check(entrypoint[-2:] == ["--bind", "0.0.0.0"], f"{name}: entrypoint binds 0.0.0.0")
@@ -166,6 +182,16 @@ def run(ref, name, args=(), volumes=(), expect_dimension=None):
         if expect_dimension:
             check(len(vectors[0]) == expect_dimension, f"{name}: embedding has {expect_dimension} dimensions")
 
+        if expect_model:
+            metrics = get(f"http://127.0.0.1:{admin}/metrics")[1].decode()
+            labels = f'model="{expect_model[0]}",version="{expect_model[1]}"'
+            served = [
+                line for line in metrics.splitlines()
+                if line.startswith("candlewick_requests_total{") and labels in line
+                and 'outcome="ok"' in line and float(line.rsplit(" ", 1)[1]) >= 1
+            ]
+            check(served, f"{name}: request metrics carry the manifests' {labels}")
+
         pid = server_pid(process.pid)
         check(pid is not None, f"{name}: the server runs as uid {RUN_AS}")
         status = (Path("/proc") / str(pid) / "status").read_text()
@@ -210,12 +236,21 @@ def main():
     print(f"measured: image {builtin}: {size / 1e6:.1f} MB unpacked, {pushed_bytes(builtin) / 1e6:.1f} MB pushed")
     check(size <= MAX_IMAGE_BYTES, f"image is at most {MAX_IMAGE_BYTES / 1e6:.0f} MB")
     check(not shell, "image has no shell")
-    cold_start = run(builtin, "built-in model", expect_dimension=128)
+
+    container, model = generated()
+    check(container["image"] == builtin, "the manifests default to the image the script builds")
+    security = container["securityContext"]
+    user = json.loads(buildah("inspect", "--type", "image", builtin))["OCIv1"]["config"]["User"]
+    check(f"{security['runAsUser']}:{security['runAsGroup']}" == user, "the manifests run as the image's user")
+    check(security["readOnlyRootFilesystem"], "the manifests make the root filesystem read-only")
+    cold_start = run(builtin, "built-in model", args=container["args"],
+                     expect_dimension=128, expect_model=model)
     check(cold_start < MAX_BUILTIN_COLD_START, f"built-in model ready within {MAX_BUILTIN_COLD_START} s")
 
-    mount = f"/models/{minilm.name}"
-    run(builtin, "MiniLM mounted", args=["--model-dir", mount],
-        volumes=[(str(minilm), mount)], expect_dimension=384)
+    container, model = generated("--model", minilm.name, "--model-claim", "weights")
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "model")
+    run(builtin, "MiniLM mounted", args=container["args"],
+        volumes=[(str(minilm), mount)], expect_dimension=384, expect_model=model)
 
     baked = build("--model-dir", str(minilm))
     size, _ = image_bytes(baked)
