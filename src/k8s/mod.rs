@@ -34,6 +34,34 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! A canary release promoted on the process's own metrics (Argo Rollouts),
+//! with the weights mounted from a volume rather than baked into the image:
+//!
+//! ```
+//! use std::time::Duration;
+//! use candlewick::{ModelInfo, ServingConfig};
+//! use candlewick::k8s::{CanaryRollout, ManifestBuilder, ModelVolume};
+//!
+//! # fn main() -> Result<(), candlewick::k8s::ManifestError> {
+//! let config = ServingConfig::default().with_model(ModelInfo::new("minilm", "2"));
+//! let manifests = ManifestBuilder::new(&config, "embedder", "registry.example/serve@sha256:…")
+//!     .with_load_time(Duration::from_secs(10))
+//!     .with_model_volume(ModelVolume::claim("minilm-weights"))
+//!     .with_args(["--model-dir", "/models", "--model-version", "2"])
+//!     .with_canary_rollout(
+//!         CanaryRollout::new("public", "http://prometheus.monitoring:9090")
+//!             .with_steps([10, 50])
+//!             .with_max_latency_ratio(1.1),
+//!     )
+//!     .build()?;
+//! let yaml = manifests.to_yaml()?;
+//! assert!(yaml.contains("kind: Rollout"));
+//! assert!(yaml.contains(r#"version="{{args.canary-version}}""#));
+//! assert!(yaml.contains("result[0] <= 1.1"));
+//! # Ok(())
+//! # }
+//! ```
 
 // Arrows point down: `builder` resolves the settings into a `plan` and
 // calls the factories (`deployment`, `rollout`, `policy`, `autoscaling`),
