@@ -5,14 +5,19 @@
 //! cargo run --example manifests --features k8s -- --layout gpu
 //! cargo run --example manifests --features k8s -- --layout multi-region --keda
 //! cargo run --example manifests --features k8s -- --layout canary --json
+//! cargo run --example manifests --features k8s -- --layout rollout \
+//!     --image registry.example.com/candlewick-serve@sha256:… --model-version 2
 //! ```
+//!
+//! The default image is the one `scripts/build-image.sh` builds and tags
+//! locally; in a cluster, pass the pushed image by digest.
 
 use std::io::Write as _;
 use std::time::Duration;
 
 use candlewick::k8s::{
-    Autoscaling, Canary, GpuPool, ManifestBuilder, ManifestError, Region, RegionMode, Resources,
-    ScaleMetric, Spread,
+    Autoscaling, Canary, CanaryRollout, GpuPool, ManifestBuilder, ManifestError, ModelVolume,
+    Region, RegionMode, Resources, ScaleMetric, Spread,
 };
 use candlewick::{Approval, ModelInfo, ServingConfig};
 use clap::{Parser, ValueEnum};
@@ -27,6 +32,9 @@ enum Layout {
     MultiRegion,
     /// A stable and a canary model version behind a weighted HTTPRoute.
     Canary,
+    /// An Argo Rollouts canary, promoted step by step while Prometheus
+    /// shows its errors and p99 latency no worse than the stable version's.
+    Rollout,
 }
 
 /// Prints the Kubernetes objects that run the example server.
@@ -41,12 +49,23 @@ struct Args {
     /// Print a JSON `List` instead of YAML.
     #[arg(long)]
     json: bool,
-    /// The container image (pin it by digest in production).
-    #[arg(
-        long,
-        default_value = "ghcr.io/candlewick-rs/serve@sha256:4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945"
-    )]
+    /// The container image: by default the one `scripts/build-image.sh`
+    /// tags locally; in a cluster, the pushed image by digest
+    /// (`REGISTRY/candlewick-serve@sha256:…`).
+    #[arg(long, default_value = concat!("localhost/candlewick-serve:", env!("CARGO_PKG_VERSION")))]
     image: String,
+    /// The model the image serves (its metric label): the built-in one, or
+    /// the directory name of the weights baked in or mounted.
+    #[arg(long, default_value = "builtin-bert-128d-seed42")]
+    model: String,
+    /// The model version, passed to the server (`--model-version`) so its
+    /// metrics carry the label the canary analysis compares.
+    #[arg(long, default_value = "1")]
+    model_version: String,
+    /// Mount the weights from this PersistentVolumeClaim (read-only) and
+    /// serve them with `--model-dir`, instead of the image's model.
+    #[arg(long)]
+    model_claim: Option<String>,
     /// Load plus warm-up time of one replica, in seconds (measure it with
     /// `Health::startup_time`).
     #[arg(long, default_value_t = 40)]
@@ -55,9 +74,7 @@ struct Args {
 
 /// The builder for a layout: the same `ServingConfig` the server runs with.
 fn builder(args: &Args) -> ManifestBuilder {
-    let model = ModelInfo::new("all-MiniLM-L6-v2", "v1")
-        .with_revision("c9745ed1d9f207416be6d2e6f8de32d1f16199bf")
-        .with_approval(Approval::Approved);
+    let model = ModelInfo::new(&args.model, &args.model_version).with_approval(Approval::Approved);
     // The example server's admin listener (`--admin-port`, default 8081):
     // probes and Prometheus go there.
     let config = ServingConfig::default()
@@ -71,7 +88,22 @@ fn builder(args: &Args) -> ManifestBuilder {
     if args.keda {
         autoscaling = autoscaling.with_keda("http://prometheus.monitoring.svc:9090");
     }
-    let builder = ManifestBuilder::new(&config, "embedder", args.image.clone())
+    // The server labels its metrics with the version the manifests declare.
+    // Every track gets these arguments, so not in the two-track canary
+    // layout, whose canary serves another version.
+    let mut server_args = Vec::new();
+    if args.layout != Layout::Canary {
+        server_args.extend(["--model-version".to_owned(), args.model_version.clone()]);
+    }
+    let mut builder = ManifestBuilder::new(&config, "embedder", args.image.clone());
+    if let Some(claim) = &args.model_claim {
+        // The server names the model after its directory.
+        let dir = format!("/models/{}", args.model);
+        server_args.extend(["--model-dir".to_owned(), dir.clone()]);
+        builder = builder.with_model_volume(ModelVolume::claim(claim).with_mount_path(dir));
+    }
+    let builder = builder
+        .with_args(server_args)
         .with_namespace("ml")
         .with_port(8080)
         .with_load_time(Duration::from_secs(args.load_secs))
@@ -93,10 +125,15 @@ fn builder(args: &Args) -> ManifestBuilder {
             },
         ),
         Layout::Canary => builder.with_canary(Canary::new(
-            ModelInfo::new("all-MiniLM-L6-v2", "v2").with_approval(Approval::Experimental),
+            ModelInfo::new(&args.model, format!("{}-canary", args.model_version))
+                .with_approval(Approval::Experimental),
             args.image.clone(),
             10,
             "public",
+        )),
+        Layout::Rollout => builder.with_canary_rollout(CanaryRollout::new(
+            "public",
+            "http://prometheus.monitoring.svc:9090",
         )),
     }
 }

@@ -13,8 +13,9 @@ use std::time::Duration;
 use candle_core::DeviceLocation;
 use candlewick::health::ProbePaths;
 use candlewick::k8s::{
-    Autoscaling, Canary, Disruption, GpuPool, HttpRoute, ManifestBuilder, ManifestError, Manifests,
-    Object, Region, RegionMode, ScaleMetric, ScaledObject, Spread,
+    AnalysisTemplate, Autoscaling, Canary, CanaryRollout, Disruption, GpuPool, HttpRoute,
+    ManifestBuilder, ManifestError, Manifests, ModelVolume, Object, Region, RegionMode, Rollout,
+    ScaleMetric, ScaledObject, Spread,
 };
 use candlewick::metrics::names;
 use candlewick::pool::PoolConfig;
@@ -59,6 +60,23 @@ fn gpu() -> GpuPool {
 
 fn canary() -> Canary {
     Canary::new(ModelInfo::new("minilm", "v2"), IMAGE, 10, "public")
+}
+
+fn canary_rollout() -> CanaryRollout {
+    CanaryRollout::new("public", "http://prometheus.monitoring.svc:9090")
+        .with_gateway_namespace("gateways")
+        .with_steps([5, 20, 60])
+        .with_measurements(Duration::from_secs(30), 4)
+        .with_max_error_ratio_increase(0.02)
+        .with_max_latency_ratio(1.5)
+}
+
+/// Kinds the Kubernetes API server knows without CRDs.
+fn is_builtin(kind: &str) -> bool {
+    !matches!(
+        kind,
+        "ScaledObject" | "HTTPRoute" | "Rollout" | "AnalysisTemplate"
+    )
 }
 
 /// Every layout the example generates, by name.
@@ -120,8 +138,43 @@ fn layouts() -> Vec<(&'static str, Manifests)> {
         (
             "keda-multi-region-canary",
             keda(builder())
-                .with_regions(regions, RegionMode::ActiveActive)
+                .with_regions(regions.clone(), RegionMode::ActiveActive)
                 .with_canary(canary())
+                .build()
+                .unwrap(),
+        ),
+        (
+            "rollout",
+            autoscaled()
+                .with_canary_rollout(canary_rollout())
+                .build()
+                .unwrap(),
+        ),
+        (
+            "rollout-keda-multi-region",
+            keda(builder())
+                .with_regions(regions, RegionMode::ActiveActive)
+                .with_canary_rollout(canary_rollout())
+                .build()
+                .unwrap(),
+        ),
+        (
+            "model-claim",
+            builder()
+                .with_model_volume(ModelVolume::claim("minilm-weights"))
+                .with_args(["--model-dir", "/models"])
+                .build()
+                .unwrap(),
+        ),
+        (
+            "model-init-container",
+            autoscaled()
+                .with_gpu(gpu())
+                .with_model_volume(ModelVolume::init_container(
+                    IMAGE,
+                    ["/bin/fetch-model", "/models"],
+                ))
+                .with_args(["--model-dir", "/models"])
                 .build()
                 .unwrap(),
         ),
@@ -381,7 +434,7 @@ fn every_selector_matches_exactly_its_own_pods() {
             let pods: Vec<(String, Value, Value)> = set
                 .objects
                 .iter()
-                .filter(|o| o.kind() == "Deployment")
+                .filter(|o| matches!(o.kind(), "Deployment" | "Rollout"))
                 .map(json_of)
                 .map(|d| {
                     (
@@ -416,11 +469,18 @@ fn every_selector_matches_exactly_its_own_pods() {
                     .filter(|(_, _, labels)| selects(&selector, labels))
                     .map(|(name, _, _)| name)
                     .collect();
-                assert_eq!(
-                    matched,
-                    [object["metadata"]["name"].as_str().unwrap()],
-                    "{layout}"
-                );
+                // A Rollout's canary Service selects the Rollout's pods (Argo
+                // narrows it to the canary's during a rollout).
+                let name = object["metadata"]["name"].as_str().unwrap();
+                let owner = name
+                    .strip_suffix("-canary")
+                    .filter(|stable| {
+                        set.objects
+                            .iter()
+                            .any(|o| o.id() == format!("Rollout/{stable}"))
+                    })
+                    .unwrap_or(name);
+                assert_eq!(matched, [owner], "{layout}");
             }
         }
     }
@@ -625,6 +685,233 @@ fn a_canary_gets_its_own_track_and_a_weighted_route() {
 }
 
 #[test]
+fn a_canary_rollout_replaces_the_deployment_and_promotes_step_by_step_on_metrics() {
+    let manifests = autoscaled()
+        .with_canary_rollout(canary_rollout())
+        .build()
+        .unwrap();
+    let kinds: Vec<String> = manifests.objects().map(Object::id).collect();
+    assert_eq!(
+        kinds,
+        [
+            "Rollout/embedder",
+            "Service/embedder",
+            "Service/embedder-canary",
+            "PodDisruptionBudget/embedder",
+            "NetworkPolicy/embedder",
+            "HorizontalPodAutoscaler/embedder",
+            "HTTPRoute/embedder",
+            "AnalysisTemplate/embedder-canary-analysis",
+            "ConfigMap/embedder-adapter-rules",
+        ]
+    );
+    let rollout = &of_kind(&manifests, "Rollout")[0];
+    let back: Rollout = serde_json::from_value(rollout.clone()).unwrap();
+    assert_eq!(&serde_json::to_value(&back).unwrap(), rollout);
+    // The pods are the Deployment's would-be pods: same probes, hardening.
+    let deployment = &of_kind(&builder().build().unwrap(), "Deployment")[0];
+    assert_eq!(
+        container(rollout)["securityContext"],
+        container(deployment)["securityContext"]
+    );
+    assert_eq!(rollout["spec"].get("replicas"), None, "the HPA owns scale");
+    let hpa = &of_kind(&manifests, "HorizontalPodAutoscaler")[0];
+    assert_eq!(
+        hpa["spec"]["scaleTargetRef"],
+        json!({"apiVersion": "argoproj.io/v1alpha1", "kind": "Rollout", "name": "embedder"})
+    );
+    let canary = &rollout["spec"]["strategy"]["canary"];
+    assert_eq!(canary["stableService"], "embedder");
+    assert_eq!(canary["canaryService"], "embedder-canary");
+    assert_eq!(
+        canary["trafficRouting"]["plugins"]["argoproj-labs/gatewayAPI"],
+        json!({"httpRoute": "embedder", "namespace": "ml"})
+    );
+    // Each weight is followed by an analysis of the version these
+    // manifests declare; promotion comes after the last.
+    let steps = canary["steps"].as_array().unwrap();
+    let weights: Vec<&Value> = steps.iter().step_by(2).map(|s| &s["setWeight"]).collect();
+    assert_eq!(weights, [&json!(5), &json!(20), &json!(60)]);
+    for analysis in steps.iter().skip(1).step_by(2) {
+        assert_eq!(
+            analysis["analysis"],
+            json!({
+                "templates": [{"templateName": "embedder-canary-analysis"}],
+                "args": [
+                    {"name": "namespace", "value": "ml"},
+                    {"name": "model", "value": "minilm"},
+                    {"name": "canary-version", "value": "v1"},
+                ],
+            })
+        );
+    }
+    // The route starts with everything on the stable Service.
+    let route = &of_kind(&manifests, "HTTPRoute")[0];
+    assert_eq!(
+        route["spec"]["rules"][0]["backendRefs"],
+        json!([
+            {"name": "embedder", "port": 9000, "weight": 100},
+            {"name": "embedder-canary", "port": 9000, "weight": 0},
+        ])
+    );
+    assert_eq!(
+        route["spec"]["parentRefs"],
+        json!([{"name": "public", "namespace": "gateways"}])
+    );
+}
+
+#[test]
+fn the_analysis_compares_canary_and_stable_by_version_on_the_metrics_the_process_emits() {
+    let manifests = autoscaled()
+        .with_canary_rollout(canary_rollout())
+        .build()
+        .unwrap();
+    let template = &of_kind(&manifests, "AnalysisTemplate")[0];
+    let back: AnalysisTemplate = serde_json::from_value(template.clone()).unwrap();
+    assert_eq!(&serde_json::to_value(&back).unwrap(), template);
+    let metrics = template["spec"]["metrics"].as_array().unwrap();
+    let by_name = |name: &str| metrics.iter().find(|m| m["name"] == name).unwrap();
+
+    let errors = by_name("error-ratio-increase");
+    let query = errors["provider"]["prometheus"]["query"].as_str().unwrap();
+    assert_eq!(
+        errors["provider"]["prometheus"]["address"],
+        "http://prometheus.monitoring.svc:9090"
+    );
+    assert_eq!(query.matches(names::REQUESTS).count(), 4, "{query}");
+    assert_eq!(
+        query
+            .matches(r#"version="{{args.canary-version}}""#)
+            .count(),
+        2
+    );
+    assert_eq!(
+        query
+            .matches(r#"version!="{{args.canary-version}}""#)
+            .count(),
+        2
+    );
+    assert_eq!(query.matches("outcome=~").count(), 2);
+    assert!(query.contains(r#"namespace="{{args.namespace}}",model="{{args.model}}""#));
+    assert_eq!(
+        errors["successCondition"],
+        "!isNaN(result[0]) && result[0] <= 0.02"
+    );
+
+    let latency = by_name("p99-latency-ratio");
+    let query = latency["provider"]["prometheus"]["query"].as_str().unwrap();
+    let bucket = format!("{}_bucket", names::REQUEST_DURATION);
+    assert_eq!(query.matches(&bucket).count(), 2, "{query}");
+    assert_eq!(
+        query
+            .matches("histogram_quantile(0.99, sum by (le) (rate(")
+            .count(),
+        2
+    );
+    assert_eq!(
+        latency["successCondition"],
+        "!isNaN(result[0]) && result[0] <= 1.5"
+    );
+    for metric in metrics {
+        assert_eq!(metric["interval"], "30s");
+        assert_eq!(metric["count"], 4);
+        assert_eq!(metric["failureLimit"], 0);
+    }
+    let args: Vec<&Value> = template["spec"]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["name"])
+        .collect();
+    assert_eq!(
+        args,
+        [
+            &json!("namespace"),
+            &json!("model"),
+            &json!("canary-version")
+        ]
+    );
+}
+
+#[test]
+fn mounted_weights_are_read_only_and_readable_by_the_image_user() {
+    let manifests = builder()
+        .with_model_volume(ModelVolume::claim("minilm-weights"))
+        .with_args(["--model-dir", "/models"])
+        .build()
+        .unwrap();
+    let deployment = &of_kind(&manifests, "Deployment")[0];
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        container(deployment)["args"],
+        json!(["--model-dir", "/models"])
+    );
+    assert_eq!(
+        container(deployment)["volumeMounts"],
+        json!([
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "model", "mountPath": "/models", "readOnly": true},
+        ])
+    );
+    assert_eq!(
+        pod["volumes"][1],
+        json!({"name": "model", "persistentVolumeClaim": {"claimName": "minilm-weights", "readOnly": true}})
+    );
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+
+    // An init container fills an emptyDir, as hardened as the server.
+    let manifests = builder()
+        .with_model_volume(
+            ModelVolume::init_container(IMAGE, ["/bin/fetch-model", "/weights"])
+                .with_mount_path("/weights"),
+        )
+        .build()
+        .unwrap();
+    let deployment = &of_kind(&manifests, "Deployment")[0];
+    let pod = &deployment["spec"]["template"]["spec"];
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["command"], json!(["/bin/fetch-model", "/weights"]));
+    assert_eq!(
+        init["securityContext"],
+        container(deployment)["securityContext"]
+    );
+    assert_eq!(
+        init["volumeMounts"][1],
+        json!({"name": "model", "mountPath": "/weights"})
+    );
+    assert_eq!(pod["volumes"][1], json!({"name": "model", "emptyDir": {}}));
+    assert_eq!(
+        container(deployment)["volumeMounts"][1],
+        json!({"name": "model", "mountPath": "/weights", "readOnly": true})
+    );
+}
+
+#[test]
+fn the_pods_run_as_the_image_user_on_a_read_only_root() {
+    // The image's user is 65532:65532, and it writes nothing outside /tmp
+    // (.ci/check_image.py runs it so, with these manifests' arguments).
+    for (layout, manifests) in layouts() {
+        for object in manifests.objects() {
+            let value = json_of(object);
+            let template = match object.kind() {
+                "Deployment" | "Rollout" => &value["spec"]["template"]["spec"],
+                _ => continue,
+            };
+            let security = &container(&value)["securityContext"];
+            assert_eq!(security["runAsUser"], 65532, "{layout}");
+            assert_eq!(security["runAsGroup"], 65532, "{layout}");
+            assert_eq!(security["readOnlyRootFilesystem"], true, "{layout}");
+            assert_eq!(template["securityContext"]["fsGroup"], 65532, "{layout}");
+            assert_eq!(
+                container(&value)["volumeMounts"][0],
+                json!({"name": "tmp", "mountPath": "/tmp"}),
+                "{layout}"
+            );
+        }
+    }
+}
+
+#[test]
 fn output_is_yaml_documents_and_a_json_list() {
     let manifests = autoscaled().build().unwrap();
     let yaml = manifests.to_yaml().unwrap();
@@ -698,6 +985,63 @@ fn lints_refuse_settings_that_cannot_work() {
             ..
         }
     ));
+}
+
+#[test]
+fn canary_rollouts_that_cannot_work_are_refused() {
+    let refused = |b: ManifestBuilder, reason: &str| {
+        let err = b.build().unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                ManifestError::Invalid {
+                    field: "canary_rollout",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains(reason), "{err}");
+    };
+    refused(
+        builder()
+            .with_canary(canary())
+            .with_canary_rollout(canary_rollout()),
+        "drop the Canary track",
+    );
+    refused(
+        builder()
+            .with_gpu(gpu())
+            .with_canary_rollout(canary_rollout()),
+        "without headroom",
+    );
+    for steps in [
+        vec![],
+        vec![10, 10],
+        vec![50, 20],
+        vec![0, 10],
+        vec![10, 100],
+    ] {
+        refused(
+            builder().with_canary_rollout(canary_rollout().with_steps(steps)),
+            "increasing percentages",
+        );
+    }
+    refused(
+        builder()
+            .with_canary_rollout(canary_rollout().with_measurements(Duration::from_secs(60), 0)),
+        "at least one measurement",
+    );
+    refused(
+        builder().with_canary_rollout(canary_rollout().with_max_latency_ratio(f64::NAN)),
+        "finite",
+    );
+    // With a spare GPU the canary pods can schedule.
+    builder()
+        .with_gpu(gpu().with_headroom(true))
+        .with_canary_rollout(canary_rollout())
+        .build()
+        .unwrap();
 }
 
 #[test]
@@ -832,14 +1176,21 @@ fn write_layouts(dir: &Path, builtin_only: bool) -> usize {
     let mut files = 0;
     for (layout, manifests) in layouts() {
         for (i, set) in manifests.sets.iter().enumerate() {
-            let mut set = set.clone();
-            if builtin_only {
-                set.objects
-                    .retain(|o| !matches!(o.kind(), "ScaledObject" | "HTTPRoute"));
-            }
-            let mut copy = manifests.clone();
-            copy.sets = vec![set];
-            let yaml = copy.to_yaml().unwrap();
+            let yaml = if builtin_only {
+                // Without its Rollout a set no longer passes the lints
+                // (`to_yaml`): one JSON document (valid YAML) per object.
+                let documents: Vec<String> = set
+                    .objects
+                    .iter()
+                    .filter(|o| is_builtin(o.kind()))
+                    .map(|o| serde_json::to_string(o).unwrap())
+                    .collect();
+                documents.join("\n---\n") + "\n"
+            } else {
+                let mut copy = manifests.clone();
+                copy.sets = vec![set.clone()];
+                copy.to_yaml().unwrap()
+            };
             std::fs::write(dir.join(format!("{layout}-{i}.yaml")), yaml).unwrap();
             files += 1;
         }
@@ -947,4 +1298,79 @@ fn every_layout_passes_checkov_with_no_failed_checks() {
             .unwrap_or("")
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Node.js (`CANDLEWICK_NODE`, or `node` on PATH) and the CRD models that
+/// `.ci/run` installs from `tests/crd/package-lock.json` into `target/crd`.
+fn crd_validator() -> Option<(PathBuf, PathBuf)> {
+    let node = std::env::var_os("CANDLEWICK_NODE")
+        .map(PathBuf::from)
+        .or_else(|| find_tool("node"))?;
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/crd");
+    modules
+        .join("node_modules/@kubernetes-models/argo-rollouts")
+        .is_dir()
+        .then_some((node, modules))
+}
+
+/// Runs tests/crd/validate.mjs on `items` (a `v1` List); returns whether
+/// all passed, and its report.
+fn validate_crds(node: &Path, modules: &Path, items: Vec<Value>, name: &str) -> (bool, String) {
+    let dir = scratch(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("custom-resources.json");
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
+    std::fs::write(&file, serde_json::to_string(&list).unwrap()).unwrap();
+    let output = Command::new(node)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/crd/validate.mjs"))
+        .arg(modules)
+        .arg(&file)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn every_custom_resource_is_valid_per_its_crd_model() {
+    let Some((node, modules)) = crd_validator() else {
+        skip("node or the @kubernetes-models packages are missing (see .ci/run)");
+        return;
+    };
+    let mut items = Vec::new();
+    for (_, manifests) in layouts() {
+        items.extend(
+            manifests
+                .objects()
+                .filter(|o| !is_builtin(o.kind()))
+                .map(json_of),
+        );
+    }
+    for kind in ["Rollout", "AnalysisTemplate", "HTTPRoute", "ScaledObject"] {
+        assert!(
+            items.iter().any(|item| item["kind"] == kind),
+            "no layout generates a {kind}"
+        );
+    }
+    let count = items.len();
+    let (passed, report) = validate_crds(&node, &modules, items, "crds");
+    assert!(passed, "{report}");
+    assert_eq!(report.matches("valid: ").count(), count, "{report}");
+    eprintln!("CRD models: {count} custom resources valid");
+
+    // The models do check: a weight that is not a number is refused.
+    let manifests = builder()
+        .with_canary_rollout(canary_rollout())
+        .build()
+        .unwrap();
+    let mut rollout = of_kind(&manifests, "Rollout").remove(0);
+    rollout["spec"]["strategy"]["canary"]["steps"][0]["setWeight"] = json!("ten");
+    let (passed, report) = validate_crds(&node, &modules, vec![rollout], "crds-broken");
+    assert!(!passed, "{report}");
+    assert!(report.contains("setWeight must be integer"), "{report}");
 }

@@ -10,21 +10,16 @@ use k8s_openapi::api::autoscaling::v2::{
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use super::builder::{ManifestBuilder, Track};
 use super::compat;
 use super::custom::{
     AdapterConfig, AdapterName, AdapterResource, AdapterResources, AdapterRule, KedaAdvanced,
     KedaHpaConfig, KedaTrigger, ScaleTargetRef, ScaledObject, ScaledObjectSpec,
 };
-use super::deployment::metadata;
 use super::error::ManifestError;
+use super::plan::{Plan, RATE_WINDOW, Track};
 use super::settings::{Autoscaling, ScaleMetric, p99_latency, requests_per_second};
 use crate::metrics::names;
-
-/// The window of `rate()` in the generated PromQL.
-const RATE_WINDOW: &str = "2m";
 
 /// A per-pod target as a Kubernetes quantity: whole numbers as they are,
 /// fractions in thousandths (`0.25` → `250m`).
@@ -79,11 +74,7 @@ fn target_value(metric: &ScaleMetric) -> f64 {
 }
 
 /// The `autoscaling/v2` HPA of one track.
-pub(crate) fn hpa(
-    builder: &ManifestBuilder,
-    track: &Track,
-    auto: &Autoscaling,
-) -> HorizontalPodAutoscaler {
+pub(crate) fn hpa(plan: &Plan, track: &Track, auto: &Autoscaling) -> HorizontalPodAutoscaler {
     let metrics = auto
         .metrics
         .iter()
@@ -122,12 +113,13 @@ pub(crate) fn hpa(
             },
         })
         .collect();
+    let (api_version, kind) = track.workload.api_version_and_kind();
     HorizontalPodAutoscaler {
-        metadata: metadata(builder, track, &track.name),
+        metadata: plan.metadata(track, &track.name),
         spec: compat::wrap(HorizontalPodAutoscalerSpec {
             scale_target_ref: CrossVersionObjectReference {
-                api_version: Some("apps/v1".to_owned()),
-                kind: "Deployment".to_owned(),
+                api_version: Some(api_version.to_owned()),
+                kind: kind.to_owned(),
                 name: track.name.clone(),
             },
             min_replicas: Some(replicas(auto.min_replicas)),
@@ -193,7 +185,7 @@ fn adapter_rule(metric: &ScaleMetric) -> Option<AdapterRule> {
 /// The ConfigMap holding prometheus-adapter rules for exactly the custom
 /// metrics the HPAs use.
 pub(crate) fn adapter_rules(
-    builder: &ManifestBuilder,
+    plan: &Plan,
     metrics: &[ScaleMetric],
 ) -> Result<ConfigMap, ManifestError> {
     let config = AdapterConfig {
@@ -202,23 +194,11 @@ pub(crate) fn adapter_rules(
     let yaml = serde_saphyr::to_string_with_options(&config, super::output::yaml_options())
         .map_err(|e| ManifestError::Serialize(e.to_string()))?;
     Ok(ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(format!("{}-adapter-rules", builder.name)),
-            namespace: Some(builder.namespace.clone()),
-            labels: Some(BTreeMap::from([
-                ("app.kubernetes.io/name".to_owned(), builder.name.clone()),
-                ("app.kubernetes.io/part-of".to_owned(), builder.name.clone()),
-                (
-                    "app.kubernetes.io/component".to_owned(),
-                    "metrics-adapter-rules".to_owned(),
-                ),
-                (
-                    "app.kubernetes.io/managed-by".to_owned(),
-                    "candlewick".to_owned(),
-                ),
-            ])),
-            ..ObjectMeta::default()
-        },
+        metadata: plan.shared_metadata(
+            format!("{}-adapter-rules", plan.name),
+            Some("metrics-adapter-rules"),
+            None,
+        ),
         data: Some(BTreeMap::from([("config.yaml".to_owned(), yaml)])),
         ..ConfigMap::default()
     })
@@ -226,15 +206,11 @@ pub(crate) fn adapter_rules(
 
 /// The PromQL KEDA runs for `metric`, over the pods of `track`, or `None`
 /// for CPU and memory. Returns the query and KEDA's metric type.
-fn keda_query(
-    builder: &ManifestBuilder,
-    track: &Track,
-    metric: &ScaleMetric,
-) -> Option<(String, &'static str)> {
+fn keda_query(plan: &Plan, track: &Track, metric: &ScaleMetric) -> Option<(String, &'static str)> {
     let name = metric.exposed_name()?;
     let matchers = format!(
         "namespace=\"{}\",model=\"{}\",version=\"{}\"",
-        builder.namespace, track.model.name, track.model.version
+        plan.namespace, track.model.name, track.model.version
     );
     Some(if name == names::QUEUE_DEPTH || name == names::IN_FLIGHT {
         // The total, which KEDA divides by the replica count.
@@ -263,7 +239,7 @@ fn keda_query(
 
 /// A KEDA ScaledObject for one track, in place of its HPA.
 pub(crate) fn scaled_object(
-    builder: &ManifestBuilder,
+    plan: &Plan,
     track: &Track,
     auto: &Autoscaling,
     prometheus_url: &str,
@@ -282,7 +258,7 @@ pub(crate) fn scaled_object(
                 metadata: BTreeMap::from([("value".to_owned(), utilization.to_string())]),
             },
             _ => {
-                let (query, metric_type) = keda_query(builder, track, metric).ok_or_else(|| {
+                let (query, metric_type) = keda_query(plan, track, metric).ok_or_else(|| {
                     ManifestError::UnknownMetric {
                         object: format!("ScaledObject/{}", track.name),
                         metric: metric.exposed_name().unwrap_or_default(),
@@ -301,14 +277,15 @@ pub(crate) fn scaled_object(
         };
         triggers.push(trigger);
     }
+    let (api_version, kind) = track.workload.api_version_and_kind();
     Ok(ScaledObject {
         api_version: "keda.sh/v1alpha1".to_owned(),
         kind: "ScaledObject".to_owned(),
-        metadata: metadata(builder, track, &track.name),
+        metadata: plan.metadata(track, &track.name),
         spec: ScaledObjectSpec {
             scale_target_ref: ScaleTargetRef {
-                api_version: "apps/v1".to_owned(),
-                kind: "Deployment".to_owned(),
+                api_version: api_version.to_owned(),
+                kind: kind.to_owned(),
                 name: track.name.clone(),
             },
             min_replica_count: replicas(auto.min_replicas),

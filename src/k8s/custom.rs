@@ -1,11 +1,13 @@
 //! Custom resources k8s-openapi has no types for, as small serde structs
 //! that refuse unknown fields when read back: KEDA's `ScaledObject`, Gateway
-//! API's `HTTPRoute`, and the prometheus-adapter configuration.
+//! API's `HTTPRoute`, Argo Rollouts' `Rollout` and `AnalysisTemplate`, and
+//! the prometheus-adapter configuration.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerBehavior;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::{Deserialize, Serialize};
 
 /// A KEDA `keda.sh/v1alpha1` `ScaledObject` (the fields this crate sets).
@@ -150,6 +152,210 @@ pub struct BackendRef {
     pub port: i32,
     /// The share of requests, relative to the other backends.
     pub weight: i32,
+}
+
+/// An Argo Rollouts `argoproj.io/v1alpha1` `Rollout`: a Deployment whose
+/// updates are canaried step by step (the fields this crate sets).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Rollout {
+    /// `argoproj.io/v1alpha1`.
+    pub api_version: String,
+    /// `Rollout`.
+    pub kind: String,
+    /// Name, namespace, labels, annotations.
+    pub metadata: ObjectMeta,
+    /// The pods and how an update reaches them.
+    pub spec: RolloutSpec,
+}
+
+/// The spec of a [`Rollout`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RolloutSpec {
+    /// The replica count; absent when an autoscaler owns it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// Selects the pods (as a Deployment's selector).
+    pub selector: LabelSelector,
+    /// The pods (as a Deployment's template).
+    pub template: PodTemplateSpec,
+    /// Seconds a new pod must be ready before it counts as available.
+    pub min_ready_seconds: i32,
+    /// Old ReplicaSets kept for rollback.
+    pub revision_history_limit: i32,
+    /// Seconds without progress before the rollout is reported failed.
+    pub progress_deadline_seconds: i32,
+    /// The canary strategy.
+    pub strategy: RolloutStrategy,
+}
+
+/// `spec.strategy` of a [`Rollout`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RolloutStrategy {
+    /// Shift traffic to the new version step by step.
+    pub canary: CanaryStrategy,
+}
+
+/// A [`Rollout`]'s canary strategy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CanaryStrategy {
+    /// The Service Argo points at the canary's pods.
+    pub canary_service: String,
+    /// The Service Argo points at the stable pods.
+    pub stable_service: String,
+    /// How traffic is split: an HTTPRoute, through Argo's Gateway API plugin.
+    pub traffic_routing: TrafficRouting,
+    /// Set a weight, analyse, repeat; promotion follows the last step.
+    pub steps: Vec<CanaryStep>,
+}
+
+/// `trafficRouting` of a [`CanaryStrategy`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TrafficRouting {
+    /// Traffic router plugins by name.
+    pub plugins: TrafficRoutingPlugins,
+}
+
+/// The traffic router plugins of a [`TrafficRouting`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TrafficRoutingPlugins {
+    /// The Gateway API plugin (`argoproj-labs/gatewayAPI`).
+    #[serde(rename = "argoproj-labs/gatewayAPI")]
+    pub gateway_api: GatewayApiRoute,
+}
+
+/// The HTTPRoute the Gateway API plugin sets the weights of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct GatewayApiRoute {
+    /// The HTTPRoute's name.
+    pub http_route: String,
+    /// The HTTPRoute's namespace.
+    pub namespace: String,
+}
+
+/// One step of a [`CanaryStrategy`]: exactly one field is set.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct CanaryStep {
+    /// Send this percentage of traffic to the canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub set_weight: Option<i32>,
+    /// Run an analysis; its failure aborts the rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<RolloutAnalysis>,
+}
+
+/// An analysis step of a [`CanaryStep`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RolloutAnalysis {
+    /// The templates to run.
+    pub templates: Vec<AnalysisTemplateRef>,
+    /// Values for the templates' arguments.
+    pub args: Vec<AnalysisArg>,
+}
+
+/// A reference to an [`AnalysisTemplate`] by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AnalysisTemplateRef {
+    /// The template's name.
+    pub template_name: String,
+}
+
+/// An argument of an [`AnalysisTemplate`]: declared without a value, passed
+/// with one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AnalysisArg {
+    /// The argument's name (`{{args.NAME}}` in queries).
+    pub name: String,
+    /// Its value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// An Argo Rollouts `argoproj.io/v1alpha1` `AnalysisTemplate`: the metrics
+/// a canary step measures, and when they pass.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AnalysisTemplate {
+    /// `argoproj.io/v1alpha1`.
+    pub api_version: String,
+    /// `AnalysisTemplate`.
+    pub kind: String,
+    /// Name, namespace, labels.
+    pub metadata: ObjectMeta,
+    /// Arguments and metrics.
+    pub spec: AnalysisTemplateSpec,
+}
+
+/// The spec of an [`AnalysisTemplate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AnalysisTemplateSpec {
+    /// The arguments the queries use.
+    pub args: Vec<AnalysisArg>,
+    /// The measurements; each must pass.
+    pub metrics: Vec<AnalysisMetric>,
+}
+
+/// One metric of an [`AnalysisTemplate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AnalysisMetric {
+    /// The metric's name.
+    pub name: String,
+    /// Time between measurements (`60s`).
+    pub interval: String,
+    /// Measurements taken.
+    pub count: i32,
+    /// Failed measurements tolerated before the analysis fails.
+    pub failure_limit: i32,
+    /// The condition a measurement passes on (`result[0]` is the value).
+    pub success_condition: String,
+    /// Where the value comes from.
+    pub provider: MetricProvider,
+}
+
+/// `provider` of an [`AnalysisMetric`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MetricProvider {
+    /// A Prometheus query.
+    pub prometheus: PrometheusQuery,
+}
+
+/// A Prometheus query of a [`MetricProvider`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct PrometheusQuery {
+    /// The Prometheus server.
+    pub address: String,
+    /// The PromQL; its first sample is `result[0]`.
+    pub query: String,
 }
 
 /// The prometheus-adapter configuration (`config.yaml` of its ConfigMap).

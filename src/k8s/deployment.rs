@@ -1,5 +1,5 @@
-//! The Deployment (pod template, probes, resources, rollout, security), the
-//! Service, and the canary's HTTPRoute.
+//! The pod template (probes, resources, security, the model volume), the
+//! Deployment around it, the Service, and the canary's HTTPRoute.
 
 use std::collections::BTreeMap;
 
@@ -7,90 +7,24 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Lifecycle,
-    LifecycleHandler, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, SleepAction, Toleration,
-    Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Lifecycle,
+    LifecycleHandler, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, SleepAction, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::builder::{ManifestBuilder, STARTUP_PERIOD_SECS, Track, canary_name};
+use super::compat;
 use super::custom::{BackendRef, HttpRoute, HttpRouteRule, HttpRouteSpec, ParentRef};
 use super::error::ManifestError;
-use super::settings::{Canary, Region, Scale};
-use super::{compat, policy};
-
-/// The name of the container port (and Service port) the application
-/// serves requests and probes on.
-pub(crate) const PORT_NAME: &str = "http";
-/// The container port of the admin listener (probes and metrics), if any.
-pub(crate) const ADMIN_PORT_NAME: &str = "admin";
-/// The UID and GID the container runs as (non-root, above host UIDs).
-const RUN_AS: i64 = 65532;
-
-/// The labels that select a track's pods.
-pub(crate) fn selector_labels(
-    builder: &ManifestBuilder,
-    track: &Track,
-) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), builder.name.clone()),
-        ("app.kubernetes.io/instance".to_owned(), track.name.clone()),
-    ])
-}
-
-/// The labels on every object of a track: the selector labels plus the
-/// standard `app.kubernetes.io/*` and model labels.
-pub(crate) fn labels(builder: &ManifestBuilder, track: &Track) -> BTreeMap<String, String> {
-    let mut labels = selector_labels(builder, track);
-    labels.extend([
-        (
-            "app.kubernetes.io/version".to_owned(),
-            track.model.version.clone(),
-        ),
-        (
-            "app.kubernetes.io/component".to_owned(),
-            "inference".to_owned(),
-        ),
-        ("app.kubernetes.io/part-of".to_owned(), builder.name.clone()),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            "candlewick".to_owned(),
-        ),
-        ("candlewick.rs/model".to_owned(), track.model.name.clone()),
-        (
-            "candlewick.rs/model-version".to_owned(),
-            track.model.version.clone(),
-        ),
-        (
-            "candlewick.rs/approval".to_owned(),
-            track.model.approval.as_str().to_owned(),
-        ),
-        ("candlewick.rs/track".to_owned(), track.track.to_owned()),
-    ]);
-    if let Some(region) = &track.region {
-        labels.insert("candlewick.rs/region".to_owned(), region.clone());
-    }
-    if let Some(role) = track.region_role {
-        labels.insert("candlewick.rs/region-role".to_owned(), role.to_owned());
-    }
-    labels
-}
-
-/// Metadata of a track's object named `name`.
-pub(crate) fn metadata(builder: &ManifestBuilder, track: &Track, name: &str) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.to_owned()),
-        namespace: Some(builder.namespace.clone()),
-        labels: Some(labels(builder, track)),
-        ..ObjectMeta::default()
-    }
-}
+use super::plan::{PORT_NAME, Plan, RUN_AS, STARTUP_PERIOD_SECS, Track, canary_name};
+use super::policy;
+use super::settings::{ModelSource, Region, Scale};
 
 /// The model's metadata as annotations (values labels cannot hold).
-fn model_annotations(builder: &ManifestBuilder, track: &Track) -> BTreeMap<String, String> {
+fn model_annotations(plan: &Plan, track: &Track) -> BTreeMap<String, String> {
     let mut annotations = BTreeMap::from([
         ("candlewick.rs/model".to_owned(), track.model.name.clone()),
         (
@@ -107,30 +41,19 @@ fn model_annotations(builder: &ManifestBuilder, track: &Track) -> BTreeMap<Strin
     annotations.insert("prometheus.io/scrape".to_owned(), "true".to_owned());
     annotations.insert(
         "prometheus.io/port".to_owned(),
-        builder.probe_port().1.to_string(),
+        plan.probe_port().1.to_string(),
     );
-    annotations.insert(
-        "prometheus.io/path".to_owned(),
-        builder.metrics_path.clone(),
-    );
+    annotations.insert("prometheus.io/path".to_owned(), plan.metrics_path.clone());
     annotations
 }
 
-fn seconds_i32(duration: std::time::Duration) -> i32 {
-    i32::try_from(duration.as_secs()).unwrap_or(i32::MAX)
-}
-
-/// The application's port, and the admin listener's if it has one.
-pub(crate) fn container_ports(builder: &ManifestBuilder) -> Vec<ContainerPort> {
-    let named = |name: &str, port: u16| ContainerPort {
-        name: Some(name.to_owned()),
-        container_port: i32::from(port),
-        protocol: Some("TCP".to_owned()),
-        ..ContainerPort::default()
-    };
-    let mut ports = vec![named(PORT_NAME, builder.port)];
-    ports.extend(builder.admin_port.map(|port| named(ADMIN_PORT_NAME, port)));
-    ports
+/// `progressDeadlineSeconds`: above the startup budget, so a slow but
+/// healthy rollout is not reported failed.
+pub(crate) fn progress_deadline(startup_budget: std::time::Duration) -> i32 {
+    i32::try_from(startup_budget.as_secs())
+        .unwrap_or(i32::MAX)
+        .saturating_add(120)
+        .max(600)
 }
 
 fn http_probe(port: &str, path: &str, period: i32, timeout: i32, failures: i32) -> Probe {
@@ -149,42 +72,18 @@ fn http_probe(port: &str, path: &str, period: i32, timeout: i32, failures: i32) 
     }
 }
 
-/// The Deployment of one track.
-pub(crate) fn deployment(
-    builder: &ManifestBuilder,
-    track: &Track,
-) -> Result<Deployment, ManifestError> {
-    let budget = builder.startup_budget()?;
+/// The pod template of one track, shared by its Deployment or Rollout.
+pub(crate) fn pod_template(plan: &Plan, track: &Track) -> Result<PodTemplateSpec, ManifestError> {
+    let budget = plan.startup_budget()?;
     let startup_period = STARTUP_PERIOD_SECS as i32;
     let startup_failures =
         i32::try_from(budget.as_secs().div_ceil(STARTUP_PERIOD_SECS)).unwrap_or(i32::MAX);
-    let grace = builder.termination_grace();
-    let (probe_port, _) = builder.probe_port();
+    let grace = plan.termination_grace();
+    let (probe_port, _) = plan.probe_port();
 
-    let mut requests = BTreeMap::from([
-        (
-            "cpu".to_owned(),
-            Quantity(builder.resources.cpu_request.clone()),
-        ),
-        (
-            "memory".to_owned(),
-            Quantity(builder.resources.memory_request.clone()),
-        ),
-    ]);
-    let mut limits = BTreeMap::from([(
-        "memory".to_owned(),
-        Quantity(builder.resources.memory_limit.clone()),
-    )]);
-    if let Some(cpu) = &builder.resources.cpu_limit {
-        limits.insert("cpu".to_owned(), Quantity(cpu.clone()));
-    }
     let mut node_selector = track.node_labels.clone();
     let mut tolerations = Vec::new();
-    if let Some(gpu) = &builder.gpu {
-        // Extended resources cannot be overcommitted: limit == request.
-        let count = Quantity(gpu.count.to_string());
-        requests.insert(gpu.resource.clone(), count.clone());
-        limits.insert(gpu.resource.clone(), count);
+    if let Some(gpu) = &plan.gpu {
         node_selector.extend(gpu.node_labels.clone());
         tolerations.extend(gpu.taints.iter().map(|taint| {
             Toleration {
@@ -204,6 +103,7 @@ pub(crate) fn deployment(
         }));
     }
 
+    let (volumes, volume_mounts, init_containers) = volumes(plan);
     let container = Container {
         name: "server".to_owned(),
         image: Some(track.image.clone()),
@@ -211,7 +111,7 @@ pub(crate) fn deployment(
         // candle splits its kernels for the thread count it reads from the
         // environment: the CPU replicas' own pools, set before the process
         // starts.
-        env: builder.candle_threads.map(|threads| {
+        env: plan.candle_threads.map(|threads| {
             crate::device::CANDLE_THREAD_VARS
                 .iter()
                 .map(|name| EnvVar {
@@ -221,53 +121,33 @@ pub(crate) fn deployment(
                 })
                 .collect()
         }),
-        ports: Some(container_ports(builder)),
+        ports: Some(plan.container_ports()),
         startup_probe: Some(http_probe(
             probe_port,
-            &builder.probes.started,
+            &plan.probes.started,
             startup_period,
             2,
             startup_failures,
         )),
-        readiness_probe: Some(http_probe(probe_port, &builder.probes.ready, 5, 2, 2)),
-        liveness_probe: Some(http_probe(probe_port, &builder.probes.live, 10, 5, 3)),
-        resources: Some(ResourceRequirements {
-            requests: Some(requests),
-            limits: Some(limits),
-            ..ResourceRequirements::default()
-        }),
+        readiness_probe: Some(http_probe(probe_port, &plan.probes.ready, 5, 2, 2)),
+        liveness_probe: Some(http_probe(probe_port, &plan.probes.live, 10, 5, 3)),
+        resources: Some(resources(plan, true)),
         lifecycle: Some(Lifecycle {
             pre_stop: Some(LifecycleHandler {
                 sleep: Some(SleepAction {
-                    seconds: i64::try_from(builder.pre_stop.as_secs()).unwrap_or(i64::MAX),
+                    seconds: i64::try_from(plan.pre_stop.as_secs()).unwrap_or(i64::MAX),
                 }),
                 ..LifecycleHandler::default()
             }),
             ..Lifecycle::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            privileged: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(RUN_AS),
-            run_as_group: Some(RUN_AS),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                ..Capabilities::default()
-            }),
-            seccomp_profile: Some(runtime_default()),
-            ..SecurityContext::default()
-        }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tmp".to_owned(),
-            mount_path: "/tmp".to_owned(),
-            ..VolumeMount::default()
-        }]),
+        security_context: Some(security_context()),
+        args: (!plan.args.is_empty()).then(|| plan.args.clone()),
+        volume_mounts: Some(volume_mounts),
         ..Container::default()
     };
 
-    let selector = selector_labels(builder, track);
+    let selector = plan.selector_labels(track);
     let pod = PodSpec {
         containers: vec![container],
         automount_service_account_token: Some(false),
@@ -282,18 +162,134 @@ pub(crate) fn deployment(
         }),
         node_selector: (!node_selector.is_empty()).then_some(node_selector),
         tolerations: (!tolerations.is_empty()).then_some(tolerations),
-        affinity: policy::affinity(builder, &selector),
-        topology_spread_constraints: Some(policy::spread(builder, &selector)),
-        volumes: Some(vec![Volume {
-            name: "tmp".to_owned(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        }]),
+        affinity: policy::affinity(plan, &selector),
+        topology_spread_constraints: Some(policy::spread(plan, &selector)),
+        volumes: Some(volumes),
+        init_containers,
         ..PodSpec::default()
     };
+    let mut pod_labels = plan.labels(track);
+    pod_labels.extend(selector);
+    Ok(PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(model_annotations(plan, track)),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(pod),
+    })
+}
 
-    let no_headroom = builder.gpu.as_ref().is_some_and(|gpu| !gpu.headroom);
-    let strategy = if builder.recreate {
+/// The container's hardening: what the image allows (uid/gid 65532, no
+/// writes outside the mounted volumes), nothing more.
+fn security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        privileged: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(RUN_AS),
+        run_as_group: Some(RUN_AS),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(runtime_default()),
+        ..SecurityContext::default()
+    }
+}
+
+/// The pod's volumes, the server's mounts, and the init container that
+/// fills the model volume, if one does: a writable `/tmp` (the root
+/// filesystem is read-only), and the model, read-only to the server.
+fn volumes(plan: &Plan) -> (Vec<Volume>, Vec<VolumeMount>, Option<Vec<Container>>) {
+    let empty_dir = |name: &str| Volume {
+        name: name.to_owned(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let mount = |name: &str, path: &str, read_only: bool| VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    };
+    let mut volumes = vec![empty_dir("tmp")];
+    let mut mounts = vec![mount("tmp", "/tmp", false)];
+    let Some(model) = &plan.model_volume else {
+        return (volumes, mounts, None);
+    };
+    mounts.push(mount("model", &model.mount_path, true));
+    let init = match &model.source {
+        ModelSource::Claim(claim) => {
+            volumes.push(Volume {
+                name: "model".to_owned(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.clone(),
+                    read_only: Some(true),
+                }),
+                ..Volume::default()
+            });
+            None
+        }
+        ModelSource::InitContainer { image, command } => {
+            volumes.push(empty_dir("model"));
+            Some(vec![Container {
+                name: "model".to_owned(),
+                image: Some(image.clone()),
+                image_pull_policy: Some("Always".to_owned()),
+                command: Some(command.clone()),
+                resources: Some(resources(plan, false)),
+                security_context: Some(security_context()),
+                volume_mounts: Some(vec![
+                    mount("tmp", "/tmp", false),
+                    mount("model", &model.mount_path, false),
+                ]),
+                ..Container::default()
+            }])
+        }
+    };
+    (volumes, mounts, init)
+}
+
+/// The CPU and memory requests and limits, and the GPUs for the server.
+fn resources(plan: &Plan, with_gpu: bool) -> ResourceRequirements {
+    let mut requests = BTreeMap::from([
+        (
+            "cpu".to_owned(),
+            Quantity(plan.resources.cpu_request.clone()),
+        ),
+        (
+            "memory".to_owned(),
+            Quantity(plan.resources.memory_request.clone()),
+        ),
+    ]);
+    let mut limits = BTreeMap::from([(
+        "memory".to_owned(),
+        Quantity(plan.resources.memory_limit.clone()),
+    )]);
+    if let Some(cpu) = &plan.resources.cpu_limit {
+        limits.insert("cpu".to_owned(), Quantity(cpu.clone()));
+    }
+    if let Some(gpu) = plan.gpu.as_ref().filter(|_| with_gpu) {
+        // Extended resources cannot be overcommitted: limit == request.
+        let count = Quantity(gpu.count.to_string());
+        requests.insert(gpu.resource.clone(), count.clone());
+        limits.insert(gpu.resource.clone(), count);
+    }
+    ResourceRequirements {
+        requests: Some(requests),
+        limits: Some(limits),
+        ..ResourceRequirements::default()
+    }
+}
+
+/// The Deployment of one track.
+pub(crate) fn deployment(plan: &Plan, track: &Track) -> Result<Deployment, ManifestError> {
+    let budget = plan.startup_budget()?;
+
+    let no_headroom = plan.gpu.as_ref().is_some_and(|gpu| !gpu.headroom);
+    let strategy = if plan.recreate {
         DeploymentStrategy {
             type_: Some("Recreate".to_owned()),
             rolling_update: None,
@@ -312,14 +308,13 @@ pub(crate) fn deployment(
         }
     };
 
-    let mut pod_labels = labels(builder, track);
-    pod_labels.extend(selector.clone());
+    let selector = plan.selector_labels(track);
     let replicas = match &track.scale {
         Scale::Fixed(n) => Some(i32::try_from(*n).unwrap_or(i32::MAX)),
         Scale::Auto(_) => None,
     };
-    let mut meta = metadata(builder, track, &track.name);
-    meta.annotations = Some(model_annotations(builder, track));
+    let mut meta = plan.metadata(track, &track.name);
+    meta.annotations = Some(model_annotations(plan, track));
     Ok(Deployment {
         metadata: meta,
         spec: compat::wrap(DeploymentSpec {
@@ -331,15 +326,8 @@ pub(crate) fn deployment(
             strategy: Some(strategy),
             min_ready_seconds: Some(5),
             revision_history_limit: Some(5),
-            progress_deadline_seconds: Some(seconds_i32(budget).saturating_add(120).max(600)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels),
-                    annotations: Some(model_annotations(builder, track)),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod),
-            },
+            progress_deadline_seconds: Some(progress_deadline(budget)),
+            template: pod_template(plan, track)?,
             ..DeploymentSpec::default()
         }),
         ..Deployment::default()
@@ -353,16 +341,17 @@ fn runtime_default() -> SeccompProfile {
     }
 }
 
-/// The Service of one track, on the named port.
-pub(crate) fn service(builder: &ManifestBuilder, track: &Track) -> Service {
+/// A Service named `name` selecting the pods of one track, on the named
+/// port.
+pub(crate) fn service(plan: &Plan, track: &Track, name: &str) -> Service {
     Service {
-        metadata: metadata(builder, track, &track.name),
+        metadata: plan.metadata(track, name),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
-            selector: Some(selector_labels(builder, track)),
+            selector: Some(plan.selector_labels(track)),
             ports: Some(vec![ServicePort {
                 name: Some(PORT_NAME.to_owned()),
-                port: i32::from(builder.port),
+                port: i32::from(plan.port),
                 target_port: Some(IntOrString::String(PORT_NAME.to_owned())),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
@@ -373,48 +362,35 @@ pub(crate) fn service(builder: &ManifestBuilder, track: &Track) -> Service {
     }
 }
 
-/// The HTTPRoute splitting traffic between the stable and canary Services.
+/// The HTTPRoute splitting traffic between the stable and canary Services
+/// of a set, attached to `gateway` (name, namespace), `canary_weight`
+/// percent to the canary.
 pub(crate) fn http_route(
-    builder: &ManifestBuilder,
-    canary: &Canary,
+    plan: &Plan,
+    gateway: (&str, Option<&str>),
+    canary_weight: u16,
     region: Option<&Region>,
 ) -> HttpRoute {
-    let mut labels = BTreeMap::from([
-        ("app.kubernetes.io/name".to_owned(), builder.name.clone()),
-        ("app.kubernetes.io/part-of".to_owned(), builder.name.clone()),
-        (
-            "app.kubernetes.io/managed-by".to_owned(),
-            "candlewick".to_owned(),
-        ),
-    ]);
-    if let Some(region) = region {
-        labels.insert("candlewick.rs/region".to_owned(), region.name.clone());
-    }
-    let port = i32::from(builder.port);
-    let weight = i32::from(canary.weight);
+    let port = i32::from(plan.port);
+    let weight = i32::from(canary_weight);
     HttpRoute {
         api_version: "gateway.networking.k8s.io/v1".to_owned(),
         kind: "HTTPRoute".to_owned(),
-        metadata: ObjectMeta {
-            name: Some(builder.name.clone()),
-            namespace: Some(builder.namespace.clone()),
-            labels: Some(labels),
-            ..ObjectMeta::default()
-        },
+        metadata: plan.shared_metadata(plan.name.clone(), None, region),
         spec: HttpRouteSpec {
             parent_refs: vec![ParentRef {
-                name: canary.gateway.clone(),
-                namespace: canary.gateway_namespace.clone(),
+                name: gateway.0.to_owned(),
+                namespace: gateway.1.map(str::to_owned),
             }],
             rules: vec![HttpRouteRule {
                 backend_refs: vec![
                     BackendRef {
-                        name: builder.name.clone(),
+                        name: plan.name.clone(),
                         port,
                         weight: 100 - weight,
                     },
                     BackendRef {
-                        name: canary_name(&builder.name),
+                        name: canary_name(&plan.name),
                         port,
                         weight,
                     },

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscalerSpec;
-use k8s_openapi::api::core::v1::Probe;
+use k8s_openapi::api::core::v1::{PodTemplateSpec, Probe};
 use k8s_openapi::api::networking::v1::NetworkPolicySpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -34,15 +34,66 @@ fn selects(selector: &LabelSelector, labels: &Labels) -> bool {
         && match_labels.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn deployment_spec(deployment: &Deployment) -> Option<&DeploymentSpec> {
-    compat::get::<_, DeploymentSpec>(&deployment.spec)
+/// What runs pods, a Deployment or a Rollout, as the checks see it.
+struct Workload<'a> {
+    id: String,
+    name: &'a str,
+    selector: &'a LabelSelector,
+    template: &'a PodTemplateSpec,
+    replicas: Option<i32>,
+    /// Whether an update runs new pods beside the old ones.
+    surges: bool,
 }
 
-fn pod_labels(deployment: &Deployment) -> Labels {
-    deployment_spec(deployment)
-        .and_then(|spec| spec.template.metadata.as_ref())
-        .and_then(|meta| meta.labels.clone())
-        .unwrap_or_default()
+impl<'a> Workload<'a> {
+    fn of(object: &'a Object) -> Option<Self> {
+        match object {
+            Object::Deployment(deployment) => {
+                let spec = compat::get::<_, DeploymentSpec>(&deployment.spec)?;
+                Some(Self {
+                    id: object.id(),
+                    name: deployment.metadata.name.as_deref().unwrap_or_default(),
+                    selector: &spec.selector,
+                    template: &spec.template,
+                    replicas: spec.replicas,
+                    surges: surges(spec.strategy.clone().unwrap_or_default()),
+                })
+            }
+            // A canary runs beside the stable pods.
+            Object::Rollout(rollout) => Some(Self {
+                id: object.id(),
+                name: rollout.metadata.name.as_deref().unwrap_or_default(),
+                selector: &rollout.spec.selector,
+                template: &rollout.spec.template,
+                replicas: rollout.spec.replicas,
+                surges: true,
+            }),
+            _ => None,
+        }
+    }
+
+    fn pod_labels(&self) -> Labels {
+        self.template
+            .metadata
+            .as_ref()
+            .and_then(|meta| meta.labels.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Does a Deployment strategy start new pods before old ones stop?
+fn surges(strategy: DeploymentStrategy) -> bool {
+    match strategy.type_.as_deref() {
+        Some("Recreate") => false,
+        // The default rolling update surges by 25%.
+        _ => strategy
+            .rolling_update
+            .and_then(|r| r.max_surge)
+            .is_none_or(|surge| {
+                !matches!(surge, IntOrString::Int(0))
+                    && !matches!(&surge, IntOrString::String(s) if s == "0%" || s == "0")
+            }),
+    }
 }
 
 impl Manifests {
@@ -67,25 +118,18 @@ impl Manifests {
     }
 
     fn lint_set(&self, set: &ManifestSet) -> Result<(), ManifestError> {
-        let deployments: Vec<&Deployment> = set
-            .objects
-            .iter()
-            .filter_map(|o| match o {
-                Object::Deployment(d) => Some(&**d),
-                _ => None,
-            })
-            .collect();
+        let workloads: Vec<Workload<'_>> = set.objects.iter().filter_map(Workload::of).collect();
         let matching = |selector: &LabelSelector| {
-            deployments
+            workloads
                 .iter()
-                .filter(|d| selects(selector, &pod_labels(d)))
+                .filter(|w| selects(selector, &w.pod_labels()))
                 .count()
         };
         let mut scaled = Vec::new();
         for object in &set.objects {
             let id = object.id();
             match object {
-                Object::Deployment(d) => self.lint_deployment(&id, d)?,
+                Object::Deployment(_) | Object::Rollout(_) => {}
                 Object::Service(service) => {
                     let selector = LabelSelector {
                         match_labels: service.spec.as_ref().and_then(|s| s.selector.clone()),
@@ -151,34 +195,47 @@ impl Manifests {
                     }
                     scaled.push((id, so.spec.scale_target_ref.name.clone()));
                 }
+                Object::AnalysisTemplate(template) => {
+                    for metric in &template.spec.metrics {
+                        for name in query_metric_names(&metric.provider.prometheus.query) {
+                            if !is_emitted_series(name) {
+                                return Err(ManifestError::UnknownMetric {
+                                    object: id,
+                                    metric: name.to_owned(),
+                                });
+                            }
+                        }
+                    }
+                }
                 Object::ConfigMap(_) | Object::HttpRoute(_) => {}
             }
         }
+        for workload in &workloads {
+            self.lint_workload(workload)?;
+        }
         for (id, target) in scaled {
-            let deployment = deployments
-                .iter()
-                .find(|d| d.metadata.name.as_deref() == Some(target.as_str()))
-                .ok_or_else(|| ManifestError::Invalid {
+            let workload = workloads.iter().find(|w| w.name == target).ok_or_else(|| {
+                ManifestError::Invalid {
                     field: "autoscaling",
-                    reason: format!("{id} targets Deployment/{target}, which is not in the set"),
-                })?;
-            if deployment_spec(deployment).is_some_and(|s| s.replicas.is_some()) {
+                    reason: format!("{id} targets {target}, which is not a workload of the set"),
+                }
+            })?;
+            if workload.replicas.is_some() {
                 return Err(ManifestError::ReplicasWithAutoscaler {
-                    object: format!("Deployment/{target}"),
+                    object: workload.id.clone(),
                 });
             }
         }
         Ok(())
     }
 
-    fn lint_deployment(&self, id: &str, deployment: &Deployment) -> Result<(), ManifestError> {
+    fn lint_workload(&self, workload: &Workload<'_>) -> Result<(), ManifestError> {
         let expect = &self.expect;
-        let object = || id.to_owned();
-        let spec = deployment_spec(deployment).cloned().unwrap_or_default();
-        if !selects(&spec.selector, &pod_labels(deployment)) {
+        let object = || workload.id.clone();
+        if !selects(workload.selector, &workload.pod_labels()) {
             return Err(ManifestError::SelectorMismatch { object: object() });
         }
-        let pod = spec.template.spec.clone().unwrap_or_default();
+        let pod = workload.template.spec.clone().unwrap_or_default();
         for container in &pod.containers {
             let (port_name, port_number) = expect.probe_port;
             let named_port = container.ports.iter().flatten().any(|p| {
@@ -244,19 +301,7 @@ impl Manifests {
                     .as_ref()
                     .and_then(|r| r.limits.as_ref())
                     .is_some_and(|limits| limits.contains_key(gpu));
-                let strategy = spec.strategy.clone().unwrap_or_default();
-                let surges = match strategy.type_.as_deref() {
-                    Some("Recreate") => false,
-                    // The default rolling update surges by 25%.
-                    _ => strategy
-                        .rolling_update
-                        .and_then(|r| r.max_surge)
-                        .is_none_or(|surge| {
-                            !matches!(surge, IntOrString::Int(0))
-                                && !matches!(&surge, IntOrString::String(s) if s == "0%" || s == "0")
-                        }),
-                };
-                if wants_gpu && surges {
+                if wants_gpu && workload.surges {
                     return Err(ManifestError::GpuRolloutDeadlock { object: object() });
                 }
             }

@@ -10,7 +10,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Serialize;
 
-use super::custom::{HttpRoute, ScaledObject};
+use super::custom::{AnalysisTemplate, HttpRoute, Rollout, ScaledObject};
 use super::error::ManifestError;
 use crate::health::ProbePaths;
 
@@ -35,6 +35,10 @@ pub enum Object {
     ScaledObject(Box<ScaledObject>),
     /// Gateway API `gateway.networking.k8s.io/v1` HTTPRoute.
     HttpRoute(Box<HttpRoute>),
+    /// Argo Rollouts `argoproj.io/v1alpha1` Rollout.
+    Rollout(Box<Rollout>),
+    /// Argo Rollouts `argoproj.io/v1alpha1` AnalysisTemplate.
+    AnalysisTemplate(Box<AnalysisTemplate>),
 }
 
 impl Object {
@@ -49,6 +53,8 @@ impl Object {
             Self::ConfigMap(_) => "ConfigMap",
             Self::ScaledObject(_) => "ScaledObject",
             Self::HttpRoute(_) => "HTTPRoute",
+            Self::Rollout(_) => "Rollout",
+            Self::AnalysisTemplate(_) => "AnalysisTemplate",
         }
     }
 
@@ -63,6 +69,8 @@ impl Object {
             Self::ConfigMap(o) => &o.metadata,
             Self::ScaledObject(o) => &o.metadata,
             Self::HttpRoute(o) => &o.metadata,
+            Self::Rollout(o) => &o.metadata,
+            Self::AnalysisTemplate(o) => &o.metadata,
         }
     }
 

@@ -14,9 +14,8 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::builder::{ManifestBuilder, Track};
 use super::compat;
-use super::deployment::{container_ports, metadata, selector_labels};
+use super::plan::{Plan, Track};
 use super::settings::Disruption;
 
 const ZONE: &str = "topology.kubernetes.io/zone";
@@ -32,16 +31,16 @@ fn selector(labels: &BTreeMap<String, String>) -> LabelSelector {
 /// The PodDisruptionBudget of one track: exactly one bound, a selector equal
 /// to the Deployment's, and `AlwaysAllow` so pods that are not ready (stuck
 /// loading, or broken) never block a node drain.
-pub(crate) fn pdb(builder: &ManifestBuilder, track: &Track) -> PodDisruptionBudget {
-    let (min_available, max_unavailable) = match builder.disruption {
+pub(crate) fn pdb(plan: &Plan, track: &Track) -> PodDisruptionBudget {
+    let (min_available, max_unavailable) = match plan.disruption {
         Disruption::MaxUnavailable(n) => (None, Some(n)),
         Disruption::MinAvailable(n) => (Some(n), None),
     };
     let int = |n: u32| IntOrString::Int(i32::try_from(n).unwrap_or(i32::MAX));
     PodDisruptionBudget {
-        metadata: metadata(builder, track, &track.name),
+        metadata: plan.metadata(track, &track.name),
         spec: Some(PodDisruptionBudgetSpec {
-            selector: Some(selector(&selector_labels(builder, track))),
+            selector: Some(selector(&plan.selector_labels(track))),
             min_available: min_available.map(int),
             max_unavailable: max_unavailable.map(int),
             unhealthy_pod_eviction_policy: Some("AlwaysAllow".to_owned()),
@@ -53,15 +52,15 @@ pub(crate) fn pdb(builder: &ManifestBuilder, track: &Track) -> PodDisruptionBudg
 /// The NetworkPolicy of one track: ingress only on the named ports (requests,
 /// and probes and metrics, on the admin port if there is one); egress is
 /// left open.
-pub(crate) fn network_policy(builder: &ManifestBuilder, track: &Track) -> NetworkPolicy {
+pub(crate) fn network_policy(plan: &Plan, track: &Track) -> NetworkPolicy {
     NetworkPolicy {
-        metadata: metadata(builder, track, &track.name),
+        metadata: plan.metadata(track, &track.name),
         spec: compat::wrap(NetworkPolicySpec {
-            pod_selector: compat::wrap(selector(&selector_labels(builder, track))),
+            pod_selector: compat::wrap(selector(&plan.selector_labels(track))),
             policy_types: Some(vec!["Ingress".to_owned()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 ports: Some(
-                    container_ports(builder)
+                    plan.container_ports()
                         .into_iter()
                         .map(|port| NetworkPolicyPort {
                             port: port.name.map(IntOrString::String),
@@ -81,7 +80,7 @@ pub(crate) fn network_policy(builder: &ManifestBuilder, track: &Track) -> Networ
 /// counts only pods of the same ReplicaSet, so a rollout's old pods do not
 /// skew where the new ones go.
 pub(crate) fn spread(
-    builder: &ManifestBuilder,
+    plan: &Plan,
     labels: &BTreeMap<String, String>,
 ) -> Vec<TopologySpreadConstraint> {
     let constraint = |key: &str, strict: bool| TopologySpreadConstraint {
@@ -98,31 +97,28 @@ pub(crate) fn spread(
         ..TopologySpreadConstraint::default()
     };
     vec![
-        constraint(ZONE, builder.spread.strict_zones),
+        constraint(ZONE, plan.spread.strict_zones),
         constraint(HOSTNAME, false),
     ]
 }
 
 /// Node affinity for the allowed zones, and optional preferred pod
 /// anti-affinity across nodes.
-pub(crate) fn affinity(
-    builder: &ManifestBuilder,
-    labels: &BTreeMap<String, String>,
-) -> Option<Affinity> {
-    let node_affinity = (!builder.spread.zones.is_empty()).then(|| NodeAffinity {
+pub(crate) fn affinity(plan: &Plan, labels: &BTreeMap<String, String>) -> Option<Affinity> {
+    let node_affinity = (!plan.spread.zones.is_empty()).then(|| NodeAffinity {
         required_during_scheduling_ignored_during_execution: Some(NodeSelector {
             node_selector_terms: vec![NodeSelectorTerm {
                 match_expressions: Some(vec![NodeSelectorRequirement {
                     key: ZONE.to_owned(),
                     operator: "In".to_owned(),
-                    values: Some(builder.spread.zones.clone()),
+                    values: Some(plan.spread.zones.clone()),
                 }]),
                 ..NodeSelectorTerm::default()
             }],
         }),
         ..NodeAffinity::default()
     });
-    let pod_anti_affinity = builder.spread.anti_affinity.then(|| PodAntiAffinity {
+    let pod_anti_affinity = plan.spread.anti_affinity.then(|| PodAntiAffinity {
         preferred_during_scheduling_ignored_during_execution: Some(vec![WeightedPodAffinityTerm {
             weight: 100,
             pod_affinity_term: PodAffinityTerm {

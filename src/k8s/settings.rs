@@ -440,3 +440,152 @@ impl Canary {
         self
     }
 }
+
+/// Where the weights come from when they are not in the image: a volume
+/// mounted read-only into the server container (point the server at it,
+/// e.g. `--model-dir /models`, with [`ManifestBuilder::with_args`]).
+///
+/// [`ManifestBuilder::with_args`]: super::ManifestBuilder::with_args
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ModelVolume {
+    /// What fills the volume.
+    pub source: ModelSource,
+    /// Where the server container sees it, read-only. Default: `/models`.
+    pub mount_path: String,
+}
+
+/// What fills a [`ModelVolume`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ModelSource {
+    /// An existing PersistentVolumeClaim holding the model (mounted
+    /// read-only; `ReadOnlyMany` lets every replica share it).
+    Claim(String),
+    /// An init container that writes the model into an `emptyDir` at the
+    /// mount path before the server starts (e.g. an image carrying the
+    /// weights that copies them, or a downloader). It runs with the
+    /// server's hardening: uid/gid 65532, read-only root filesystem.
+    InitContainer {
+        /// The init container's image.
+        image: String,
+        /// Its command; it must leave the model at the mount path.
+        command: Vec<String>,
+    },
+}
+
+impl ModelVolume {
+    /// The model from the PersistentVolumeClaim `claim`, at `/models`.
+    pub fn claim(claim: impl Into<String>) -> Self {
+        Self {
+            source: ModelSource::Claim(claim.into()),
+            mount_path: "/models".to_owned(),
+        }
+    }
+
+    /// The model written to `/models` by an init container running
+    /// `command` in `image`.
+    pub fn init_container<S: Into<String>>(
+        image: impl Into<String>,
+        command: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Self {
+            source: ModelSource::InitContainer {
+                image: image.into(),
+                command: command.into_iter().map(Into::into).collect(),
+            },
+            mount_path: "/models".to_owned(),
+        }
+    }
+
+    /// Sets [`mount_path`](Self::mount_path).
+    pub fn with_mount_path(mut self, path: impl Into<String>) -> Self {
+        self.mount_path = path.into();
+        self
+    }
+}
+
+/// A progressive canary with Argo Rollouts: the stable Deployment becomes a
+/// `Rollout` that shifts traffic to each new pod template step by step
+/// (through the Gateway API plugin and an `HTTPRoute`), and after each step
+/// runs an `AnalysisTemplate` comparing the canary's and the stable pods'
+/// metrics in Prometheus; a failed analysis aborts the rollout and traffic
+/// returns to the stable version.
+///
+/// The analysis reads [`names::REQUESTS`] and [`names::REQUEST_DURATION`]
+/// by their `version` label (the model version): the canary is the version
+/// these manifests declare, the baseline every other version of the model
+/// in the namespace.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct CanaryRollout {
+    /// The Gateway the HTTPRoute attaches to.
+    pub gateway: String,
+    /// The Gateway's namespace, if not the route's.
+    pub gateway_namespace: Option<String>,
+    /// The Prometheus server the analysis queries.
+    pub prometheus_url: String,
+    /// The canary's share of traffic at each step, percent, increasing,
+    /// each below 100; after the last, the canary is promoted.
+    /// Default: 10, 25, 50.
+    pub steps: Vec<u8>,
+    /// Time between two measurements of the analysis. Default: 1 minute.
+    pub interval: std::time::Duration,
+    /// Measurements per step; each must pass. Default: 5.
+    pub measurements: u32,
+    /// How much the canary's error ratio (server-side failures over
+    /// requests) may exceed the stable version's. Default: 0.01.
+    pub max_error_ratio_increase: f64,
+    /// The largest ratio of the canary's p99 latency to the stable
+    /// version's. Default: 1.2.
+    pub max_latency_ratio: f64,
+}
+
+impl CanaryRollout {
+    /// A rollout through the Gateway `gateway`, analysed with the
+    /// Prometheus server at `prometheus_url`, with the defaults above.
+    pub fn new(gateway: impl Into<String>, prometheus_url: impl Into<String>) -> Self {
+        Self {
+            gateway: gateway.into(),
+            gateway_namespace: None,
+            prometheus_url: prometheus_url.into(),
+            steps: vec![10, 25, 50],
+            interval: std::time::Duration::from_secs(60),
+            measurements: 5,
+            max_error_ratio_increase: 0.01,
+            max_latency_ratio: 1.2,
+        }
+    }
+
+    /// Sets [`gateway_namespace`](Self::gateway_namespace).
+    pub fn with_gateway_namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.gateway_namespace = Some(namespace.into());
+        self
+    }
+
+    /// Sets [`steps`](Self::steps).
+    pub fn with_steps(mut self, steps: impl IntoIterator<Item = u8>) -> Self {
+        self.steps = steps.into_iter().collect();
+        self
+    }
+
+    /// Sets [`interval`](Self::interval) and
+    /// [`measurements`](Self::measurements).
+    pub fn with_measurements(mut self, interval: std::time::Duration, measurements: u32) -> Self {
+        self.interval = interval;
+        self.measurements = measurements;
+        self
+    }
+
+    /// Sets [`max_error_ratio_increase`](Self::max_error_ratio_increase).
+    pub fn with_max_error_ratio_increase(mut self, increase: f64) -> Self {
+        self.max_error_ratio_increase = increase;
+        self
+    }
+
+    /// Sets [`max_latency_ratio`](Self::max_latency_ratio).
+    pub fn with_max_latency_ratio(mut self, ratio: f64) -> Self {
+        self.max_latency_ratio = ratio;
+        self
+    }
+}
