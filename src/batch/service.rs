@@ -23,7 +23,7 @@ use crate::error::{Closed, DeadlineExceeded, TooLarge};
 pub struct DrainReport {
     /// Requests the inner service answered after the drain began.
     pub completed: u64,
-    /// Requests refused with [`Draining`].
+    /// Requests refused with [`Draining`](crate::error::Draining).
     pub rejected: u64,
     /// Requests answered with [`Closed`] when the deadline passed.
     pub aborted: u64,
@@ -132,7 +132,7 @@ impl<I, O> Batch<I, O> {
     }
 
     /// How long a request arriving now would wait for the work queued and
-    /// running ahead of it, as [`Overloaded::retry_after`] reports it.
+    /// running ahead of it, as [`Overloaded::retry_after`](crate::error::Overloaded::retry_after) reports it.
     pub fn estimated_wait(&self) -> Duration {
         self.shared.estimated_wait()
     }
@@ -140,6 +140,8 @@ impl<I, O> Batch<I, O> {
     /// Stops admitting requests (they get [`Draining`]), lets queued and
     /// running ones finish until `deadline`, then answers what is left with
     /// [`Closed`].
+    ///
+    /// [`Draining`]: crate::error::Draining
     ///
     /// Queued requests are dispatched without waiting for
     /// [`max_wait`](BatchConfig::max_wait). Requests that expire or are
@@ -215,6 +217,9 @@ impl<I, O> Batch<I, O> {
     /// or any work a refusal would waste, then run the prepared inputs with
     /// [`Reservation::infer_all`]. Fails with [`Overloaded`], [`Draining`],
     /// [`Closed`] or, for more inputs than the queue holds, [`TooLarge`].
+    ///
+    /// [`Overloaded`]: crate::error::Overloaded
+    /// [`Draining`]: crate::error::Draining
     pub async fn reserve(&self, n: usize) -> Result<Reservation<I, O>, BoxError> {
         let shared = &self.shared;
         let slots = if n == 0 {
