@@ -132,7 +132,9 @@ impl<I, O> Batch<I, O> {
     }
 
     /// How long a request arriving now would wait for the work queued and
-    /// running ahead of it, as [`Overloaded::retry_after`](crate::error::Overloaded::retry_after) reports it.
+    /// running ahead of it, as
+    /// [`Overloaded::retry_after`](crate::error::Overloaded::retry_after)
+    /// reports it.
     pub fn estimated_wait(&self) -> Duration {
         self.shared.estimated_wait()
     }
