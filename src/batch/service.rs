@@ -126,7 +126,8 @@ impl<I, O> Batch<I, O> {
     }
 
     /// The measured rate, in cost units per second, at which the inner
-    /// service works off queued requests; `None` before the first batch.
+    /// service works off batches the size of the recent ones, across the
+    /// replicas seen working at once; `None` before the first batch.
     pub fn service_rate(&self) -> Option<f64> {
         lock(&self.shared.rate).per_second()
     }
@@ -342,7 +343,8 @@ impl<I, O> Reservation<I, O> {
     /// group larger than the reservation claims the difference, all or
     /// none. The inputs may run in several batches; the answers come in
     /// order. The first failure answers the whole group, and dropping the
-    /// future (or that failure) cancels every input still queued.
+    /// future (or that failure) cancels every input still queued. The group
+    /// is batched as [`Priority::High`] if any of its requests is.
     pub async fn infer_all(mut self, requests: Vec<Request<I>>) -> Result<Vec<O>, BoxError> {
         let n = requests.len();
         let futures = self
