@@ -48,8 +48,11 @@ struct Fit {
 pub(super) struct CostModel {
     samples: VecDeque<Sample>,
     running: usize,
-    /// Recomputed when a batch finishes, read at every admission.
+    /// Recomputed when a batch finishes, read at every admission: the fit,
+    /// the padding share and the parallelism of the window.
     fit: Option<Fit>,
+    padding: f64,
+    parallelism: usize,
 }
 
 impl CostModel {
@@ -60,6 +63,8 @@ impl CostModel {
             samples: VecDeque::with_capacity(Self::WINDOW),
             running: 0,
             fit: None,
+            padding: 1.0,
+            parallelism: 1,
         }
     }
 
@@ -95,6 +100,14 @@ impl CostModel {
             parallel: parallel.max(1),
         });
         self.fit = fit(&self.samples);
+        self.padding = padding(&self.samples);
+        self.parallelism = self
+            .samples
+            .iter()
+            .map(|s| s.parallel)
+            .max()
+            .unwrap_or(1)
+            .max(1);
     }
 
     /// The fitted batch time, once a batch was measured.
@@ -115,14 +128,14 @@ impl CostModel {
         if items == 0 {
             return Some(Duration::ZERO);
         }
-        let cost = raw as f64 * self.padding();
+        let cost = raw as f64 * self.padding;
         let by_size = (items as f64 / config.max_batch_size.get() as f64).ceil();
         let by_cost = config
             .max_batch_cost
             .map_or(1.0, |budget| (cost / budget.get() as f64).ceil());
         let batches = by_size.max(by_cost).max(1.0);
         let seconds = batches * fit.fixed + cost * fit.per_cost;
-        Some(duration_at_rate(seconds, self.parallelism() as f64))
+        Some(duration_at_rate(seconds, self.parallelism as f64))
     }
 
     /// Cost served per second with batches the size of the recent ones,
@@ -130,28 +143,18 @@ impl CostModel {
     pub(super) fn per_second(&self) -> Option<f64> {
         let seconds: f64 = self.samples.iter().map(|s| s.seconds).sum();
         let cost: f64 = self.samples.iter().map(|s| s.cost).sum();
-        (seconds > 0.0 && cost > 0.0).then(|| cost / seconds * self.parallelism() as f64)
+        (seconds > 0.0 && cost > 0.0).then(|| cost / seconds * self.parallelism as f64)
     }
+}
 
-    /// The most batches seen running at once in the window.
-    fn parallelism(&self) -> usize {
-        self.samples
-            .iter()
-            .map(|s| s.parallel)
-            .max()
-            .unwrap_or(1)
-            .max(1)
-    }
-
-    /// How much a batch's cost exceeds its inputs' own (padding), recently.
-    fn padding(&self) -> f64 {
-        let cost: f64 = self.samples.iter().map(|s| s.cost).sum();
-        let raw: f64 = self.samples.iter().map(|s| s.raw).sum();
-        if raw > 0.0 {
-            (cost / raw).max(1.0)
-        } else {
-            1.0
-        }
+/// How much the batches' cost exceeds their inputs' own (padding).
+fn padding(samples: &VecDeque<Sample>) -> f64 {
+    let cost: f64 = samples.iter().map(|s| s.cost).sum();
+    let raw: f64 = samples.iter().map(|s| s.raw).sum();
+    if raw > 0.0 {
+        (cost / raw).max(1.0)
+    } else {
+        1.0
     }
 }
 
