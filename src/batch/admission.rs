@@ -130,10 +130,24 @@ impl<I, O> Shared<I, O> {
         }
     }
 
+    /// Queues one admitted input on `slot`.
+    pub(super) fn enqueue_one(
+        &self,
+        admitted: Admitted<I>,
+        priority: Priority,
+        deadline: Option<Instant>,
+        slot: OwnedSemaphorePermit,
+        now: Instant,
+    ) -> Result<ResponseFuture<O>, BoxError> {
+        let (entry, future) = self.entry(admitted, priority, deadline, slot, now);
+        self.push(std::iter::once(entry))?;
+        Ok(future)
+    }
+
     /// Queues admitted inputs as one group, each holding one of `slots`
     /// (one per input): all of them or, if the worker stopped meanwhile,
     /// none.
-    pub(super) fn enqueue(
+    pub(super) fn enqueue_all(
         &self,
         admitted: Vec<Admitted<I>>,
         priority: Priority,
@@ -146,35 +160,59 @@ impl<I, O> Shared<I, O> {
         let mut slots = Some(slots);
         let mut entries = Vec::with_capacity(n);
         let mut futures = Vec::with_capacity(n);
-        for (index, Admitted { input, cost }) in admitted.into_iter().enumerate() {
+        for (index, admitted) in admitted.into_iter().enumerate() {
             // The last input takes what is left of the slots.
             let slot = if index.saturating_add(1) == n {
                 slots.take()
             } else {
                 slots.as_mut().and_then(|slots| slots.split(1))
             };
-            let (reply, rx) = oneshot::channel();
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let span = tracing::debug_span!("candlewick.request", id, cost, priority = ?priority);
-            entries.push(Entry {
-                id,
-                input,
-                cost,
-                arrived: now,
-                deadline,
-                priority,
-                reply,
-                _slot: slot.expect("one queue slot per input"),
-                span,
-            });
-            futures.push(ResponseFuture::new(rx, deadline, self.abandoned.clone()));
+            let slot = slot.expect("one queue slot per input");
+            let (entry, future) = self.entry(admitted, priority, deadline, slot, now);
+            entries.push(entry);
+            futures.push(future);
         }
-        // The worker stopped after admission checked: nothing was queued.
+        self.push(entries)?;
+        Ok(futures)
+    }
+
+    /// The queue entry of one admitted input, and the future answering it.
+    fn entry(
+        &self,
+        Admitted { input, cost }: Admitted<I>,
+        priority: Priority,
+        deadline: Option<Instant>,
+        slot: OwnedSemaphorePermit,
+        now: Instant,
+    ) -> (Entry<I, O>, ResponseFuture<O>) {
+        let (reply, rx) = oneshot::channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!("candlewick.request", id, cost, priority = ?priority);
+        let entry = Entry {
+            id,
+            input,
+            cost,
+            arrived: now,
+            deadline,
+            priority,
+            reply,
+            _slot: slot,
+            span,
+        };
+        (
+            entry,
+            ResponseFuture::new(rx, deadline, self.abandoned.clone()),
+        )
+    }
+
+    /// Queues `entries`; if the worker stopped after admission checked,
+    /// none, and says so.
+    fn push<E: IntoIterator<Item = Entry<I, O>>>(&self, entries: E) -> Result<(), BoxError> {
         if let Err(entries) = self.queue.push_all(entries) {
             drop_contained(entries, "a refused request's inputs");
             return Err(self.closed().into());
         }
-        Ok(futures)
+        Ok(())
     }
 }
 

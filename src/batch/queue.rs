@@ -171,7 +171,10 @@ impl<I, O> Queue<I, O> {
 
     /// Queues `entries`, one group admitted together, or hands them back if
     /// the queue was closed.
-    pub(super) fn push_all(&self, entries: Vec<Entry<I, O>>) -> Result<(), Vec<Entry<I, O>>> {
+    pub(super) fn push_all<E>(&self, entries: E) -> Result<(), E>
+    where
+        E: IntoIterator<Item = Entry<I, O>>,
+    {
         let mut state = self.lock();
         if state.closed {
             return Err(entries);

@@ -302,12 +302,9 @@ impl<I, O> Batch<I, O> {
                     shared.claim(1)?
                 }
             };
-            shared.enqueue(vec![admitted], priority, deadline, slot, now)
+            shared.enqueue_one(admitted, priority, deadline, slot, now)
         })();
-        match admitted {
-            Ok(mut futures) => futures.pop().expect("one future per input"),
-            Err(err) => ResponseFuture::failed(self.refused(err, 1)),
-        }
+        admitted.unwrap_or_else(|err| ResponseFuture::failed(self.refused(err, 1)))
     }
 
     /// Counts `n` requests refused with `err`.
@@ -382,7 +379,7 @@ impl<I, O> Reservation<I, O> {
             .fold(0usize, |sum, input| sum.saturating_add(input.cost));
         shared.check_budget(admitted.len(), cost, deadline, now)?;
         let slots = take_slots(&mut self.slots, shared, admitted.len())?;
-        shared.enqueue(admitted, priority, deadline, slots, now)
+        shared.enqueue_all(admitted, priority, deadline, slots, now)
     }
 }
 
