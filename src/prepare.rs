@@ -45,7 +45,7 @@ use tokio::sync::oneshot;
 
 use crate::BoxError;
 use crate::ModelInfo;
-use crate::contain::{catch, lock};
+use crate::contain::{catch, drop_contained, lock};
 use crate::error::{Closed, FailureKind, ModelFailed, Overloaded};
 use crate::metrics::names;
 
@@ -185,7 +185,7 @@ impl Preparer {
             shared.left_queue();
             // The caller went away while it waited: skip the work.
             if reply.is_closed() {
-                return;
+                return drop_contained(work, "skipped preparation work");
             }
             let started = Instant::now();
             shared
@@ -197,11 +197,12 @@ impl Preparer {
             shared.metrics.duration.record(took);
             shared.record_mean(took);
             // The caller may have gone meanwhile; its answer is dropped.
-            let _ = reply.send(result);
+            if let Err(unsent) = reply.send(result) {
+                drop_contained(unsent, "a preparation nobody waited for");
+            }
         });
         let shared = &self.shared;
-        shared.queued.fetch_add(1, Ordering::AcqRel);
-        shared.publish_depth();
+        shared.entered_queue();
         match shared.jobs.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -227,15 +228,14 @@ impl Preparer {
 }
 
 impl Shared {
-    fn left_queue(&self) {
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        self.publish_depth();
+    fn entered_queue(&self) {
+        let depth = self.queued.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        self.metrics.queue_depth.set(depth as f64);
     }
 
-    fn publish_depth(&self) {
-        self.metrics
-            .queue_depth
-            .set(self.queued.load(Ordering::Acquire) as f64);
+    fn left_queue(&self) {
+        let depth = self.queued.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+        self.metrics.queue_depth.set(depth as f64);
     }
 
     /// Folds `took` into the moving average (weight 1/8: recent jobs count).

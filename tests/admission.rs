@@ -370,3 +370,54 @@ async fn a_reservation_holds_room_while_the_inputs_are_prepared() {
     reply.send_response(vec![14, 0]);
     assert_eq!(one.await.unwrap().unwrap(), [0]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_waits_for_room_reserved_before_it_began() {
+    let (service, mut handle) = batched(config(8));
+    handle.allow(1);
+    // A request reserved its room and is still being prepared...
+    let reservation = service.reserve(1).await.unwrap();
+    let drain = tokio::spawn({
+        let service = service.clone();
+        async move { service.drain(Instant::now() + Duration::from_secs(5)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ...so the drain has not finished, and the request, once prepared, is
+    // served, not refused.
+    assert!(!drain.is_finished());
+    assert!(
+        service
+            .infer(5)
+            .await
+            .unwrap_err()
+            .is::<candlewick::error::Draining>()
+    );
+    let answer = tokio::spawn(reservation.infer_all(inputs(0..1)));
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0]);
+    reply.send_response(vec![10]);
+    assert_eq!(answer.await.unwrap().unwrap(), [10]);
+    let report = drain.await.unwrap();
+    assert_eq!(
+        (report.completed, report.rejected, report.aborted),
+        (1, 1, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_hears_its_first_failure_at_once() {
+    let (service, mut handle) = batched(config(1));
+    handle.allow(2);
+    let group = send_all(&service, inputs(0..2));
+    let (_, first) = handle.next_request().await.unwrap();
+    let (_, second) = handle.next_request().await.unwrap();
+    // The second input's batch fails while the first is still running.
+    second.send_error("the device is gone");
+    let err = tokio::time::timeout(Duration::from_secs(1), group)
+        .await
+        .expect("answered at once")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.to_string().contains("the device is gone"), "{err}");
+    drop(first);
+}

@@ -11,11 +11,12 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use candlewick::batch::{Admission, Request, Reservation};
-use candlewick::error::{Overloaded, classify, find};
+use candlewick::error::{DeadlineExceeded, Overloaded, classify, find};
 use candlewick::prepare::Preparer;
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::time::Instant;
 
 use crate::bert::{BertLoader, Direction, EncodeError, TextEncoder, Token, normalize};
 
@@ -250,44 +251,56 @@ impl AppState {
         })
     }
 
-    /// How long the client of `headers` waits ([`TIMEOUT_HEADER`]), at most
-    /// the server's request timeout; `None` leaves the server's.
-    pub(crate) fn client_timeout(&self, headers: &HeaderMap) -> Result<Option<Duration>, ApiError> {
-        let Some(value) = headers.get(TIMEOUT_HEADER) else {
+    /// When the request's answer stops being of use, counted from its
+    /// arrival: after the client's [`TIMEOUT_HEADER`], at most the server's
+    /// request timeout, or the server's. A deadline already past is a 504 at
+    /// once, before any work.
+    pub(crate) fn deadline(&self, headers: &HeaderMap) -> Result<Option<Instant>, ApiError> {
+        let now = Instant::now();
+        let server = self.serving.batch().config().default_timeout;
+        let timeout = match headers.get(TIMEOUT_HEADER) {
+            None => server,
+            Some(value) => {
+                let millis: u64 = value
+                    .to_str()
+                    .ok()
+                    .and_then(|value| value.trim().parse().ok())
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            "malformed",
+                            format!("{TIMEOUT_HEADER} must be a whole number of milliseconds"),
+                        )
+                    })?;
+                let client = Duration::from_millis(millis);
+                Some(server.map_or(client, |server| server.min(client)))
+            }
+        };
+        let Some(timeout) = timeout else {
             return Ok(None);
         };
-        let millis: u64 = value
-            .to_str()
-            .ok()
-            .and_then(|value| value.trim().parse().ok())
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed",
-                    format!("{TIMEOUT_HEADER} must be a whole number of milliseconds"),
-                )
-            })?;
-        let server = self.serving.batch().config().default_timeout;
-        let client = Duration::from_millis(millis);
-        Ok(Some(server.map_or(client, |server| server.min(client))))
+        if timeout.is_zero() {
+            return Err(ApiError::from_serving(DeadlineExceeded::new().into()));
+        }
+        // A timeout too long for an instant means no deadline at all.
+        Ok(now.checked_add(timeout))
     }
 
-    /// One embedding per sequence, in order, each due within `timeout` (the
-    /// server's request timeout if `None`): admitted or refused as one, in
-    /// the room `reservation` holds. The first failure answers the request
-    /// at once; dropping it (as when the client goes away) cancels what is
-    /// still queued.
+    /// One embedding per sequence, in order, each due by `deadline`:
+    /// admitted or refused as one, in the room `reservation` holds. The
+    /// first failure answers the request at once; dropping it (as when the
+    /// client goes away) cancels what is still queued.
     pub(crate) async fn embed(
         &self,
         reservation: Reservation<Vec<u32>, Vec<f32>>,
         sequences: Vec<Vec<u32>>,
-        timeout: Option<Duration>,
+        deadline: Option<Instant>,
     ) -> Result<Vec<Vec<f32>>, ApiError> {
         let requests = sequences
             .into_iter()
-            .map(|ids| match timeout {
+            .map(|ids| match deadline {
                 // The deadline travels with each request into the batcher.
-                Some(timeout) => Request::new(ids).with_timeout(timeout),
+                Some(deadline) => Request::new(ids).with_deadline(deadline),
                 None => Request::new(ids),
             })
             .collect();
@@ -328,7 +341,7 @@ pub(crate) async fn embed(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Vec<Vec<f32>>>, ApiError> {
-    let timeout = state.client_timeout(&headers)?;
+    let deadline = state.deadline(&headers)?;
     let body = read_body(body)?;
     let reservation = state.reserve().await?;
     let (sequences, unit_length) = state
@@ -342,7 +355,7 @@ pub(crate) async fn embed(
             Ok::<_, ApiError>((sequences, request.normalize))
         })
         .await?;
-    let mut embeddings = state.embed(reservation, sequences, timeout).await?;
+    let mut embeddings = state.embed(reservation, sequences, deadline).await?;
     if unit_length {
         embeddings
             .iter_mut()

@@ -46,7 +46,7 @@ pub(crate) async fn embeddings(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, OpenAiError> {
-    let timeout = state.client_timeout(&headers)?;
+    let deadline = state.deadline(&headers)?;
     let body = read_body(body)?;
     let reservation = state.reserve().await?;
     let Prepared {
@@ -57,7 +57,7 @@ pub(crate) async fn embeddings(
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     // Admission checks token ids (length, vocabulary): also the input's fault.
     let embeddings = state
-        .embed(reservation, sequences, timeout)
+        .embed(reservation, sequences, deadline)
         .await
         .map_err(|err| OpenAiError::from(err).with_param("input"))?;
     let data: Vec<Value> = embeddings

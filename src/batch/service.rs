@@ -151,7 +151,12 @@ impl<I, O> Batch<I, O> {
     /// cancelled meanwhile count in none of the report's numbers.
     pub async fn drain(&self, deadline: Instant) -> DrainReport {
         let shared = &self.shared;
-        let completed_before = shared.completed.load(Ordering::Relaxed);
+        let before = |count: &std::sync::atomic::AtomicU64| count.load(Ordering::Relaxed);
+        let (completed_before, rejected_before, aborted_before) = (
+            before(&shared.completed),
+            before(&shared.rejected),
+            before(&shared.aborted),
+        );
         shared.draining.store(true, Ordering::Release);
         shared.queue.wake.notify_one();
         let finished = async {
@@ -159,10 +164,13 @@ impl<I, O> Batch<I, O> {
                 // Requests whose callers left count as done.
                 shared.queue.remove_cancelled();
                 let progress = shared.queue.progress.notified();
-                if shared.queue.is_idle() {
+                // Room reserved before the drain began belongs to accepted
+                // requests still being prepared: wait for them too.
+                if shared.queue.is_idle() && shared.reservations.load(Ordering::Acquire) == 0 {
                     return;
                 }
-                // Cancellations do not notify; look again now and then.
+                // Cancellations and reservations do not notify; look again
+                // now and then.
                 let _ = tokio::time::timeout(Duration::from_millis(10), progress).await;
             }
         };
@@ -180,12 +188,9 @@ impl<I, O> Batch<I, O> {
             }
         }
         DrainReport {
-            completed: shared
-                .completed
-                .load(Ordering::Relaxed)
-                .saturating_sub(completed_before),
-            rejected: shared.rejected.load(Ordering::Relaxed),
-            aborted: shared.aborted.load(Ordering::Relaxed),
+            completed: before(&shared.completed).saturating_sub(completed_before),
+            rejected: before(&shared.rejected).saturating_sub(rejected_before),
+            aborted: before(&shared.aborted).saturating_sub(aborted_before),
         }
     }
 
@@ -226,6 +231,7 @@ impl<I, O> Batch<I, O> {
     pub async fn reserve(&self, n: usize) -> Result<Reservation<I, O>, BoxError> {
         let shared = &self.shared;
         let slots = if n == 0 {
+            shared.check_open(0)?;
             None
         } else {
             let deadline = Request::new(()).resolved_deadline(&shared.config);
@@ -237,10 +243,13 @@ impl<I, O> Batch<I, O> {
                     Admission::Wait => self.wait_for_slots(n, deadline).await,
                 }
             };
-            Some(admitted.await.map_err(|err| self.refused(err, n))?)
+            let slots = admitted.await.map_err(|err| self.refused(err, n))?;
+            shared.reservations.fetch_add(1, Ordering::AcqRel);
+            Some(slots)
         };
         Ok(Reservation {
             batch: self.clone(),
+            counted: slots.is_some(),
             slots,
         })
     }
@@ -295,12 +304,10 @@ impl<I, O> Batch<I, O> {
             shared.check_open(1)?;
             let admitted = shared.admit_input(input)?;
             shared.check_budget(1, admitted.cost, deadline, now)?;
+            shared.check_ahead()?;
             let slot = match slot {
                 Some(slot) => slot,
-                None => {
-                    shared.check_ahead()?;
-                    shared.claim(1)?
-                }
+                None => shared.claim(1)?,
             };
             shared.enqueue_one(admitted, priority, deadline, slot, now)
         })();
@@ -319,6 +326,9 @@ impl<I, O> Batch<I, O> {
 pub struct Reservation<I, O> {
     batch: Batch<I, O>,
     slots: Option<OwnedSemaphorePermit>,
+    /// Counted in the batcher's reservations until dropped, so that a drain
+    /// waits for it (and for its inputs once queued).
+    counted: bool,
 }
 
 impl<I, O> Reservation<I, O> {
@@ -347,11 +357,7 @@ impl<I, O> Reservation<I, O> {
         let futures = self
             .queue_all(requests)
             .map_err(|err| self.batch.refused(err, n))?;
-        let mut outputs = Vec::with_capacity(n);
-        for future in futures {
-            outputs.push(future.await?);
-        }
-        Ok(outputs)
+        answer_all(futures).await
     }
 
     fn queue_all(&mut self, requests: Vec<Request<I>>) -> Result<Vec<ResponseFuture<O>>, BoxError> {
@@ -360,7 +366,11 @@ impl<I, O> Reservation<I, O> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        shared.check_open(requests.len())?;
+        // Room reserved before a drain began was accepted: only a stopped
+        // worker refuses it.
+        if self.slots.is_none() || shared.is_closed() {
+            shared.check_open(requests.len())?;
+        }
         let deadline = requests
             .iter()
             .filter_map(|request| request.resolved_deadline(&shared.config))
@@ -391,6 +401,7 @@ fn take_slots<I, O>(
     n: usize,
 ) -> Result<OwnedSemaphorePermit, BoxError> {
     let Some(mut slots) = reserved.take() else {
+        shared.check_ahead()?;
         return shared.claim(n);
     };
     let capacity = shared.config.queue_capacity.get();
@@ -399,11 +410,55 @@ fn take_slots<I, O>(
     }
     let held = slots.num_permits();
     if n > held {
+        // The inputs beyond the reservation are new work: admitted as a
+        // single request's would be, without waiting.
+        shared.check_ahead()?;
         slots.merge(shared.claim(n.saturating_sub(held))?);
     } else if n < held {
         drop(slots.split(held.saturating_sub(n)));
     }
     Ok(slots)
+}
+
+impl<I, O> Drop for Reservation<I, O> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.batch
+                .shared
+                .reservations
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Every answer of a group, in order; the first failure at once, dropping
+/// (and so cancelling) the rest.
+async fn answer_all<O>(futures: Vec<ResponseFuture<O>>) -> Result<Vec<O>, BoxError> {
+    let mut pending: Vec<_> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    let mut outputs: Vec<Option<O>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for (future, output) in pending.iter_mut().zip(outputs.iter_mut()) {
+            let Some(answer) = future.as_mut().map(|future| future.as_mut().poll(cx)) else {
+                continue;
+            };
+            match answer {
+                Poll::Ready(Ok(answer)) => {
+                    *output = Some(answer);
+                    *future = None;
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                Poll::Pending => done = false,
+            }
+        }
+        if done {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await?;
+    Ok(outputs.into_iter().flatten().collect())
 }
 
 impl<I, O> fmt::Debug for Reservation<I, O> {

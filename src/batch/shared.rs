@@ -39,6 +39,9 @@ pub(super) struct Shared<I, O> {
     pub(super) rejected: AtomicU64,
     /// Requests answered with [`Closed`] when a drain ran out of time.
     pub(super) aborted: AtomicU64,
+    /// Reservations holding room and not yet queued: accepted requests a
+    /// drain waits for.
+    pub(super) reservations: AtomicUsize,
 }
 
 impl<I, O> Shared<I, O> {
@@ -59,6 +62,7 @@ impl<I, O> Shared<I, O> {
             rejected: AtomicU64::new(0),
             next_id: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
+            reservations: AtomicUsize::new(0),
         }
     }
 

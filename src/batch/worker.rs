@@ -137,7 +137,7 @@ where
                         }
                     };
                     // Only a batch the model answered says what batches cost.
-                    finish.answered(result.is_ok());
+                    finish.answered(matches!(&result, Ok(outputs) if outputs.len() == size));
                     answer(&shared, tickets, result);
                     shared.completed.fetch_add(size as u64, Ordering::Relaxed);
                 }
