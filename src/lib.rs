@@ -100,7 +100,8 @@
 //!
 //! // Health reads the pool and the batcher without keeping them running;
 //! // the gauges are the ones `Serving` publishes.
-//! let health = Health::new(config.health.clone(), pool.status()).with_batch(batch.status());
+//! let health = Health::new(config.health.clone(), pool.status());
+//! health.watch_batch(batch.status());
 //! health.publish_metrics(model);
 //! candlewick::metrics::record_model_info(model);
 //!

@@ -378,7 +378,8 @@ impl<L, M> ServingBuilder<L, M> {
             )
             .layer(layers.into_inner())
             .service(pool.clone());
-        let health = Health::new(config.health, pool.status()).with_batch(batch.status());
+        let health = Health::new(config.health, pool.status());
+        health.watch_batch(batch.status());
         health.publish_metrics(&model);
         crate::metrics::record_model_info(&model);
         Ok(Serving {

@@ -483,7 +483,8 @@ async fn health_attached_to_a_hand_built_stack_sees_its_batcher_stop() {
     });
     let pool = Pool::new(echo, PoolConfig::default()).unwrap();
     let batch = Batch::new(inner, BatchConfig::default());
-    let health = Health::new(HealthConfig::default(), pool.status()).with_batch(batch.status());
+    let health = Health::new(HealthConfig::default(), pool.status());
+    health.watch_batch(batch.status());
     reach(&health, HealthState::Ready).await;
     assert_eq!(batch.infer(7).await.unwrap(), 7);
 
@@ -498,7 +499,7 @@ async fn health_attached_to_a_hand_built_stack_sees_its_batcher_stop() {
 
     // A batcher whose inner service fails in `poll_ready` is gone for good.
     let stopped = Batch::new(PollFails, BatchConfig::default());
-    let health = health.with_batch(stopped.status());
+    health.watch_batch(stopped.status());
     assert!(stopped.infer(1).await.unwrap_err().is::<Closed>());
     let report = health.report();
     assert_eq!(report.state, HealthState::Dead);

@@ -88,7 +88,8 @@ fn hand_built() -> Stack {
         )
         .timeout(Duration::from_secs(30))
         .service(pool.clone());
-    let health = Health::new(config.health.clone(), pool.status()).with_batch(batch.status());
+    let health = Health::new(config.health.clone(), pool.status());
+    health.watch_batch(batch.status());
     health.publish_metrics(model);
     candlewick::metrics::record_model_info(model);
     let (handle, lifecycle) = (batch.clone(), health.clone());

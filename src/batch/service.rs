@@ -219,7 +219,9 @@ impl<I, O> Batch<I, O> {
     /// (see [`max_queue_time`](BatchConfig::max_queue_time); never refused
     /// with nothing ahead), and claims `n` queue slots, all or none. Under
     /// [`Admission::Shed`] it never waits; under [`Admission::Wait`] it waits
-    /// for the slots, up to the default timeout.
+    /// for the slots, up to the default timeout (slots are granted in
+    /// order, so a large reservation waiting for room holds up the callers
+    /// behind it).
     ///
     /// It costs a few atomic operations: call it before parsing, tokenizing
     /// or any work a refusal would waste, then run the prepared inputs with

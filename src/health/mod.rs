@@ -252,10 +252,10 @@ impl Health {
     /// Also watches the batching worker `batch` reports (see
     /// [`Batch::status`](crate::batch::Batch::status)): outside a shutdown,
     /// a stopped worker answers nothing again, so the service is not live.
-    /// Replaces the batcher watched before, in every clone.
-    pub fn with_batch(self, batch: BatchStatus) -> Self {
+    /// Every clone of this health watches it, in place of the batcher
+    /// watched before.
+    pub fn watch_batch(&self, batch: BatchStatus) {
         *lock(&self.inner.batch) = Some(batch);
-        self
     }
 
     /// Moves the lifecycle on: [`Lifecycle::Draining`] when a shutdown begins
