@@ -55,10 +55,7 @@ impl<I, O> Shared<I, O> {
 
     /// Claims `n` queue slots, all or none, without waiting.
     pub(super) fn claim(&self, n: usize) -> Result<OwnedSemaphorePermit, BoxError> {
-        let capacity = self.config.queue_capacity.get();
-        let Some(permits) = u32::try_from(n).ok().filter(|_| n <= capacity) else {
-            return Err(TooLarge::more_inputs(n, capacity).into());
-        };
+        let permits = self.permits_for(n)?;
         match self.slots.clone().try_acquire_many_owned(permits) {
             Ok(slots) => return Ok(slots),
             Err(TryAcquireError::Closed) => return Err(self.closed().into()),
@@ -74,6 +71,16 @@ impl<I, O> Shared<I, O> {
             return Ok(slots);
         }
         Err(Overloaded::new(self.estimated_wait()).into())
+    }
+
+    /// `n` as a number of queue slots to claim: [`TooLarge`] if the queue
+    /// can never hold that many.
+    pub(super) fn permits_for(&self, n: usize) -> Result<u32, BoxError> {
+        let capacity = self.config.queue_capacity.get();
+        u32::try_from(n)
+            .ok()
+            .filter(|_| n <= capacity)
+            .ok_or_else(|| TooLarge::more_inputs(n, capacity).into())
     }
 
     /// How long a request arriving now would wait for the work queued and

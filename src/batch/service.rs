@@ -15,7 +15,7 @@ use super::shared::{CloseOnExit, Shared};
 use super::{Admission, BatchConfig, Hooks, Priority, Request, worker};
 use crate::BoxError;
 use crate::contain::lock;
-use crate::error::{Closed, DeadlineExceeded, TooLarge};
+use crate::error::{Closed, DeadlineExceeded};
 
 /// What a [`Batch::drain`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -230,6 +230,7 @@ impl<I, O> Batch<I, O> {
     ///
     /// [`Overloaded`]: crate::error::Overloaded
     /// [`Draining`]: crate::error::Draining
+    /// [`TooLarge`]: crate::error::TooLarge
     pub async fn reserve(&self, n: usize) -> Result<Reservation<I, O>, BoxError> {
         let shared = &self.shared;
         let slots = if n == 0 {
@@ -274,11 +275,10 @@ impl<I, O> Batch<I, O> {
         deadline: Option<Instant>,
     ) -> Result<OwnedSemaphorePermit, BoxError> {
         let shared = &self.shared;
-        let capacity = shared.config.queue_capacity.get();
-        let Some(permits) = u32::try_from(n).ok().filter(|_| n <= capacity) else {
-            return Err(TooLarge::more_inputs(n, capacity).into());
-        };
-        let acquire = shared.slots.clone().acquire_many_owned(permits);
+        let acquire = shared
+            .slots
+            .clone()
+            .acquire_many_owned(shared.permits_for(n)?);
         let slots = match deadline {
             Some(deadline) => tokio::time::timeout_at(deadline, acquire)
                 .await
@@ -348,7 +348,8 @@ impl<I, O> Reservation<I, O> {
 
     /// Runs `requests` as one: every input is validated and measured first,
     /// and the group is queued only if all pass and its own estimated
-    /// service time fits its earliest deadline ([`TooLarge`] otherwise). A
+    /// service time fits its earliest deadline
+    /// ([`TooLarge`](crate::error::TooLarge) otherwise). A
     /// group larger than the reservation claims the difference, all or
     /// none. The inputs may run in several batches; the answers come in
     /// order. The first failure answers the whole group, and dropping the
@@ -406,10 +407,8 @@ fn take_slots<I, O>(
         shared.check_ahead()?;
         return shared.claim(n);
     };
-    let capacity = shared.config.queue_capacity.get();
-    if n > capacity {
-        return Err(TooLarge::more_inputs(n, capacity).into());
-    }
+    // The whole group must fit in the queue, not just what it adds.
+    shared.permits_for(n)?;
     let held = slots.num_permits();
     if n > held {
         // The inputs beyond the reservation are new work: admitted as a
