@@ -5,7 +5,7 @@ use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use candlewick::BoxError;
-use candlewick::batch::{Admission, Batch, BatchConfig, BatchLayer, CostMode, Request};
+use candlewick::batch::{Admission, Batch, BatchConfig, BatchLayer, CostMode, Request, WaitPolicy};
 use candlewick::error::{FailureKind, InvalidInput, ModelFailed, Overloaded};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
@@ -66,7 +66,7 @@ async fn a_full_queue_dispatches_without_waiting() {
 
 #[tokio::test(start_paused = true)]
 async fn light_load_dispatches_after_max_wait() {
-    let (service, mut handle) = batched(config(8, 5));
+    let (service, mut handle) = batched(config(8, 5).with_wait_policy(WaitPolicy::Fixed));
     handle.allow(1);
     let start = Instant::now();
     let request = send(&service, 7);
@@ -79,7 +79,7 @@ async fn light_load_dispatches_after_max_wait() {
 
 #[tokio::test(start_paused = true)]
 async fn max_wait_counts_from_the_oldest_request() {
-    let (service, mut handle) = batched(config(8, 10));
+    let (service, mut handle) = batched(config(8, 10).with_wait_policy(WaitPolicy::Fixed));
     handle.allow(1);
     let start = Instant::now();
     let _first = send(&service, 1);
@@ -482,4 +482,87 @@ async fn a_panicking_inner_service_fails_its_batch_and_serves_the_next() {
     assert_eq!(queued.await.unwrap().unwrap(), 14);
     assert!(!service.is_closed());
     assert_eq!(service.infer(1).await.unwrap(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_waiting_never_holds_a_request_on_an_idle_service() {
+    // However long max_wait, nothing else runs: waiting would only idle.
+    let (service, mut handle) = batched(config(8, 1_000));
+    handle.allow(1);
+    let start = Instant::now();
+    let request = send(&service, 7);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [7]);
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    reply.send_response(vec![8]);
+    assert_eq!(request.await.unwrap().unwrap(), 8);
+}
+
+/// A batcher over two "replicas" whose fixed cost per batch was measured
+/// at 10 ms, with one batch running, and `gap` between arrivals before the
+/// other replica frees.
+async fn adaptive_setup(
+    gap: Duration,
+) -> (
+    Batch<u32, u32>,
+    Handle,
+    tower_test::mock::SendResponse<Vec<u32>>,
+) {
+    let (service, mut handle) = batched(config(4, 50));
+    // Two batches at once, 10 ms each: two replicas, a fixed cost of 10 ms.
+    handle.allow(2);
+    let first = send(&service, 0);
+    let (first_batch, first_reply) = handle.next_request().await.unwrap();
+    let second = send(&service, 1);
+    let (second_batch, second_reply) = handle.next_request().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    first_reply.send_response(first_batch);
+    second_reply.send_response(second_batch);
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    // One batch runs on one replica...
+    handle.allow(1);
+    let _running = send(&service, 100);
+    let (_, running) = handle.next_request().await.unwrap();
+    // ...while requests arrive `gap` apart.
+    for i in 0..3 {
+        tokio::time::sleep(gap).await;
+        std::mem::forget(send(&service, i));
+    }
+    (service, handle, running)
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_waiting_fills_a_batch_when_arrivals_beat_the_fixed_cost() {
+    // One missing request is 1 ms away, well within a 10 ms fixed cost: the
+    // freed replica waits for it and runs one full batch, not two.
+    let (service, mut handle, running) = adaptive_setup(Duration::from_millis(1)).await;
+    handle.allow(1);
+    let freed = Instant::now();
+    let fourth = tokio::spawn({
+        let service = service.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            service.infer(3).await
+        }
+    });
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0, 1, 2, 3]);
+    assert_eq!(freed.elapsed(), Duration::from_millis(1));
+    reply.send_response(batch);
+    assert_eq!(fourth.await.unwrap().unwrap(), 3);
+    drop(running);
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_waiting_does_not_wait_for_slow_arrivals() {
+    // Requests 30 ms apart would take longer to fill the batch than a whole
+    // batch's fixed cost: the freed replica takes what is queued at once.
+    let (service, mut handle, running) = adaptive_setup(Duration::from_millis(30)).await;
+    handle.allow(1);
+    let freed = Instant::now();
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0, 1, 2]);
+    assert_eq!(freed.elapsed(), Duration::ZERO);
+    drop((running, service));
 }

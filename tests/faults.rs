@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use candle_core::{Device, DeviceLocation};
-use candlewick::batch::{Batch, BatchConfig, BatchLayer, Request};
+use candlewick::batch::{Batch, BatchConfig, BatchLayer, Request, WaitPolicy};
 use candlewick::error::{Closed, FailureKind, ModelFailed, Overloaded, Unrecoverable};
 use candlewick::pool::{Backoff, FailurePolicy, Pool, PoolConfig, PoolError};
 use candlewick::{BoxError, Loader, Model, Serving, ServingConfig};
@@ -537,7 +537,8 @@ async fn an_input_whose_drop_panics_cannot_poison_the_queue() {
     // purged there, by the worker.
     let config = BatchConfig::default()
         .with_max_batch_size(NonZeroUsize::new(4).unwrap())
-        .with_max_wait(Duration::from_secs(1));
+        .with_max_wait(Duration::from_secs(1))
+        .with_wait_policy(WaitPolicy::Fixed);
     let mut batch = Batch::new(inner(), config);
     for round in 1..=3u32 {
         drop(batch.call(Bomb(0).into()));
@@ -551,7 +552,8 @@ async fn an_input_whose_drop_panics_cannot_poison_the_queue() {
     // in the caller's task.
     let config = BatchConfig::default()
         .with_queue_capacity(NonZeroUsize::MIN)
-        .with_max_wait(Duration::from_secs(1));
+        .with_max_wait(Duration::from_secs(1))
+        .with_wait_policy(WaitPolicy::Fixed);
     let mut batch = Batch::new(inner(), config);
     for round in 1..=3u32 {
         drop(batch.call(Bomb(0).into()));

@@ -209,7 +209,7 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
             Some((name.to_owned(), cells[2].to_owned()))
         })
         .collect();
-    assert_eq!(documented.len(), 19);
+    assert_eq!(documented.len(), 21);
     // Failed batches are not bisected under `FailBatch`: none is systemic.
     assert_eq!(counters["candlewick_batch_systemic_failures_total"], 0);
     for (name, kind) in &documented {
@@ -242,6 +242,8 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
     let ran = batches.load(Ordering::SeqCst);
     assert_eq!(histograms["candlewick_batch_size"], ran);
     assert_eq!(histograms["candlewick_batch_cost"], ran);
+    assert_eq!(histograms["candlewick_batch_input_cost"], ran);
+    assert_eq!(histograms["candlewick_batch_fill_wait_seconds"], ran);
     assert_eq!(histograms["candlewick_batch_duration_seconds"], ran);
     // Latency and queue wait for every request that was answered by a batch.
     let batched = (outcomes["ok"] + outcomes["model_error"]) as usize;

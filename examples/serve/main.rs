@@ -70,9 +70,10 @@ struct Args {
     /// The most padded tokens in one batch.
     #[arg(long, default_value_t = 8192)]
     max_batch_tokens: usize,
-    /// How long a batch may wait to fill once a replica is free, in µs (0:
-    /// dispatch what is queued at once; measured best for CPU models).
-    #[arg(long, default_value_t = 0)]
+    /// The most a free replica waits for its batch to fill, in µs, when
+    /// waiting pays: while other replicas are busy and requests arrive fast
+    /// enough (0: never wait).
+    #[arg(long, default_value_t = 2000)]
     max_wait_us: u64,
     /// The most inputs waiting in the queue.
     #[arg(long, default_value_t = 512)]

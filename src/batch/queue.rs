@@ -3,12 +3,13 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 
 use super::metrics::{BatchMetrics, Outcome};
-use super::{BatchConfig, CostMode, Priority};
+use super::{BatchConfig, CostMode, Priority, WaitPolicy};
 use crate::BoxError;
 use crate::contain::{drop_contained, lock, saturating_deadline};
 use crate::error::{Closed, DeadlineExceeded};
@@ -135,6 +136,12 @@ struct State<I, O> {
     running_raw: u128,
     /// Set by [`Queue::close`]: nothing is admitted any more.
     closed: bool,
+    /// When the last request arrived, and a moving average of the time
+    /// between arrivals, in seconds: how soon a batch would fill.
+    last_arrival: Option<Instant>,
+    arrival_gap: Option<f64>,
+    /// Gaps averaged so far, up to the window.
+    gaps: u32,
 }
 
 fn lane(priority: Priority) -> usize {
@@ -155,6 +162,9 @@ impl<I, O> Queue<I, O> {
                 running_items: 0,
                 running_raw: 0,
                 closed: false,
+                last_arrival: None,
+                arrival_gap: None,
+                gaps: 0,
             }),
             wake: Notify::new(),
             progress: Notify::new(),
@@ -180,6 +190,7 @@ impl<I, O> Queue<I, O> {
             return Err(entries);
         }
         for entry in entries {
+            state.arrived(entry.arrived);
             state.cost = state.cost.saturating_add(entry.cost as u128);
             state.len = state.len.saturating_add(1);
             state.lanes[lane(entry.priority)].push_back(entry);
@@ -265,8 +276,16 @@ impl<I, O> Queue<I, O> {
     }
 
     /// Takes a batch if one is due at `now`, following the rules of the
-    /// module docs; with `flush`, whatever is queued is due.
-    pub(super) fn next(&self, now: Instant, config: &BatchConfig, flush: bool) -> Next<I, O> {
+    /// module docs; with `flush`, whatever is queued is due. Under
+    /// [`WaitPolicy::Adaptive`], a batch that is not full is due at `hold`
+    /// (see [`patience`](Self::patience)).
+    pub(super) fn next(
+        &self,
+        now: Instant,
+        config: &BatchConfig,
+        flush: bool,
+        hold: Instant,
+    ) -> Next<I, O> {
         let mut state = self.lock();
         // Requests that leave without a batch; answered and dropped once the
         // lock is released.
@@ -291,7 +310,10 @@ impl<I, O> Queue<I, O> {
         let next = match oldest {
             None => Next::Empty,
             Some(oldest) => {
-                let due_at = saturating_deadline(oldest, config.max_wait);
+                let due_at = match config.wait_policy {
+                    WaitPolicy::Adaptive => hold,
+                    WaitPolicy::Fixed => saturating_deadline(oldest, config.max_wait),
+                };
                 let full = state.len >= config.max_batch_size.get()
                     || config
                         .max_batch_cost
@@ -309,6 +331,7 @@ impl<I, O> Queue<I, O> {
                         let metrics = &self.metrics;
                         metrics.batch_size.record(taken.inputs.len() as f64);
                         metrics.batch_cost.record(taken.cost as f64);
+                        metrics.input_cost.record(taken.raw as f64);
                         metrics.in_flight.increment(taken.inputs.len() as f64);
                         Next::Run(taken)
                     }
@@ -350,6 +373,15 @@ impl<I, O> Queue<I, O> {
         )
     }
 
+    /// How long a service that just became ready should wait for its batch
+    /// to fill, under [`WaitPolicy::Adaptive`]; `fixed` is the measured fixed
+    /// cost of a batch. Decided once, when it becomes ready: recomputed as
+    /// requests arrive, it would dispatch half-full batches.
+    pub(super) fn patience(&self, config: &BatchConfig, fixed: Option<Duration>) -> Duration {
+        let running = self.in_flight.load(Ordering::Acquire);
+        self.lock().patience(config, running, fixed)
+    }
+
     /// The number of batches taken and not yet answered.
     pub(super) fn batches_in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
@@ -363,6 +395,41 @@ impl<I, O> Queue<I, O> {
 }
 
 impl<I, O> State<I, O> {
+    /// Folds an arrival at `at` into the average gap, over the last few
+    /// hundred arrivals (the plain mean until there are 256, then weight
+    /// 1/256): bursts must average out, or a batch formed after a burst
+    /// looks sure to fill at once.
+    fn arrived(&mut self, at: Instant) {
+        if let Some(last) = self.last_arrival {
+            let gap = at.saturating_duration_since(last).as_secs_f64();
+            self.gaps = self.gaps.saturating_add(1).min(256);
+            let mean = self.arrival_gap.unwrap_or(gap);
+            self.arrival_gap = Some(mean + (gap - mean) / f64::from(self.gaps));
+        }
+        self.last_arrival = Some(at.max(self.last_arrival.unwrap_or(at)));
+    }
+
+    /// How long a ready replica should wait for the batch to fill, under
+    /// [`WaitPolicy::Adaptive`]: only while other batches run (a lone idle
+    /// service never holds a request), and only when the missing requests
+    /// should arrive sooner than a batch's fixed cost, the time a batch of
+    /// their own would cost extra. At most `max_wait`.
+    fn patience(&self, config: &BatchConfig, running: usize, fixed: Option<Duration>) -> Duration {
+        let (Some(gap), Some(fixed)) = (self.arrival_gap, fixed) else {
+            return Duration::ZERO;
+        };
+        if running == 0 {
+            return Duration::ZERO;
+        }
+        let missing = config.max_batch_size.get().saturating_sub(self.len);
+        let fill = Duration::try_from_secs_f64(gap * missing as f64).unwrap_or(Duration::MAX);
+        if fill <= fixed {
+            fill.min(config.max_wait)
+        } else {
+            Duration::ZERO
+        }
+    }
+
     fn publish_depth(&self, metrics: &BatchMetrics) {
         metrics.queue_depth.set(self.len as f64);
         metrics.queue_cost.set(self.cost as f64);

@@ -32,6 +32,9 @@ struct Sample {
     raw: f64,
     /// Dispatch to answer, in seconds.
     seconds: f64,
+    /// When it was dispatched and answered.
+    started: Instant,
+    ended: Instant,
     /// Batches running when it started, itself included.
     parallel: usize,
 }
@@ -97,6 +100,8 @@ impl CostModel {
             cost: cost as f64,
             raw: raw as f64,
             seconds: now.saturating_duration_since(started).as_secs_f64(),
+            started,
+            ended: now,
             parallel: parallel.max(1),
         });
         self.fit = fit(&self.samples);
@@ -114,6 +119,32 @@ impl CostModel {
     #[cfg(test)]
     fn fit(&self) -> Option<Fit> {
         self.fit
+    }
+
+    /// How many batches ran at once on average over the recent ones, to
+    /// the nearest whole: the replicas kept busy. (A batch's answer is
+    /// counted a moment after its replica frees, so the most seen at once
+    /// overstates it.)
+    pub(super) fn busy_replicas(&self) -> usize {
+        let (Some(first), Some(last)) = (
+            self.samples.iter().map(|s| s.started).min(),
+            self.samples.iter().map(|s| s.ended).max(),
+        ) else {
+            return 0;
+        };
+        let span = last.saturating_duration_since(first).as_secs_f64();
+        let busy: f64 = self.samples.iter().map(|s| s.seconds).sum();
+        if span > 0.0 {
+            (busy / span).round() as usize
+        } else {
+            0
+        }
+    }
+
+    /// The fixed part of a batch's time, once a batch was measured.
+    pub(super) fn fixed(&self) -> Option<Duration> {
+        self.fit
+            .and_then(|fit| Duration::try_from_secs_f64(fit.fixed).ok())
     }
 
     /// How long `items` inputs of own costs summing to `raw` take to serve

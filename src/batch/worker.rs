@@ -13,7 +13,7 @@ use super::metrics::Outcome;
 use super::queue::{Next, Taken, Ticket};
 use super::shared::Shared;
 use crate::BoxError;
-use crate::contain::{CatchUnwind, catch, lock};
+use crate::contain::{CatchUnwind, catch, lock, saturating_deadline};
 use crate::error::{Closed, FailureKind, ModelFailed};
 
 /// Runs until every handle is gone and the queue is drained, or the inner
@@ -60,12 +60,26 @@ where
             return;
         }
 
+        let ready = Instant::now();
+        let fixed = {
+            let model = lock(&shared.rate);
+            // Unless several replicas are kept busy, the one that freed may
+            // be the only one working: waiting would idle the service.
+            model.fixed().filter(|_| model.busy_replicas() > 1)
+        };
+        let hold = saturating_deadline(ready, shared.queue.patience(&shared.config, fixed));
         let batch = loop {
+            let now = Instant::now();
             match shared
                 .queue
-                .next(Instant::now(), &shared.config, shared.is_draining())
+                .next(now, &shared.config, shared.is_draining(), hold)
             {
-                Next::Run(batch) => break Some(batch),
+                Next::Run(batch) => {
+                    // How long the ready service waited for this batch to fill.
+                    let waited = now.saturating_duration_since(ready);
+                    shared.metrics.fill_wait.record(waited);
+                    break Some(batch);
+                }
                 Next::WaitUntil(at) => {
                     tokio::select! {
                         () = tokio::time::sleep_until(at) => {}

@@ -39,8 +39,15 @@ pub mod names {
     pub const QUEUE_WAIT: &str = "candlewick_queue_wait_seconds";
     /// Histogram: requests per batch.
     pub const BATCH_SIZE: &str = "candlewick_batch_size";
-    /// Histogram: cost per batch.
+    /// Histogram: cost per batch, as the batcher counts it (padded in
+    /// padded mode).
     pub const BATCH_COST: &str = "candlewick_batch_cost";
+    /// Histogram: the sum of a batch's inputs' own costs; against
+    /// [`BATCH_COST`] it gives the share padding wastes.
+    pub const BATCH_INPUT_COST: &str = "candlewick_batch_input_cost";
+    /// Histogram, seconds: how long a ready service waited for a batch to
+    /// fill before dispatching it.
+    pub const FILL_WAIT: &str = "candlewick_batch_fill_wait_seconds";
     /// Histogram, seconds: one batch on one replica, by `device`.
     pub const BATCH_DURATION: &str = "candlewick_batch_duration_seconds";
     /// Counter: failed batches whose halves both failed again when bisected,
@@ -149,6 +156,16 @@ pub fn describe() {
         MODEL_INFO,
         Unit::Count,
         "Always 1; labelled with the model's metadata."
+    );
+    describe_histogram!(
+        BATCH_INPUT_COST,
+        Unit::Count,
+        "The sum of a batch's inputs' own costs (against the batch cost: padding waste)."
+    );
+    describe_histogram!(
+        FILL_WAIT,
+        Unit::Seconds,
+        "Time a ready service waited for a batch to fill before dispatching it."
     );
     describe_histogram!(
         PREPARE_DURATION,

@@ -62,7 +62,11 @@ impl PrometheusService {
         PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
             .set_buckets_for_metric(Matcher::Full(names::BATCH_SIZE.to_owned()), COUNT_BUCKETS)?
-            .set_buckets_for_metric(Matcher::Full(names::BATCH_COST.to_owned()), COUNT_BUCKETS)
+            .set_buckets_for_metric(Matcher::Full(names::BATCH_COST.to_owned()), COUNT_BUCKETS)?
+            .set_buckets_for_metric(
+                Matcher::Full(names::BATCH_INPUT_COST.to_owned()),
+                COUNT_BUCKETS,
+            )
     }
 
     /// Serves the metrics of an installed recorder.
