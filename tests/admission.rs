@@ -421,3 +421,25 @@ async fn a_group_hears_its_first_failure_at_once() {
     assert!(err.to_string().contains("the device is gone"), "{err}");
     drop(first);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_is_a_one_shot_tower_service() {
+    use tower::{Service, ServiceExt};
+
+    let (service, mut handle) = batched(config(8));
+    handle.allow(1);
+    let mut reservation = service.reserve(2).await.unwrap();
+    // Per-request deadlines travel through `Service::call` with the group.
+    let requests = vec![
+        Request::new(1).with_timeout(Duration::from_secs(1)),
+        Request::new(2).with_timeout(Duration::from_secs(1)),
+    ];
+    let group = reservation.ready().await.unwrap().call(requests);
+    // One call only: the room went with it.
+    assert!(reservation.ready().await.is_err());
+    assert_eq!(reservation.len(), 0);
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [1, 2]);
+    reply.send_response(vec![10, 20]);
+    assert_eq!(group.await.unwrap(), [10, 20]);
+}

@@ -17,6 +17,7 @@ use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::time::Instant;
+use tower::ServiceExt as _;
 
 use crate::bert::{BertLoader, Direction, EncodeError, TextEncoder, Token, normalize};
 
@@ -304,8 +305,10 @@ impl AppState {
                 None => Request::new(ids),
             })
             .collect();
+        // Through tower's interface: the reservation is a one-shot service
+        // over the group, and each request carries its deadline.
         reservation
-            .infer_all(requests)
+            .oneshot(requests)
             .await
             .map_err(ApiError::from_serving)
     }

@@ -14,6 +14,10 @@ use tokio::time::{Instant, Sleep};
 use crate::BoxError;
 use crate::error::{Closed, DeadlineExceeded};
 
+/// The answers to a group sent through a [`Reservation`](super::Reservation)
+/// as a tower service, in order.
+pub type GroupFuture<O> = Pin<Box<dyn Future<Output = Result<Vec<O>, BoxError>> + Send>>;
+
 /// The answer to one request sent through a [`Batch`](super::Batch): its own
 /// output, or a typed error.
 ///

@@ -254,6 +254,7 @@ impl<I, O> Batch<I, O> {
             batch: self.clone(),
             counted: slots.is_some(),
             slots,
+            spent: false,
         })
     }
 
@@ -331,6 +332,8 @@ pub struct Reservation<I, O> {
     /// Counted in the batcher's reservations until dropped, so that a drain
     /// waits for it (and for its inputs once queued).
     counted: bool,
+    /// Called as a tower service already.
+    spent: bool,
 }
 
 impl<I, O> Reservation<I, O> {
@@ -419,6 +422,50 @@ fn take_slots<I, O>(
         drop(slots.split(held.saturating_sub(n)));
     }
     Ok(slots)
+}
+
+/// A reservation is also a one-shot tower service: `oneshot(requests)` runs
+/// them as [`infer_all`](Reservation::infer_all) does, queued at the call,
+/// so a stack of tower layers can wrap the group's call. `poll_ready` fails
+/// once it was called.
+impl<I, O> Service<Vec<Request<I>>> for Reservation<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+{
+    type Response = Vec<O>;
+    type Error = BoxError;
+    type Future = super::future::GroupFuture<O>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(if self.spent {
+            Err("a reservation serves one call".into())
+        } else {
+            Ok(())
+        })
+    }
+
+    fn call(&mut self, requests: Vec<Request<I>>) -> Self::Future {
+        self.spent = true;
+        // The room moves into the call; this handle keeps none of it.
+        let mut reservation = Reservation {
+            batch: self.batch.clone(),
+            slots: self.slots.take(),
+            counted: std::mem::take(&mut self.counted),
+            spent: true,
+        };
+        // Queued at the call, as tower's `Buffer` does, not at first poll.
+        let n = requests.len();
+        let queued = reservation
+            .queue_all(requests)
+            .map_err(|err| reservation.batch.refused(err, n));
+        Box::pin(async move {
+            let answers = answer_all(queued?).await;
+            // Counted until answered, as `infer_all` keeps it.
+            drop(reservation);
+            answers
+        })
+    }
 }
 
 impl<I, O> Drop for Reservation<I, O> {
