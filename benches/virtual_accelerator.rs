@@ -49,7 +49,8 @@
 //! | `CANDLEWICK_BENCH_PER_ITEM_US` | `c`, cost per input, µs | 20 |
 //! | `CANDLEWICK_BENCH_MAX_BATCH` | `B`, the batch size limit | 64 |
 //! | `CANDLEWICK_BENCH_SPIN_US` | the model sleeps until this long before its deadline, then yields in a loop (0: plain sleep) | 100 |
-//! | `CANDLEWICK_BENCH_MAX_WAIT_US` | candlewick's `max_wait`, µs | 500 |
+//! | `CANDLEWICK_BENCH_MAX_WAIT_US` | candlewick's `max_wait`, µs | 2000 (the default) |
+//! | `CANDLEWICK_BENCH_HANDOFF_SPIN_US` | candlewick's `PoolConfig::handoff_spin`, µs | 200 (the default) |
 //! | `CANDLEWICK_BENCH_PEER_LATENCY_US` | the `tower-batch*` crates' batch timer, µs | 500 |
 //! | `CANDLEWICK_BENCH_QUEUE` | candlewick's queue capacity | 16384 |
 //! | `CANDLEWICK_BENCH_CALLERS` | closed-loop callers | 256 |
@@ -86,6 +87,7 @@ struct Params {
     spin: Duration,
     max_batch: usize,
     max_wait: Duration,
+    handoff_spin: Duration,
     peer_latency: Duration,
     queue: usize,
     callers: usize,
@@ -104,7 +106,8 @@ impl Params {
             per_item: micros("CANDLEWICK_BENCH_PER_ITEM_US", 20.0),
             spin: micros("CANDLEWICK_BENCH_SPIN_US", 100.0),
             max_batch: env_or("CANDLEWICK_BENCH_MAX_BATCH", 64),
-            max_wait: micros("CANDLEWICK_BENCH_MAX_WAIT_US", 500.0),
+            max_wait: micros("CANDLEWICK_BENCH_MAX_WAIT_US", 2000.0),
+            handoff_spin: micros("CANDLEWICK_BENCH_HANDOFF_SPIN_US", 200.0),
             peer_latency: micros("CANDLEWICK_BENCH_PEER_LATENCY_US", 500.0),
             queue: env_or("CANDLEWICK_BENCH_QUEUE", 16384),
             callers: env_or("CANDLEWICK_BENCH_CALLERS", 256),

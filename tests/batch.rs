@@ -153,7 +153,10 @@ async fn the_cost_budget_is_respected() {
 
 #[tokio::test(start_paused = true)]
 async fn a_padded_budget_counts_the_longest_input_for_every_row() {
-    let config = config(16, 1).with_max_batch_cost(Some(nz(12)), CostMode::Padded);
+    // In arrival order, to see the budget alone at work.
+    let config = config(16, 1)
+        .with_max_batch_cost(Some(nz(12)), CostMode::Padded)
+        .with_group_window(0);
     let (inner, mut handle): (Mock, Handle) = mock::pair();
     let service = BatchLayer::new(config)
         .cost(|x: &u32| *x as usize)
@@ -170,6 +173,67 @@ async fn a_padded_budget_counts_the_longest_input_for_every_row() {
     let (second, _reply) = handle.next_request().await.unwrap();
     // [2, 6] pads to 2 × 6 = 12; adding 1 would pad to 18.
     assert_eq!((first, second), (vec![2, 6], vec![1, 3]));
+}
+
+/// Sends `costs` into a batcher whose inner service is not ready, then
+/// returns the batches it forms, one at a time, as `costs` come out.
+async fn padded_batches(config: BatchConfig, costs: &[u32], batches: usize) -> Vec<Vec<u32>> {
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    let service = BatchLayer::new(config)
+        .cost(|x: &u32| *x as usize)
+        .layer(inner.map_response(all_ok));
+    handle.allow(0);
+    let _requests: Vec<_> = costs.iter().map(|&i| send(&service, i)).collect();
+    settle().await;
+    let mut formed = Vec::new();
+    for _ in 0..batches {
+        handle.allow(1);
+        let (batch, reply) = handle.next_request().await.unwrap();
+        reply.send_response(batch.clone());
+        formed.push(batch);
+    }
+    formed
+}
+
+#[tokio::test(start_paused = true)]
+async fn padded_batches_group_inputs_of_similar_cost() {
+    let config = config(4, 1).with_max_batch_cost(None, CostMode::Padded);
+    let costs = [10, 1, 9, 2, 11, 1, 10, 2];
+    let batches = padded_batches(config.clone(), &costs, 2).await;
+    // The oldest (10) and the three nearest to it; then the short ones.
+    assert_eq!(batches, [vec![10, 9, 11, 10], vec![1, 2, 1, 2]]);
+    // Without a window, arrival order.
+    let batches = padded_batches(config.with_group_window(0), &costs, 2).await;
+    assert_eq!(batches, [vec![10, 1, 9, 2], vec![11, 1, 10, 2]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grouped_budget_skips_what_does_not_fit_for_what_does() {
+    let config = config(16, 1).with_max_batch_cost(Some(nz(12)), CostMode::Padded);
+    // 2, then 1 and 3 (nearest), then 6 would pad 4 rows to 24 > 12.
+    let batches = padded_batches(config, &[2, 6, 1, 3], 2).await;
+    assert_eq!(batches, [vec![2, 1, 3], vec![6]]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn grouping_passes_over_a_request_no_longer_than_max_starvation() {
+    let config = config(2, 1)
+        .with_max_batch_cost(None, CostMode::Padded)
+        .with_max_starvation(Duration::from_millis(50));
+    let (inner, mut handle): (Mock, Handle) = mock::pair();
+    let service = BatchLayer::new(config)
+        .cost(|x: &u32| *x as usize)
+        .layer(inner.map_response(all_ok));
+    handle.allow(0);
+    let _old: Vec<_> = [10, 1].iter().map(|&i| send(&service, i)).collect();
+    settle().await;
+    tokio::time::advance(Duration::from_millis(60)).await;
+    let _new: Vec<_> = [10, 10].iter().map(|&i| send(&service, i)).collect();
+    settle().await;
+    handle.allow(1);
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    // 1 is furthest from 10 in cost, but has waited past the bound.
+    assert_eq!(batch, [10, 1]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use candle_core::Device;
-use candlewick::batch::BatchConfig;
+use candlewick::batch::{BatchConfig, CostMode};
 use candlewick::error::{DeadlineExceeded, FailureKind, ModelFailed, Overloaded};
 use candlewick::pool::{Backoff, PoolConfig};
 use candlewick::{BoxError, Loader, Model, Serving, ServingConfig};
@@ -92,9 +92,10 @@ impl Loader<Input> for ChaosLoader {
         Ok(ChaosModel(self.0.clone()))
     }
 
-    fn cost(&self, (_, fate): &Input) -> usize {
+    fn cost(&self, (id, fate): &Input) -> usize {
         assert_ne!(*fate, Fate::CostPanics, "chaos cost panic");
-        1
+        // Mixed costs, so that padded batches group them out of order.
+        (id % 13 + 1) as usize
     }
 
     fn validate(&self, (_, fate): &Input) -> Result<(), BoxError> {
@@ -166,6 +167,7 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
         let batch = BatchConfig::default()
             .with_max_batch_size(NonZeroUsize::new(16).unwrap())
             .with_max_wait(Duration::from_millis(1))
+            .with_max_batch_cost(None, CostMode::Padded)
             .with_queue_capacity(NonZeroUsize::new(32).unwrap())
             .with_default_timeout(Some(Duration::from_secs(2)));
         let loader = ChaosLoader::default();

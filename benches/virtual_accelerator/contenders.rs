@@ -77,12 +77,14 @@ impl Contender {
     /// The settings it runs with, in words.
     pub(crate) fn settings(self, params: &Params) -> String {
         let wait = params.max_wait.as_secs_f64() * 1e6;
+        let spin = params.handoff_spin.as_secs_f64() * 1e6;
         let latency = params.peer_latency.as_secs_f64() * 1e6;
         let b = params.max_batch;
         match self {
             Self::Candlewick => format!(
                 "`Serving`: one CPU device with R replicas (one OS thread each), max_batch_size = {b}, \
-                 max_wait = {wait} µs, queue capacity = {}, admission = Shed; callers use the tower \
+                 max_wait = {wait} µs (adaptive), handoff_spin = {spin} µs, queue capacity = {}, \
+                 admission = Shed; callers use the tower \
                  `Service` interface",
                 params.queue
             ),
@@ -214,7 +216,8 @@ async fn start_candlewick(
     };
     let pool = PoolConfig::default()
         .with_devices(vec![DeviceLocation::Cpu])
-        .with_replicas_per_device(NonZeroUsize::new(replicas).expect("replicas > 0"));
+        .with_replicas_per_device(NonZeroUsize::new(replicas).expect("replicas > 0"))
+        .with_handoff_spin(params.handoff_spin);
     let batch = BatchConfig::default()
         .with_max_batch_size(NonZeroUsize::new(params.max_batch).expect("checked"))
         .with_max_wait(params.max_wait)

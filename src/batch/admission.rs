@@ -113,8 +113,8 @@ impl<I, O> Shared<I, O> {
 
     /// Refuses a request of `items` inputs of own costs summing to `cost`
     /// whose deadline passed, or whose own service, as the cost model
-    /// estimates it, would outlast its deadline even on an idle service
-    /// ([`TooLarge`]: retrying cannot help).
+    /// estimates it at the least, would outlast its deadline even on an
+    /// idle service ([`TooLarge`]: retrying cannot help).
     pub(super) fn check_budget(
         &self,
         items: usize,
@@ -129,7 +129,7 @@ impl<I, O> Shared<I, O> {
             return Err(DeadlineExceeded::new().into());
         }
         let budget = deadline.saturating_duration_since(now);
-        match lock(&self.rate).time_for(items, cost, &self.config) {
+        match lock(&self.rate).least_time_for(items, cost, &self.config) {
             Some(estimate) if estimate > budget => {
                 Err(TooLarge::slower_than(estimate, budget).into())
             }

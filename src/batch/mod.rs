@@ -30,6 +30,13 @@
 //! than [`max_batch_cost`] of cost. Several batches run at once when the inner
 //! service has room for several (a pool with several idle replicas).
 //!
+//! Requests are batched oldest first, except under [`CostMode::Padded`]:
+//! there a batch holds the oldest request and, among the next
+//! [`group_window`] queued ones, those nearest to it in cost, so that short
+//! inputs are not padded to a long one's length and long ones run together.
+//! A request passed over that has waited [`max_starvation`] goes before
+//! any nearer in cost.
+//!
 //! A request whose caller dropped its response future is removed before it
 //! reaches the model.
 //!
@@ -115,13 +122,15 @@
 //!
 //! [`Priority::High`] requests are batched before [`Priority::Normal`] ones,
 //! but a normal request never waits behind them longer than
-//! [`max_starvation`](BatchConfig::max_starvation).
+//! [`max_starvation`].
 //!
 //! [`max_batch_size`]: BatchConfig::max_batch_size
 //! [`max_queue_time`]: BatchConfig::max_queue_time
 //! [`max_batch_cost`]: BatchConfig::max_batch_cost
 //! [`max_wait`]: BatchConfig::max_wait
 //! [`queue_capacity`]: BatchConfig::queue_capacity
+//! [`group_window`]: BatchConfig::group_window
+//! [`max_starvation`]: BatchConfig::max_starvation
 
 mod admission;
 pub mod future;
@@ -188,7 +197,8 @@ pub enum CostMode {
     #[default]
     Sum,
     /// The largest cost times the number of inputs (e.g. tokens once every
-    /// sequence is padded to the longest).
+    /// sequence is padded to the longest). Batches group inputs of similar
+    /// cost (see [`group_window`](BatchConfig::group_window)).
     Padded,
 }
 
@@ -226,8 +236,14 @@ pub struct BatchConfig {
     pub default_timeout: Option<Duration>,
     /// How long the oldest [`Priority::Normal`] request may wait while
     /// [`Priority::High`] requests go first; past it, it is batched first.
-    /// Default: 100 ms.
+    /// Also how long a request may be passed over for ones nearer in cost
+    /// under [`CostMode::Padded`]. Default: 100 ms.
     pub max_starvation: Duration,
+    /// Under [`CostMode::Padded`], how many queued requests beyond a batch's
+    /// worth the batcher looks through for inputs of similar cost to the
+    /// oldest one; 0 batches in arrival order. Ignored under
+    /// [`CostMode::Sum`], where grouping saves nothing. Default: 256.
+    pub group_window: usize,
 }
 
 /// The class of a request: [`High`](Priority::High) is batched first.
@@ -333,6 +349,7 @@ impl Default for BatchConfig {
             max_queue_time: None,
             default_timeout: None,
             max_starvation: Duration::from_millis(100),
+            group_window: 256,
         }
     }
 }
@@ -379,6 +396,12 @@ impl BatchConfig {
     /// Sets [`max_queue_time`](Self::max_queue_time).
     pub fn with_max_queue_time(mut self, time: Option<Duration>) -> Self {
         self.max_queue_time = time;
+        self
+    }
+
+    /// Sets [`group_window`](Self::group_window).
+    pub fn with_group_window(mut self, window: usize) -> Self {
+        self.group_window = window;
         self
     }
 

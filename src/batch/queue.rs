@@ -465,6 +465,9 @@ impl<I, O> State<I, O> {
             now.saturating_duration_since(entry.arrived) >= config.max_starvation
         });
         let order = if starving { [1, 0] } else { [0, 1] };
+        if config.cost_mode == CostMode::Padded && config.group_window > 0 {
+            return self.take_similar(now, config, order, gone, metrics, taken);
+        }
         let mut longest = 0;
         'lanes: for lane in order {
             while taken.inputs.len() < max {
@@ -495,6 +498,106 @@ impl<I, O> State<I, O> {
                 taken.inputs.push(input);
                 taken.tickets.push(ticket);
             }
+        }
+        taken
+    }
+
+    /// [`take`](Self::take) under [`CostMode::Padded`]: the first live
+    /// request of the lanes in `order`, then, among the next
+    /// [`group_window`](BatchConfig::group_window), those of the first lane
+    /// before the second's, the ones waiting past `max_starvation` first,
+    /// then the nearest in cost to the first, oldest first on a tie.
+    fn take_similar(
+        &mut self,
+        now: Instant,
+        config: &BatchConfig,
+        order: [usize; 2],
+        gone: &mut Vec<Entry<I, O>>,
+        metrics: &BatchMetrics,
+        mut taken: Taken<I, O>,
+    ) -> Taken<I, O> {
+        struct Candidate {
+            rank: usize,
+            waited_long: bool,
+            distance: usize,
+            lane: usize,
+            index: usize,
+            cost: usize,
+        }
+        let max = config.max_batch_size.get();
+        let scan = max.saturating_add(config.group_window);
+        let mut candidates: Vec<Candidate> = Vec::with_capacity(scan.min(self.len));
+        // Positions to remove: the chosen, and the dead met on the way.
+        let mut dead = Vec::new();
+        let mut first = None;
+        'lanes: for (rank, &lane) in order.iter().enumerate() {
+            for (index, entry) in self.lanes[lane].iter().enumerate() {
+                if candidates.len() >= scan {
+                    break 'lanes;
+                }
+                if entry.is_cancelled() || entry.is_expired(now) {
+                    dead.push((lane, index));
+                    continue;
+                }
+                let anchor = *first.get_or_insert(entry.cost);
+                candidates.push(Candidate {
+                    rank,
+                    waited_long: now.saturating_duration_since(entry.arrived)
+                        >= config.max_starvation,
+                    distance: entry.cost.abs_diff(anchor),
+                    lane,
+                    index,
+                    cost: entry.cost,
+                });
+            }
+        }
+        if let Some(rest) = candidates.get_mut(1..) {
+            rest.sort_unstable_by_key(|c| (c.rank, !c.waited_long, c.distance, c.index));
+        }
+        let mut chosen = Vec::with_capacity(max.min(candidates.len()));
+        let mut longest = 0;
+        for candidate in candidates {
+            if chosen.len() >= max {
+                break;
+            }
+            let cost = longest
+                .max(candidate.cost)
+                .saturating_mul(chosen.len().saturating_add(1));
+            // Too long to join: a shorter one further on may still fit.
+            if !chosen.is_empty() && config.max_batch_cost.is_some_and(|b| cost > b.get()) {
+                continue;
+            }
+            longest = longest.max(candidate.cost);
+            chosen.push((candidate.lane, candidate.index));
+        }
+        // Remove from the back, so that the positions still hold.
+        let mut removals: Vec<(usize, usize, bool)> = chosen
+            .iter()
+            .map(|&(lane, index)| (lane, index, true))
+            .chain(dead.into_iter().map(|(lane, index)| (lane, index, false)))
+            .collect();
+        removals.sort_unstable_by_key(|&(lane, index, _)| std::cmp::Reverse((lane, index)));
+        let mut batch = Vec::with_capacity(chosen.len());
+        for (lane, index, live) in removals {
+            let entry = self.lanes[lane].remove(index).expect("a scanned position");
+            self.forget(&entry);
+            if live {
+                batch.push(entry);
+            } else {
+                gone.push(entry);
+            }
+        }
+        // Oldest first in the batch, as arrival order would have it.
+        batch.reverse();
+        taken.cost = longest.saturating_mul(batch.len());
+        for entry in batch {
+            taken.raw = taken.raw.saturating_add(entry.cost);
+            metrics
+                .queue_wait
+                .record(now.saturating_duration_since(entry.arrived));
+            let (input, ticket) = entry.into_parts();
+            taken.inputs.push(input);
+            taken.tickets.push(ticket);
         }
         taken
     }

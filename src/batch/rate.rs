@@ -155,11 +155,27 @@ impl CostModel {
         raw: usize,
         config: &BatchConfig,
     ) -> Option<Duration> {
+        self.time(items, raw as f64 * self.padding, config)
+    }
+
+    /// The least time `items` inputs of own costs summing to `raw` take
+    /// served alone: unpadded, as inputs batched with their like would be.
+    /// What [`TooLarge`](crate::error::TooLarge) is judged on, since it
+    /// tells the caller not to retry.
+    pub(super) fn least_time_for(
+        &self,
+        items: usize,
+        raw: usize,
+        config: &BatchConfig,
+    ) -> Option<Duration> {
+        self.time(items, raw as f64, config)
+    }
+
+    fn time(&self, items: usize, cost: f64, config: &BatchConfig) -> Option<Duration> {
         let fit = self.fit?;
         if items == 0 {
             return Some(Duration::ZERO);
         }
-        let cost = raw as f64 * self.padding;
         let by_size = (items as f64 / config.max_batch_size.get() as f64).ceil();
         let by_cost = config
             .max_batch_cost

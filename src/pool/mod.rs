@@ -137,6 +137,15 @@ pub struct PoolConfig {
     /// memory comes back. At most `replicas × max_stuck_threads` stuck models
     /// exist at any time. 1 means a replica is never replaced after a stall.
     pub max_stuck_threads: NonZeroUsize,
+    /// How long a replica that just answered a batch polls for its next one
+    /// before it blocks. Default: 200 µs.
+    ///
+    /// The batcher hands a freed replica its next batch within microseconds,
+    /// but waking a blocked thread costs tens of them, idle device time paid
+    /// on every batch under load. Polling yields the core between polls, and
+    /// a CPU replica runs at [`compute_priority`](Self::compute_priority),
+    /// so it takes a core from nobody; `Duration::ZERO` always blocks.
+    pub handoff_spin: Duration,
 }
 
 /// How CPU replicas' compute threads are scheduled against the rest of the
@@ -203,6 +212,7 @@ impl Default for PoolConfig {
             failure_policy: FailurePolicy::default(),
             stall_timeout: Some(Duration::from_secs(60)),
             max_stuck_threads: NonZeroUsize::new(2).expect("nonzero"),
+            handoff_spin: Duration::from_micros(200),
         }
     }
 }
@@ -253,6 +263,12 @@ impl PoolConfig {
     /// Sets [`max_stuck_threads`](Self::max_stuck_threads).
     pub fn with_max_stuck_threads(mut self, threads: NonZeroUsize) -> Self {
         self.max_stuck_threads = threads;
+        self
+    }
+
+    /// Sets [`handoff_spin`](Self::handoff_spin).
+    pub fn with_handoff_spin(mut self, spin: Duration) -> Self {
+        self.handoff_spin = spin;
         self
     }
 

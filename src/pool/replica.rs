@@ -116,12 +116,16 @@ impl<L, O> Replica<L, O> {
             });
             // Serve until the pool is dropped, the model panics, or the
             // watchdog replaced this replica.
+            let mut spin = Duration::ZERO;
             loop {
-                let Ok(job) = jobs.recv() else {
+                let Ok(job) = next_job(jobs, spin) else {
                     return drop_contained(model, "the model");
                 };
                 match catch(|| self.serve(&model, job)) {
-                    Ok(Served::Ok) => failures = 0,
+                    Ok(Served::Ok) => {
+                        failures = 0;
+                        spin = self.config.handoff_spin;
+                    }
                     Ok(Served::Panicked(job_lease)) => {
                         lease = Some(job_lease);
                         failures = failures.saturating_add(1);
@@ -357,6 +361,23 @@ fn set_compute_priority(priority: ComputePriority) {
     }
     #[cfg(not(unix))]
     tracing::warn!("lowering a compute thread's priority is not supported here");
+}
+
+/// The next job, polled for up to `spin` (forever if that overflows the
+/// clock) before blocking: a batcher hands a freed replica its next batch
+/// sooner than a blocked thread wakes up.
+fn next_job<J>(jobs: &mpsc::Receiver<J>, spin: Duration) -> Result<J, mpsc::RecvError> {
+    let until = Instant::now().checked_add(spin);
+    loop {
+        match jobs.try_recv() {
+            Ok(job) => return Ok(job),
+            Err(mpsc::TryRecvError::Disconnected) => return Err(mpsc::RecvError),
+            Err(mpsc::TryRecvError::Empty) if until.is_none_or(|until| Instant::now() < until) => {
+                std::thread::yield_now();
+            }
+            Err(mpsc::TryRecvError::Empty) => return jobs.recv(),
+        }
+    }
 }
 
 /// Sends a batch its outcomes. If its caller went away, the outputs are
