@@ -70,6 +70,10 @@ struct Args {
     /// The most padded tokens in one batch.
     #[arg(long, default_value_t = 8192)]
     max_batch_tokens: usize,
+    /// How many queued inputs beyond a batch's worth the batcher looks
+    /// through for ones of a length near the oldest's (0: arrival order).
+    #[arg(long, default_value_t = 256)]
+    group_window: usize,
     /// The most a free replica waits for its batch to fill, in µs, when
     /// waiting pays: while other replicas are busy and requests arrive fast
     /// enough (0: never wait).
@@ -171,6 +175,7 @@ impl Args {
                 Some(positive(self.max_batch_tokens, "--max-batch-tokens")?),
                 CostMode::Padded,
             )
+            .with_group_window(self.group_window)
             .with_queue_capacity(positive(self.queue_capacity, "--queue-capacity")?)
             .with_admission(Admission::Shed)
             .with_max_queue_time(Some(Duration::from_millis(self.max_queue_time_ms)))
