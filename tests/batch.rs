@@ -562,28 +562,34 @@ async fn adaptive_waiting_never_holds_a_request_on_an_idle_service() {
     assert_eq!(request.await.unwrap().unwrap(), 8);
 }
 
-/// A batcher over two "replicas" whose fixed cost per batch was measured
-/// at 10 ms, with one batch running, and `gap` between arrivals before the
-/// other replica frees.
+/// A batcher over two "replicas" whose cost per batch was measured at
+/// `fixed` whatever its size (after 8 arrivals 1 ms apart), with one batch
+/// running, and 3 more arrivals `gap` apart before the other replica frees.
 async fn adaptive_setup(
     gap: Duration,
+    fixed: Duration,
 ) -> (
     Batch<u32, u32>,
     Handle,
     tower_test::mock::SendResponse<Vec<u32>>,
 ) {
     let (service, mut handle) = batched(config(4, 50));
-    // Two batches at once, 10 ms each: two replicas, a fixed cost of 10 ms.
+    handle.allow(0);
+    let mut warmup = Vec::new();
+    for i in 0..8 {
+        warmup.push(send(&service, 10 + i));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // Two full batches at once: two replicas.
     handle.allow(2);
-    let first = send(&service, 0);
     let (first_batch, first_reply) = handle.next_request().await.unwrap();
-    let second = send(&service, 1);
     let (second_batch, second_reply) = handle.next_request().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    tokio::time::sleep(fixed).await;
     first_reply.send_response(first_batch);
     second_reply.send_response(second_batch);
-    first.await.unwrap().unwrap();
-    second.await.unwrap().unwrap();
+    for request in warmup {
+        request.await.unwrap().unwrap();
+    }
     // One batch runs on one replica...
     handle.allow(1);
     let _running = send(&service, 100);
@@ -598,9 +604,11 @@ async fn adaptive_setup(
 
 #[tokio::test(start_paused = true)]
 async fn adaptive_waiting_fills_a_batch_when_arrivals_beat_the_fixed_cost() {
-    // One missing request is 1 ms away, well within a 10 ms fixed cost: the
+    // One missing request is 1 ms away, well within a 20 ms fixed cost, and
+    // at this rate (about one every 2.8 ms) only full batches keep up: the
     // freed replica waits for it and runs one full batch, not two.
-    let (service, mut handle, running) = adaptive_setup(Duration::from_millis(1)).await;
+    let (service, mut handle, running) =
+        adaptive_setup(Duration::from_millis(1), Duration::from_millis(20)).await;
     handle.allow(1);
     let freed = Instant::now();
     let fourth = tokio::spawn({
@@ -622,7 +630,23 @@ async fn adaptive_waiting_fills_a_batch_when_arrivals_beat_the_fixed_cost() {
 async fn adaptive_waiting_does_not_wait_for_slow_arrivals() {
     // Requests 30 ms apart would take longer to fill the batch than a whole
     // batch's fixed cost: the freed replica takes what is queued at once.
-    let (service, mut handle, running) = adaptive_setup(Duration::from_millis(30)).await;
+    let (service, mut handle, running) =
+        adaptive_setup(Duration::from_millis(30), Duration::from_millis(10)).await;
+    handle.allow(1);
+    let freed = Instant::now();
+    let (batch, _reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [0, 1, 2]);
+    assert_eq!(freed.elapsed(), Duration::ZERO);
+    drop((running, service));
+}
+
+#[tokio::test(start_paused = true)]
+async fn adaptive_waiting_stops_at_the_batch_that_keeps_up() {
+    // About one arrival every 2.1 ms against 10 ms batches on two
+    // replicas: batches of 3 keep up, so the freed replica does not wait
+    // for a fourth.
+    let (service, mut handle, running) =
+        adaptive_setup(Duration::from_millis(2), Duration::from_millis(10)).await;
     handle.allow(1);
     let freed = Instant::now();
     let (batch, _reply) = handle.next_request().await.unwrap();

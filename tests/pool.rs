@@ -371,3 +371,43 @@ async fn a_cpu_replica_reports_whether_candle_computes_at_its_parallelism() {
     let pool: Pool<u32, u32> = Pool::new(loader, PoolConfig::default()).unwrap();
     assert_eq!(pool.replicas()[0].cpu_threads, None);
 }
+
+#[tokio::test]
+async fn a_replica_polling_without_end_for_its_next_batch_still_serves_and_stops() {
+    /// Counts live models.
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let alive = Arc::new(AtomicUsize::new(0));
+    let loader = {
+        let alive = alive.clone();
+        move |_: &Device| -> Result<_, BoxError> {
+            alive.fetch_add(1, Ordering::SeqCst);
+            let counted = Counted(alive.clone());
+            Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+                let _ = &counted;
+                Ok(batch.iter().map(|x| x * 2).collect())
+            })
+        }
+    };
+    // Polling "forever" after each batch: it must still take the next batch,
+    // and stop once the pool is gone.
+    let config = quick_restarts(1).with_handoff_spin(Duration::MAX);
+    let mut pool = Pool::new(loader, config).unwrap();
+    for i in 0..3 {
+        assert_eq!(good_batch(&mut pool, vec![i]).await, [i * 2]);
+    }
+    assert_eq!(alive.load(Ordering::SeqCst), 1);
+    drop(pool);
+    let stopped = async {
+        while alive.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the replica stops once its pool is dropped");
+}

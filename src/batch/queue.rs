@@ -9,6 +9,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, oneshot};
 use tokio::time::Instant;
 
 use super::metrics::{BatchMetrics, Outcome};
+use super::rate::Pace;
 use super::{BatchConfig, CostMode, Priority, WaitPolicy};
 use crate::BoxError;
 use crate::contain::{drop_contained, lock, saturating_deadline};
@@ -374,12 +375,12 @@ impl<I, O> Queue<I, O> {
     }
 
     /// How long a service that just became ready should wait for its batch
-    /// to fill, under [`WaitPolicy::Adaptive`]; `fixed` is the measured fixed
-    /// cost of a batch. Decided once, when it becomes ready: recomputed as
+    /// to fill, under [`WaitPolicy::Adaptive`]; `pace` is what batches were
+    /// measured to cost. Decided once, when it becomes ready: recomputed as
     /// requests arrive, it would dispatch half-full batches.
-    pub(super) fn patience(&self, config: &BatchConfig, fixed: Option<Duration>) -> Duration {
+    pub(super) fn patience(&self, config: &BatchConfig, pace: Option<Pace>) -> Duration {
         let running = self.in_flight.load(Ordering::Acquire);
-        self.lock().patience(config, running, fixed)
+        self.lock().patience(config, running, pace)
     }
 
     /// The number of batches taken and not yet answered.
@@ -411,18 +412,25 @@ impl<I, O> State<I, O> {
 
     /// How long a ready replica should wait for the batch to fill, under
     /// [`WaitPolicy::Adaptive`]: only while other batches run (a lone idle
-    /// service never holds a request), and only when the missing requests
-    /// should arrive sooner than a batch's fixed cost, the time a batch of
-    /// their own would cost extra. At most `max_wait`.
-    fn patience(&self, config: &BatchConfig, running: usize, fixed: Option<Duration>) -> Duration {
-        let (Some(gap), Some(fixed)) = (self.arrival_gap, fixed) else {
+    /// service never holds a request); only up to the smallest batch that
+    /// keeps up with the arrival rate (larger ones add latency and nothing
+    /// else); and only when the missing requests should arrive sooner than a
+    /// batch's fixed cost, the time a batch of their own would cost extra.
+    /// At most `max_wait`.
+    fn patience(&self, config: &BatchConfig, running: usize, pace: Option<Pace>) -> Duration {
+        let (Some(gap), Some(pace)) = (self.arrival_gap, pace) else {
             return Duration::ZERO;
         };
-        if running == 0 {
+        if running == 0 || gap <= 0.0 {
             return Duration::ZERO;
         }
-        let missing = config.max_batch_size.get().saturating_sub(self.len);
+        let max = config.max_batch_size.get();
+        let target = pace
+            .batch_for(1.0 / gap)
+            .map_or(max, |n| (n as usize).clamp(1, max));
+        let missing = target.saturating_sub(self.len);
         let fill = Duration::try_from_secs_f64(gap * missing as f64).unwrap_or(Duration::MAX);
+        let fixed = Duration::try_from_secs_f64(pace.fixed).unwrap_or(Duration::ZERO);
         if fill <= fixed {
             fill.min(config.max_wait)
         } else {

@@ -30,6 +30,8 @@ struct Sample {
     cost: f64,
     /// The sum of its inputs' own costs.
     raw: f64,
+    /// Its number of inputs.
+    items: f64,
     /// Dispatch to answer, in seconds.
     seconds: f64,
     /// When it was dispatched and answered.
@@ -37,6 +39,27 @@ struct Sample {
     ended: Instant,
     /// Batches running when it started, itself included.
     parallel: usize,
+}
+
+/// A batch of `n` inputs takes `fixed + per_item · n` seconds, on each of
+/// `replicas`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Pace {
+    pub(super) fixed: f64,
+    pub(super) per_item: f64,
+    pub(super) replicas: usize,
+}
+
+impl Pace {
+    /// The smallest batch that keeps up with `rate` arrivals per second
+    /// with a quarter to spare (the rate is a noisy estimate, and a queue
+    /// run near its capacity waits long), if any does: `replicas · n /
+    /// (fixed + per_item · n) ≥ 1.25 · rate`.
+    pub(super) fn batch_for(&self, rate: f64) -> Option<f64> {
+        let demand = 1.25 * rate;
+        let room = self.replicas as f64 - demand * self.per_item;
+        (room > 0.0).then(|| (demand * self.fixed / room).ceil())
+    }
 }
 
 /// `seconds = fixed + per_cost · cost`.
@@ -82,14 +105,16 @@ impl CostModel {
         self.running = self.running.saturating_sub(1);
     }
 
-    /// A batch of `cost` (its inputs' own costs summing to `raw`), started
-    /// at `started` alongside `parallel - 1` others, was answered at `now`.
+    /// A batch of `items` inputs and `cost` (their own costs summing to
+    /// `raw`), started at `started` alongside `parallel - 1` others, was
+    /// answered at `now`.
     pub(super) fn finished(
         &mut self,
         started: Instant,
         now: Instant,
         cost: usize,
         raw: usize,
+        items: usize,
         parallel: usize,
     ) {
         self.running = self.running.saturating_sub(1);
@@ -99,6 +124,7 @@ impl CostModel {
         self.samples.push_back(Sample {
             cost: cost as f64,
             raw: raw as f64,
+            items: items as f64,
             seconds: now.saturating_duration_since(started).as_secs_f64(),
             started,
             ended: now,
@@ -141,10 +167,18 @@ impl CostModel {
         }
     }
 
-    /// The fixed part of a batch's time, once a batch was measured.
-    pub(super) fn fixed(&self) -> Option<Duration> {
-        self.fit
-            .and_then(|fit| Duration::try_from_secs_f64(fit.fixed).ok())
+    /// What a batch costs in time, for deciding whether waiting for a
+    /// fuller one pays; `None` unless several replicas are kept busy (with
+    /// one working, waiting would idle the service).
+    pub(super) fn pace(&self) -> Option<Pace> {
+        let fit = self.fit?;
+        let items: f64 = self.samples.iter().map(|s| s.items).sum();
+        let cost: f64 = self.samples.iter().map(|s| s.cost).sum();
+        (self.busy_replicas() > 1 && items > 0.0).then(|| Pace {
+            fixed: fit.fixed,
+            per_item: fit.per_cost * cost / items,
+            replicas: self.parallelism,
+        })
     }
 
     /// How long `items` inputs of own costs summing to `raw` take to serve
@@ -260,7 +294,7 @@ mod tests {
         for &cost in costs {
             model.started();
             let end = start + Duration::from_secs_f64(seconds(cost));
-            model.finished(start, end, cost, cost, parallel);
+            model.finished(start, end, cost, cost, 1, parallel);
         }
         model
     }
@@ -330,7 +364,7 @@ mod tests {
             let (cost, raw) = (200 + i * 10, 100 + i * 5);
             model.started();
             let end = start + Duration::from_secs_f64(seconds(cost));
-            model.finished(start, end, cost, raw, 1);
+            model.finished(start, end, cost, raw, 1, 1);
         }
         let estimate = model.time_for(10, 1000, &config(64, None)).unwrap();
         let truth = 0.002 + 2000.0 * 0.000_02;

@@ -61,13 +61,8 @@ where
         }
 
         let ready = Instant::now();
-        let fixed = {
-            let model = lock(&shared.rate);
-            // Unless several replicas are kept busy, the one that freed may
-            // be the only one working: waiting would idle the service.
-            model.fixed().filter(|_| model.busy_replicas() > 1)
-        };
-        let hold = saturating_deadline(ready, shared.queue.patience(&shared.config, fixed));
+        let pace = lock(&shared.rate).pace();
+        let hold = saturating_deadline(ready, shared.queue.patience(&shared.config, pace));
         let batch = loop {
             let now = Instant::now();
             match shared
@@ -201,6 +196,7 @@ impl<I, O> Drop for Finish<I, O> {
                 Instant::now(),
                 self.cost,
                 self.raw,
+                self.size,
                 self.parallel,
             );
         } else {

@@ -140,11 +140,12 @@ pub struct PoolConfig {
     /// How long a replica that just answered a batch polls for its next one
     /// before it blocks. Default: 200 µs.
     ///
-    /// The batcher hands a freed replica its next batch within microseconds,
-    /// but waking a blocked thread costs tens of them, idle device time paid
-    /// on every batch under load. Polling yields the core between polls, and
-    /// a CPU replica runs at [`compute_priority`](Self::compute_priority),
-    /// so it takes a core from nobody; `Duration::ZERO` always blocks.
+    /// Under load the batcher hands a freed replica its next batch within
+    /// microseconds, but waking a blocked thread costs tens of them, idle
+    /// device time paid on every batch. Polling yields the core between
+    /// polls, and a replica polls only while its previous hand-off came
+    /// within this time, so at light load it blocks at once and burns no
+    /// CPU. `Duration::ZERO` always blocks.
     pub handoff_spin: Duration,
 }
 

@@ -116,15 +116,26 @@ impl<L, O> Replica<L, O> {
             });
             // Serve until the pool is dropped, the model panics, or the
             // watchdog replaced this replica.
-            let mut spin = Duration::ZERO;
+            // When the last batch was answered, and whether the batch before
+            // came within the spin: under load it does and polling pays; at
+            // light load polling would only burn CPU.
+            let mut freed: Option<Instant> = None;
+            let mut quick = true;
             loop {
+                let spin = match freed {
+                    Some(_) if quick => self.config.handoff_spin,
+                    _ => Duration::ZERO,
+                };
                 let Ok(job) = next_job(jobs, spin) else {
                     return drop_contained(model, "the model");
                 };
+                if let Some(freed) = freed.take() {
+                    quick = freed.elapsed() <= self.config.handoff_spin;
+                }
                 match catch(|| self.serve(&model, job)) {
                     Ok(Served::Ok) => {
                         failures = 0;
-                        spin = self.config.handoff_spin;
+                        freed = Some(Instant::now());
                     }
                     Ok(Served::Panicked(job_lease)) => {
                         lease = Some(job_lease);
