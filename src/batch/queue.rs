@@ -63,6 +63,20 @@ pub(super) struct Taken<I, O> {
     pub(super) raw: usize,
 }
 
+impl<I, O> Taken<I, O> {
+    /// Adds `entry`'s input and ticket (the batch's cost is the caller's to
+    /// set), recording how long it queued.
+    fn push(&mut self, entry: Entry<I, O>, now: Instant, metrics: &BatchMetrics) {
+        self.raw = self.raw.saturating_add(entry.cost);
+        metrics
+            .queue_wait
+            .record(now.saturating_duration_since(entry.arrived));
+        let (input, ticket) = entry.into_parts();
+        self.inputs.push(input);
+        self.tickets.push(ticket);
+    }
+}
+
 /// Where the answer to one batched request goes.
 pub(super) struct Ticket<O> {
     pub(super) id: u64,
@@ -498,13 +512,7 @@ impl<I, O> State<I, O> {
                 }
                 longest = longest.max(entry.cost);
                 taken.cost = batch_cost(config.cost_mode, &taken, longest, entry.cost);
-                taken.raw = taken.raw.saturating_add(entry.cost);
-                metrics
-                    .queue_wait
-                    .record(now.saturating_duration_since(entry.arrived));
-                let (input, ticket) = entry.into_parts();
-                taken.inputs.push(input);
-                taken.tickets.push(ticket);
+                taken.push(entry, now, metrics);
             }
         }
         taken
@@ -599,13 +607,7 @@ impl<I, O> State<I, O> {
         batch.reverse();
         taken.cost = longest.saturating_mul(batch.len());
         for entry in batch {
-            taken.raw = taken.raw.saturating_add(entry.cost);
-            metrics
-                .queue_wait
-                .record(now.saturating_duration_since(entry.arrived));
-            let (input, ticket) = entry.into_parts();
-            taken.inputs.push(input);
-            taken.tickets.push(ticket);
+            taken.push(entry, now, metrics);
         }
         taken
     }
