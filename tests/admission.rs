@@ -437,6 +437,7 @@ async fn a_reservation_is_a_one_shot_tower_service() {
     let group = reservation.ready().await.unwrap().call(requests);
     // One call only: the room went with it.
     assert!(reservation.ready().await.is_err());
+    assert!(reservation.call(vec![Request::new(3)]).await.is_err());
     assert_eq!(reservation.len(), 0);
     let (batch, reply) = handle.next_request().await.unwrap();
     assert_eq!(batch, [1, 2]);

@@ -225,14 +225,15 @@ async fn grouping_passes_over_a_request_no_longer_than_max_starvation() {
         .cost(|x: &u32| *x as usize)
         .layer(inner.map_response(all_ok));
     handle.allow(0);
-    let _old: Vec<_> = [10, 1].iter().map(|&i| send(&service, i)).collect();
+    let _old: Vec<_> = [10, 1, 9].iter().map(|&i| send(&service, i)).collect();
     settle().await;
     tokio::time::advance(Duration::from_millis(60)).await;
     let _new: Vec<_> = [10, 10].iter().map(|&i| send(&service, i)).collect();
     settle().await;
     handle.allow(1);
     let (batch, _reply) = handle.next_request().await.unwrap();
-    // 1 is furthest from 10 in cost, but has waited past the bound.
+    // 1 is furthest from 10 in cost, but has waited past the bound, and
+    // longer than 9.
     assert_eq!(batch, [10, 1]);
 }
 

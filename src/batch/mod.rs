@@ -35,7 +35,7 @@
 //! [`group_window`] queued ones, those nearest to it in cost, so that short
 //! inputs are not padded to a long one's length and long ones run together.
 //! A request passed over that has waited [`max_starvation`] goes before
-//! any nearer in cost.
+//! any nearer in cost, oldest first, if it fits the cost budget.
 //!
 //! A request whose caller dropped its response future is removed before it
 //! reaches the model.
@@ -76,7 +76,8 @@
 //!
 //! [`WaitPolicy::Adaptive`] decides this from measurements: a batch's fixed
 //! and per-input time from the cost model, the arrival rate from the
-//! queue, and how many replicas the recent batches kept busy. When a
+//! queue, and the replicas the recent batches showed (how many worked at
+//! once, and whether several are kept busy). When a
 //! replica frees, it aims for the smallest batch that keeps up with the
 //! arrivals with a quarter to spare (`replicas · n / (fixed + per_input ·
 //! n) ≥ 1.25 · rate`): near saturation a full one, at half load about half

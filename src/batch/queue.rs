@@ -521,8 +521,9 @@ impl<I, O> State<I, O> {
     /// [`take`](Self::take) under [`CostMode::Padded`]: the first live
     /// request of the lanes in `order`, then, among the next
     /// [`group_window`](BatchConfig::group_window), those of the first lane
-    /// before the second's, the ones waiting past `max_starvation` first,
-    /// then the nearest in cost to the first, oldest first on a tie.
+    /// before the second's: the ones waiting past `max_starvation` oldest
+    /// first, then the nearest in cost to the first, oldest first on a tie;
+    /// one that would break the cost budget is passed over for the next.
     fn take_similar(
         &mut self,
         now: Instant,
@@ -568,7 +569,12 @@ impl<I, O> State<I, O> {
             }
         }
         if let Some(rest) = candidates.get_mut(1..) {
-            rest.sort_unstable_by_key(|c| (c.rank, !c.waited_long, c.distance, c.index));
+            // Those waiting past the bound go oldest first, the rest nearest
+            // in cost first.
+            rest.sort_unstable_by_key(|c| {
+                let distance = if c.waited_long { 0 } else { c.distance };
+                (c.rank, !c.waited_long, distance, c.index)
+            });
         }
         let mut chosen = Vec::with_capacity(max.min(candidates.len()));
         let mut longest = 0;
@@ -603,7 +609,7 @@ impl<I, O> State<I, O> {
                 gone.push(entry);
             }
         }
-        // Oldest first in the batch, as arrival order would have it.
+        // In lane order, oldest first within each lane.
         batch.reverse();
         taken.cost = longest.saturating_mul(batch.len());
         for entry in batch {

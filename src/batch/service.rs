@@ -446,7 +446,11 @@ where
     }
 
     fn call(&mut self, requests: Vec<Request<I>>) -> Self::Future {
-        self.spent = true;
+        if std::mem::replace(&mut self.spent, true) {
+            return Box::pin(std::future::ready(Err(
+                "a reservation serves one call".into()
+            )));
+        }
         // The room moves into the call; this handle keeps none of it.
         let mut reservation = Reservation {
             batch: self.batch.clone(),

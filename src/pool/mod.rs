@@ -145,7 +145,9 @@ pub struct PoolConfig {
     /// device time paid on every batch. Polling yields the core between
     /// polls, and a replica polls only while its previous hand-off came
     /// within this time, so at light load it blocks at once and burns no
-    /// CPU. `Duration::ZERO` always blocks.
+    /// CPU. `Duration::ZERO` always blocks; a value longer than the gaps
+    /// between batches keeps an idle replica polling, a core's worth of
+    /// yields.
     pub handoff_spin: Duration,
 }
 
