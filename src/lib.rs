@@ -120,8 +120,7 @@
 //!
 //! // Shutdown, as `Serving::shutdown` does it.
 //! health.set_lifecycle(Lifecycle::Draining);
-//! let deadline = tokio::time::Instant::now() + config.drain_timeout;
-//! batch.drain(deadline).await;
+//! batch.drain_within(config.drain_timeout).await;
 //! health.set_lifecycle(Lifecycle::Stopped);
 //! # Ok(())
 //! # }

@@ -265,9 +265,10 @@ impl<I, O> Serving<I, O> {
     /// [`shutdown`](Self::shutdown) within the configured
     /// [`drain_timeout`](ServingConfig::drain_timeout) from now.
     pub async fn shutdown_within(&self) -> DrainReport {
-        let now = tokio::time::Instant::now();
-        self.shutdown(crate::contain::saturating_deadline(now, self.drain_timeout))
-            .await
+        self.health.set_lifecycle(Lifecycle::Draining);
+        let report = self.batch.drain_within(self.drain_timeout).await;
+        self.health.set_lifecycle(Lifecycle::Stopped);
+        report
     }
 }
 

@@ -466,8 +466,8 @@ async fn health_attached_to_a_hand_built_stack_sees_its_batcher_stop() {
     use candlewick::health::Lifecycle;
     use candlewick::pool::Pool;
 
-    // The batcher's inner service fails once the test says so: the worker
-    // stops for good, which only a restart repairs.
+    // The batcher's inner service fails once the test says so: that fails
+    // a batch, not the batcher; one whose `poll_ready` fails is gone.
     let broken = Arc::new(AtomicBool::new(false));
     let flag = broken.clone();
     let inner = tower::service_fn(move |batch: Vec<u8>| {

@@ -281,32 +281,45 @@ async fn exercise_the_preparer() -> usize {
         .with_threads(NonZeroUsize::MIN)
         .with_queue_capacity(NonZeroUsize::MIN);
     let preparer = Preparer::new(config, &ModelInfo::new("doubler", "v7")).unwrap();
+    let ran = Arc::new(AtomicUsize::new(0));
     let (release, hold) = std::sync::mpsc::channel::<()>();
     let (started, running) = tokio::sync::oneshot::channel();
     let busy = tokio::spawn({
-        let preparer = preparer.clone();
+        let (preparer, ran) = (preparer.clone(), ran.clone());
         async move {
             preparer
                 .run(move || {
                     let _ = started.send(());
                     let _ = hold.recv();
+                    ran.fetch_add(1, Ordering::SeqCst);
                 })
                 .await
         }
     });
     running.await.unwrap();
     let queued = tokio::spawn({
-        let preparer = preparer.clone();
-        async move { preparer.run(|| ()).await }
+        let (preparer, ran) = (preparer.clone(), ran.clone());
+        async move {
+            preparer
+                .run(move || {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                })
+                .await
+        }
     });
-    while preparer.queue_depth() < 1 {
-        tokio::task::yield_now().await;
-    }
+    let queued_up = async {
+        while preparer.queue_depth() < 1 {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), queued_up)
+        .await
+        .expect("the second job queues");
     assert!(preparer.run(|| ()).await.is_err());
     drop(release);
     busy.await.unwrap().unwrap();
     queued.await.unwrap().unwrap();
-    2
+    ran.load(Ordering::SeqCst)
 }
 
 async fn futures_collect(

@@ -373,7 +373,13 @@ async fn a_cpu_replica_reports_whether_candle_computes_at_its_parallelism() {
 }
 
 #[tokio::test]
-async fn a_replica_polling_without_end_for_its_next_batch_still_serves_and_stops() {
+async fn a_replica_serves_and_stops_whether_it_never_polls_or_polls_without_end() {
+    for spin in [Duration::ZERO, Duration::MAX] {
+        serves_and_stops_with_handoff_spin(spin).await;
+    }
+}
+
+async fn serves_and_stops_with_handoff_spin(spin: Duration) {
     /// Counts live models.
     struct Counted(Arc<AtomicUsize>);
     impl Drop for Counted {
@@ -393,12 +399,12 @@ async fn a_replica_polling_without_end_for_its_next_batch_still_serves_and_stops
             })
         }
     };
-    // Polling "forever" after each batch: it must still take the next batch,
-    // and stop once the pool is gone.
-    let config = quick_restarts(1).with_handoff_spin(Duration::MAX);
+    // Blocking at once, or polling "forever" after each batch: it must
+    // still take the next batch, and stop once the pool is gone.
+    let config = quick_restarts(1).with_handoff_spin(spin);
     let mut pool = Pool::new(loader, config).unwrap();
     for i in 0..3 {
-        assert_eq!(good_batch(&mut pool, vec![i]).await, [i * 2]);
+        assert_eq!(good_batch(&mut pool, vec![i]).await, [i * 2], "{spin:?}");
     }
     assert_eq!(alive.load(Ordering::SeqCst), 1);
     drop(pool);

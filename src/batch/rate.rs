@@ -73,7 +73,6 @@ struct Fit {
 #[derive(Debug)]
 pub(super) struct CostModel {
     samples: VecDeque<Sample>,
-    running: usize,
     /// Recomputed when a batch finishes, read at every admission: the fit,
     /// the padding share and the parallelism of the window.
     fit: Option<Fit>,
@@ -87,22 +86,10 @@ impl CostModel {
     pub(super) fn new() -> Self {
         Self {
             samples: VecDeque::with_capacity(Self::WINDOW),
-            running: 0,
             fit: None,
             padding: 1.0,
             parallelism: 1,
         }
-    }
-
-    /// A batch was dispatched; returns how many run now, itself included.
-    pub(super) fn started(&mut self) -> usize {
-        self.running = self.running.saturating_add(1);
-        self.running
-    }
-
-    /// A batch ended without an answer to learn from.
-    pub(super) fn abandoned(&mut self) {
-        self.running = self.running.saturating_sub(1);
     }
 
     /// A batch of `items` inputs and `cost` (their own costs summing to
@@ -117,7 +104,6 @@ impl CostModel {
         items: usize,
         parallel: usize,
     ) {
-        self.running = self.running.saturating_sub(1);
         if self.samples.len() >= Self::WINDOW {
             self.samples.pop_front();
         }
@@ -292,7 +278,6 @@ mod tests {
         let mut model = CostModel::new();
         let start = Instant::now();
         for &cost in costs {
-            model.started();
             let end = start + Duration::from_secs_f64(seconds(cost));
             model.finished(start, end, cost, cost, 1, parallel);
         }
@@ -362,7 +347,6 @@ mod tests {
         for i in 0..16 {
             // Padded to twice the inputs' own cost.
             let (cost, raw) = (200 + i * 10, 100 + i * 5);
-            model.started();
             let end = start + Duration::from_secs_f64(seconds(cost));
             model.finished(start, end, cost, raw, 1, 1);
         }

@@ -14,7 +14,7 @@ use super::metrics::Outcome;
 use super::shared::{CloseOnExit, Shared};
 use super::{Admission, BatchConfig, Hooks, Priority, Request, worker};
 use crate::BoxError;
-use crate::contain::lock;
+use crate::contain::{lock, saturating_deadline};
 use crate::error::{Closed, DeadlineExceeded};
 
 /// What a [`Batch::drain`] did.
@@ -138,6 +138,13 @@ impl<I, O> Batch<I, O> {
     /// reports it.
     pub fn estimated_wait(&self) -> Duration {
         self.shared.estimated_wait()
+    }
+
+    /// [`drain`](Self::drain) with a deadline `timeout` from now (saturating:
+    /// `Duration::MAX` waits as long as the work takes).
+    pub async fn drain_within(&self, timeout: Duration) -> DrainReport {
+        self.drain(saturating_deadline(Instant::now(), timeout))
+            .await
     }
 
     /// Stops admitting requests (they get [`Draining`]), lets queued and

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 use tower::Service;
 use tracing::Instrument;
 
+use super::WaitPolicy;
 use super::metrics::Outcome;
 use super::queue::{Next, Taken, Ticket};
 use super::shared::Shared;
@@ -61,8 +62,14 @@ where
         }
 
         let ready = Instant::now();
-        let pace = lock(&shared.rate).pace();
-        let hold = saturating_deadline(ready, shared.queue.patience(&shared.config, pace));
+        let config = &shared.config;
+        // Only an adaptive wait that may be non-zero needs the measurements.
+        let hold = if config.wait_policy == WaitPolicy::Adaptive && !config.max_wait.is_zero() {
+            let pace = lock(&shared.rate).pace();
+            saturating_deadline(ready, shared.queue.patience(config, pace))
+        } else {
+            ready
+        };
         let batch = loop {
             let now = Instant::now();
             match shared
@@ -112,7 +119,8 @@ where
     for ticket in &tickets {
         span.follows_from(&ticket.span);
     }
-    let parallel = lock(&shared.rate).started();
+    // Counted when the queue handed this batch out, itself included.
+    let parallel = shared.queue.batches_in_flight();
     // From here the batch's bookkeeping is done however it ends.
     let mut finish = Finish {
         shared: shared.clone(),
@@ -189,9 +197,8 @@ impl<I, O> Finish<I, O> {
 
 impl<I, O> Drop for Finish<I, O> {
     fn drop(&mut self) {
-        let mut model = lock(&self.shared.rate);
         if self.answered {
-            model.finished(
+            lock(&self.shared.rate).finished(
                 self.started,
                 Instant::now(),
                 self.cost,
@@ -199,10 +206,7 @@ impl<I, O> Drop for Finish<I, O> {
                 self.size,
                 self.parallel,
             );
-        } else {
-            model.abandoned();
         }
-        drop(model);
         self.shared.queue.finish_batch(self.size, self.raw);
     }
 }

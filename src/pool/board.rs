@@ -92,6 +92,12 @@ pub(super) struct Roster {
     pub(super) none_serving_since: Option<Instant>,
 }
 
+impl Roster {
+    fn all_failed_for_good(&self) -> bool {
+        self.replicas.iter().all(|r| r.failed_for_good)
+    }
+}
+
 /// A view of a [`Pool`](super::Pool)'s replicas that does not keep them
 /// running: what [`Health`](crate::health::Health) reads. See
 /// [`Pool::status`](super::Pool::status).
@@ -223,11 +229,7 @@ impl<O> Board<O> {
             status.failed_for_good = true;
             status.last_error = Some(reason.to_owned());
         });
-        if lock(&self.status)
-            .replicas
-            .iter()
-            .all(|r| r.failed_for_good)
-        {
+        if lock(&self.status).all_failed_for_good() {
             self.semaphore.close();
         }
     }
@@ -236,7 +238,7 @@ impl<O> Board<O> {
     /// while any replica may still serve.
     pub(super) fn unavailable(&self) -> Option<String> {
         let roster = lock(&self.status);
-        if !roster.replicas.iter().all(|r| r.failed_for_good) {
+        if !roster.all_failed_for_good() {
             return None;
         }
         let reasons: Vec<String> = roster

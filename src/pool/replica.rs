@@ -180,15 +180,15 @@ impl<L, O> Replica<L, O> {
             span,
         } = job;
         self.board.set_state(self.index, ReplicaState::Busy);
+        let started = Instant::now();
         *lock(&self.slot) = Some(Running {
-            started: Instant::now(),
+            started,
             size: inputs.len(),
             reply: Some(reply),
         });
         // Whatever happens from here, the batch is answered exactly once.
         let guard = SlotGuard(&self.slot);
         let mut outcomes = Vec::with_capacity(inputs.len());
-        let started = Instant::now();
         let panicked = span.in_scope(|| {
             run_isolated(
                 model,

@@ -23,6 +23,7 @@ where
     I: Send + 'static,
     O: Send + 'static,
 {
+    // (`checked_div` only to satisfy the crate's arithmetic lint.)
     let tick = (timeout.checked_div(4).unwrap_or_default())
         .clamp(Duration::from_millis(1), Duration::from_secs(1));
     std::thread::Builder::new()
@@ -85,17 +86,19 @@ fn replace_if_stalled<I, O>(
         FailureKind::Stalled,
         format!("the batch ran longer than the stall timeout of {timeout:?}"),
     );
-    if stuck >= max_stuck.get() {
-        // Each stuck thread holds a model; another would only add one more.
+    // Each stuck thread holds a model; another would only add one more.
+    let give_up = stuck >= max_stuck.get();
+    if give_up {
         let reason = format!(
             "{stuck} of its threads are stuck in forward past the stall timeout of \
              {timeout:?}, each holding a model; not replaced again"
         );
         shared.board.fail_for_good(index, &reason);
-        let _ = reply.send(replica::failures(err, size).collect());
-        return;
     }
     let _ = reply.send(replica::failures(err, size).collect());
+    if give_up {
+        return;
+    }
     // The stuck thread keeps its model until `forward` returns, then retires.
     // Its replacement's channel goes in before the replacement starts: once
     // it is idle, jobs for this index must reach it.
