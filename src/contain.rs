@@ -53,6 +53,40 @@ pub(crate) fn drop_contained<T>(value: T, what: &str) {
     }
 }
 
+/// A value whose `Drop` is user code, held where a refusal may drop it:
+/// dropped with [`drop_contained`], so a panic there is logged and the
+/// caller still hears why it was refused.
+pub(crate) struct Contained<T> {
+    value: Option<T>,
+    what: &'static str,
+}
+
+impl<T> Contained<T> {
+    pub(crate) fn new(value: T, what: &'static str) -> Self {
+        Self {
+            value: Some(value),
+            what,
+        }
+    }
+
+    pub(crate) fn get(&self) -> &T {
+        self.value.as_ref().expect("present until taken")
+    }
+
+    /// The value, now the caller's to drop.
+    pub(crate) fn into_inner(mut self) -> T {
+        self.value.take().expect("present until taken")
+    }
+}
+
+impl<T> Drop for Contained<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.value.take() {
+            drop_contained(value, self.what);
+        }
+    }
+}
+
 /// The message of a panic payload.
 pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {

@@ -205,12 +205,15 @@ impl Preparer {
         shared.entered_queue();
         match shared.jobs.try_send(job) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
+            Err(TrySendError::Full(job)) => {
+                // The job holds the caller's closure: its `Drop` is user code.
+                drop_contained(job, "a refused preparation");
                 shared.left_queue();
                 shared.metrics.rejected.increment(1);
                 return Err(Overloaded::new(shared.retry_after()).into());
             }
-            Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Disconnected(job)) => {
+                drop_contained(job, "a refused preparation");
                 shared.left_queue();
                 return Err(Closed::because("the preparation threads stopped").into());
             }

@@ -16,7 +16,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use candle_core::{Device, DeviceLocation};
 use candlewick::batch::{Batch, BatchConfig, BatchLayer, Request, WaitPolicy};
-use candlewick::error::{Closed, FailureKind, ModelFailed, Overloaded, Unrecoverable};
+use candlewick::error::{
+    Closed, FailureKind, InvalidInput, ModelFailed, Overloaded, Unrecoverable,
+};
 use candlewick::pool::{Backoff, FailurePolicy, Pool, PoolConfig, PoolError};
 use candlewick::{BoxError, Loader, Model, Serving, ServingConfig};
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -517,6 +519,46 @@ impl Drop for Bomb {
             panic!("input drop crashed");
         }
     }
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_refused_input_whose_drop_panics_still_gets_its_error() {
+    let config = BatchConfig::default()
+        .with_queue_capacity(NonZeroUsize::new(2).unwrap())
+        .with_max_wait(Duration::from_secs(1))
+        .with_wait_policy(WaitPolicy::Fixed);
+    let batch = BatchLayer::new(config)
+        .validate(|bomb: &Bomb| {
+            if bomb.0 == 0 {
+                return Err("zero".into());
+            }
+            Ok(())
+        })
+        .layer(service_fn(|batch: Vec<Bomb>| async move {
+            Ok::<_, BoxError>(doubled(batch.iter().map(|b| b.0).collect()))
+        }));
+    // Invalid, alone and in a group: refused, and the panicking `Drop` of
+    // the refused inputs is contained.
+    let err = batch.infer(Bomb(0)).await.unwrap_err();
+    assert!(err.is::<InvalidInput>(), "{err}");
+    let group = vec![Request::new(Bomb(1)), Request::new(Bomb(0))];
+    let err = batch.infer_all(group).await.unwrap_err();
+    assert!(err.is::<InvalidInput>(), "{err}");
+    // Overloaded: the queue is full, so the group is refused before it is
+    // even looked at.
+    let held: Vec<_> = (1..=2)
+        .map(|i| batch.clone().call(Bomb(i).into()))
+        .collect();
+    let err = batch
+        .infer_all(vec![Request::new(Bomb(0))])
+        .await
+        .unwrap_err();
+    assert!(err.is::<Overloaded>(), "{err}");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    for (i, request) in held.into_iter().enumerate() {
+        assert_eq!(request.await.unwrap(), (i as u32 + 1) * 2);
+    }
+    assert!(!batch.is_closed());
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]

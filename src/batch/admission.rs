@@ -12,14 +12,15 @@ use super::future::ResponseFuture;
 use super::queue::Entry;
 use super::shared::Shared;
 use crate::BoxError;
-use crate::contain::{catch, drop_contained, lock};
+use crate::contain::{Contained, catch, drop_contained, lock};
 use crate::error::{
     DeadlineExceeded, Draining, FailureKind, InvalidInput, ModelFailed, Overloaded, TooLarge,
 };
 
 /// An input that passed its own checks, with its cost.
 pub(super) struct Admitted<I> {
-    pub(super) input: I,
+    /// Dropped contained until queued: a later check may still refuse it.
+    pub(super) input: Contained<I>,
     pub(super) cost: usize,
 }
 
@@ -93,12 +94,12 @@ impl<I, O> Shared<I, O> {
     }
 
     /// Validates `input` and measures its cost with the model's hooks.
-    pub(super) fn admit_input(&self, input: I) -> Result<Admitted<I>, BoxError> {
+    pub(super) fn admit_input(&self, input: Contained<I>) -> Result<Admitted<I>, BoxError> {
         // The hooks are user code: a panic there fails this request alone.
-        catch(|| (self.hooks.validate)(&input))
+        catch(|| (self.hooks.validate)(input.get()))
             .map_err(|message| hook_panicked("validate", message))?
             .map_err(InvalidInput::new)?;
-        let cost = catch(|| (self.hooks.cost)(&input))
+        let cost = catch(|| (self.hooks.cost)(input.get()))
             .map_err(|message| hook_panicked("cost", message))?;
         if let Some(budget) = self.config.max_batch_cost
             && cost > budget.get()
@@ -197,7 +198,7 @@ impl<I, O> Shared<I, O> {
         let span = tracing::debug_span!("candlewick.request", id, cost, priority = ?priority);
         let entry = Entry {
             id,
-            input,
+            input: input.into_inner(),
             cost,
             arrived: now,
             deadline,

@@ -14,7 +14,7 @@ use super::metrics::Outcome;
 use super::shared::{CloseOnExit, Shared};
 use super::{Admission, BatchConfig, Hooks, Priority, Request, worker};
 use crate::BoxError;
-use crate::contain::{lock, saturating_deadline};
+use crate::contain::{Contained, drop_contained, lock, saturating_deadline};
 use crate::error::{Closed, DeadlineExceeded};
 
 /// What a [`Batch::drain`] did.
@@ -215,7 +215,10 @@ impl<I, O> Batch<I, O> {
             Admission::Shed => None,
             Admission::Wait => match self.wait_for_slots(1, deadline).await {
                 Ok(slot) => Some(slot),
-                Err(err) => return Err(self.refused(err, 1)),
+                Err(err) => {
+                    drop_contained(request, REFUSED);
+                    return Err(self.refused(err, 1));
+                }
             },
         };
         self.enqueue(request, deadline, slot).await
@@ -270,10 +273,13 @@ impl<I, O> Batch<I, O> {
     ///
     /// [`reserve`]: Self::reserve
     pub async fn infer_all(&self, requests: Vec<Request<I>>) -> Result<Vec<O>, BoxError> {
-        self.reserve(requests.len())
-            .await?
-            .infer_all(requests)
-            .await
+        match self.reserve(requests.len()).await {
+            Ok(reservation) => reservation.infer_all(requests).await,
+            Err(err) => {
+                drop_contained(requests, REFUSED);
+                Err(err)
+            }
+        }
     }
 
     /// Waits for `n` queue slots until `deadline`.
@@ -309,6 +315,7 @@ impl<I, O> Batch<I, O> {
         let Request {
             input, priority, ..
         } = request;
+        let input = Contained::new(input, REFUSED);
         // Bad input hears why before overload is considered.
         let admitted = (|| {
             shared.check_open(1)?;
@@ -330,6 +337,9 @@ impl<I, O> Batch<I, O> {
         err
     }
 }
+
+/// What a panic in the `Drop` of a refused request's input is logged as.
+const REFUSED: &str = "a refused request's input";
 
 /// Queue room reserved for one client request's inputs before they were
 /// prepared (see [`Batch::reserve`]). Dropping it frees the room.
@@ -379,11 +389,6 @@ impl<I, O> Reservation<I, O> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        // Room reserved before a drain began was accepted: only a stopped
-        // worker refuses it.
-        if self.slots.is_none() || shared.is_closed() {
-            shared.check_open(requests.len())?;
-        }
         let deadline = requests
             .iter()
             .filter_map(|request| request.resolved_deadline(&shared.config))
@@ -393,9 +398,18 @@ impl<I, O> Reservation<I, O> {
         } else {
             Priority::Normal
         };
-        let admitted = requests
+        let inputs: Vec<Contained<I>> = requests
             .into_iter()
-            .map(|request| shared.admit_input(request.input))
+            .map(|request| Contained::new(request.input, REFUSED))
+            .collect();
+        // Room reserved before a drain began was accepted: only a stopped
+        // worker refuses it.
+        if self.slots.is_none() || shared.is_closed() {
+            shared.check_open(inputs.len())?;
+        }
+        let admitted = inputs
+            .into_iter()
+            .map(|input| shared.admit_input(input))
             .collect::<Result<Vec<_>, _>>()?;
         let cost = admitted
             .iter()
