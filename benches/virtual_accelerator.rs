@@ -51,6 +51,7 @@
 //! | `CANDLEWICK_BENCH_SPIN_US` | the model sleeps until this long before its deadline, then yields in a loop (0: plain sleep) | 100 |
 //! | `CANDLEWICK_BENCH_MAX_WAIT_US` | candlewick's `max_wait`, µs | 2000 (the default) |
 //! | `CANDLEWICK_BENCH_HANDOFF_SPIN_US` | candlewick's `PoolConfig::handoff_spin`, µs | 200 (the default) |
+//! | `CANDLEWICK_BENCH_COMPUTE_PRIORITY` | candlewick's `PoolConfig::compute_priority`: `background` or `normal` | background (the default) |
 //! | `CANDLEWICK_BENCH_PEER_LATENCY_US` | the `tower-batch*` crates' batch timer, µs | 500 |
 //! | `CANDLEWICK_BENCH_QUEUE` | candlewick's queue capacity | 16384 |
 //! | `CANDLEWICK_BENCH_CALLERS` | closed-loop callers | 256 |
@@ -73,6 +74,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candlewick::error::Overloaded;
+use candlewick::pool::ComputePriority;
 use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
@@ -88,6 +90,7 @@ struct Params {
     max_batch: usize,
     max_wait: Duration,
     handoff_spin: Duration,
+    compute_priority: ComputePriority,
     peer_latency: Duration,
     queue: usize,
     callers: usize,
@@ -108,6 +111,18 @@ impl Params {
             max_batch: env_or("CANDLEWICK_BENCH_MAX_BATCH", 64),
             max_wait: micros("CANDLEWICK_BENCH_MAX_WAIT_US", 2000.0),
             handoff_spin: micros("CANDLEWICK_BENCH_HANDOFF_SPIN_US", 200.0),
+            compute_priority: match env_or(
+                "CANDLEWICK_BENCH_COMPUTE_PRIORITY",
+                "background".to_owned(),
+            )
+            .as_str()
+            {
+                "normal" => ComputePriority::Normal,
+                "background" => ComputePriority::Background,
+                other => {
+                    panic!("CANDLEWICK_BENCH_COMPUTE_PRIORITY is normal or background, not {other}")
+                }
+            },
             peer_latency: micros("CANDLEWICK_BENCH_PEER_LATENCY_US", 500.0),
             queue: env_or("CANDLEWICK_BENCH_QUEUE", 16384),
             callers: env_or("CANDLEWICK_BENCH_CALLERS", 256),

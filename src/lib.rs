@@ -94,7 +94,12 @@
 //! // in between (here a time limit per batch).
 //! let pool = Pool::from_arc(loader.clone(), config.pool.clone(), model)?;
 //! let batch = ServiceBuilder::new()
-//!     .layer(BatchLayer::new(config.batch.clone()).hooks_from(loader).model(model))
+//!     .layer(
+//!         BatchLayer::new(config.batch.clone())
+//!             .hooks_from(loader)
+//!             .model(model)
+//!             .staging(pool.staging()),
+//!     )
 //!     .timeout(Duration::from_secs(30))
 //!     .service(pool.clone());
 //!

@@ -375,7 +375,8 @@ impl<L, M> ServingBuilder<L, M> {
             .layer(
                 BatchLayer::new(config.batch)
                     .hooks_from(loader)
-                    .model(&model),
+                    .model(&model)
+                    .staging(pool.staging()),
             )
             .layer(layers.into_inner())
             .service(pool.clone());

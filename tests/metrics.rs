@@ -118,8 +118,8 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
         assert!(serving.infer(past).await.is_err());
         sent += 1;
     }
-    // Overload: with the only replica held on a batch of one, 16 of the next
-    // 22 fill the queue and the other 6 are shed at once.
+    // Overload: with the only replica held on a batch of one and a full
+    // batch staged, 16 of the next 22 fill the queue and 6 are shed at once.
     gate.forget_permits(gate.available_permits());
     let send = |i: u32| {
         let serving = serving.clone();
@@ -130,8 +130,13 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
     while serving.replicas()[0].state != ReplicaState::Busy {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    held.extend((1..23u32).map(send));
-    sent += 23;
+    // A full batch goes to the busy pool's stage (see `Pool::staging`).
+    held.extend((1..9u32).map(send));
+    while serving.batch().batches_in_flight() < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    held.extend((9..31u32).map(send));
+    sent += 31;
     // Every one of them admitted or shed before the replica frees: the
     // queued ones cannot finish while it is held, so 6 finished are the 6 shed.
     while serving.batch().queue_depth().0 < 16
@@ -209,9 +214,11 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
             Some((name.to_owned(), cells[2].to_owned()))
         })
         .collect();
-    assert_eq!(documented.len(), 21);
+    assert_eq!(documented.len(), 22);
     // Failed batches are not bisected under `FailBatch`: none is systemic.
     assert_eq!(counters["candlewick_batch_systemic_failures_total"], 0);
+    // The overload's full batch at least (the waves may stage more).
+    assert!(counters["candlewick_batches_staged_total"] >= 1);
     for (name, kind) in &documented {
         let actual = seen
             .get(name)
@@ -236,7 +243,7 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
     assert_eq!(outcomes["deadline"], 2);
     assert_eq!(outcomes["draining"], 1);
     assert_eq!(outcomes["overloaded"], 6);
-    assert_eq!(outcomes["ok"], 117);
+    assert_eq!(outcomes["ok"], 125);
 
     // One batch-size sample per batch the model ran, and one duration sample.
     let ran = batches.load(Ordering::SeqCst);

@@ -417,3 +417,230 @@ async fn serves_and_stops_with_handoff_spin(spin: Duration) {
         .await
         .expect("the replica stops once its pool is dropped");
 }
+
+/// A model that doubles its inputs, and blocks on a batch holding 7777 until
+/// released, or panics on one holding 3000 once released; it logs the
+/// batches it runs.
+struct Gated {
+    release: std::sync::mpsc::Sender<()>,
+    seen: Arc<Mutex<Vec<Vec<u32>>>>,
+}
+
+fn gated(config: PoolConfig) -> (Pool<u32, u32>, Gated) {
+    let (loader, gated) = gated_loader();
+    (Pool::new(loader, config).unwrap(), gated)
+}
+
+fn gated_loader() -> (
+    impl candlewick::Loader<u32, Model: candlewick::Model<u32, Output = u32>>,
+    Gated,
+) {
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let loader = move |_: &Device| -> Result<_, BoxError> {
+        let (gate, log) = (gate.clone(), log.clone());
+        Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+            log.lock().unwrap().push(batch.to_vec());
+            if batch.contains(&7777) || batch.contains(&3000) {
+                let _ = gate.lock().unwrap().recv();
+            }
+            assert!(!batch.contains(&3000), "kernel crashed");
+            Ok(batch.iter().map(|x| x * 2).collect())
+        })
+    };
+    (loader, Gated { release, seen })
+}
+
+/// Whether `pool.poll_ready` is ready now.
+fn is_ready(pool: &mut Pool<u32, u32>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match pool.poll_ready(&mut cx) {
+        std::task::Poll::Ready(result) => result.is_ok(),
+        std::task::Poll::Pending => false,
+    }
+}
+
+/// Starts `batch` on `pool`, which must be ready, and returns its answer's
+/// task.
+fn start(
+    pool: &mut Pool<u32, u32>,
+    batch: Vec<u32>,
+) -> tokio::task::JoinHandle<Result<Vec<Result<u32, ModelFailed>>, BoxError>> {
+    assert!(is_ready(pool), "the pool takes {batch:?}");
+    tokio::spawn(pool.call(batch))
+}
+
+/// Waits until the model has seen `n` batches.
+async fn until_seen(gated: &Gated, n: usize) {
+    let seen = async {
+        while gated.seen.lock().unwrap().len() < n {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .expect("the batch reached the model");
+}
+
+#[tokio::test]
+async fn a_busy_pool_stages_a_batch_only_when_offered_one_and_runs_it_when_the_replica_frees() {
+    let (mut pool, gated) = gated(quick_restarts(1));
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let running = start(&mut pool, vec![7777]);
+    until_seen(&gated, 2).await;
+    // Busy, and no full batch offered: not ready, as without a stage.
+    assert!(!is_ready(&mut pool));
+    assert!(staging.would_stage());
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![2, 3]);
+    // One replica: one place in the stage, now taken.
+    let mut other = pool.clone();
+    assert!(!is_ready(&mut other));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(gated.seen.lock().unwrap().len(), 2, "staged, not run");
+    gated.release.send(()).unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), [Ok(15554)]);
+    assert_eq!(staged.await.unwrap().unwrap(), [Ok(4), Ok(6)]);
+    assert_eq!(
+        *gated.seen.lock().unwrap(),
+        [vec![1], vec![7777], vec![2, 3]]
+    );
+    // The place is free again, and the replica idle.
+    assert!(is_ready(&mut other));
+    staging.offer_full_batch(false);
+    assert_eq!(pool.idle_replicas(), 0, "reserved by `other`");
+}
+
+#[tokio::test]
+async fn a_staged_batch_runs_after_its_replica_panics_and_reloads() {
+    let (mut pool, gated) = gated(quick_restarts(1));
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let crashing = start(&mut pool, vec![3000]);
+    until_seen(&gated, 2).await;
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![5]);
+    gated.release.send(()).unwrap();
+    let outcomes = crashing.await.unwrap().unwrap();
+    assert_eq!(outcomes[0].clone().unwrap_err().kind(), FailureKind::Panic);
+    assert_eq!(staged.await.unwrap().unwrap(), [Ok(10)]);
+    assert_eq!(pool.replicas()[0].restarts, 1);
+}
+
+#[tokio::test]
+async fn a_staged_batch_runs_on_the_replacement_of_a_stalled_replica() {
+    let config = quick_restarts(1).with_stall_timeout(Some(Duration::from_millis(50)));
+    let (mut pool, gated) = gated(config);
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let stuck = start(&mut pool, vec![7777]);
+    until_seen(&gated, 2).await;
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![6]);
+    let outcomes = stuck.await.unwrap().unwrap();
+    assert_eq!(
+        outcomes[0].clone().unwrap_err().kind(),
+        FailureKind::Stalled
+    );
+    // The stuck thread still holds the gate; the replacement runs the batch.
+    assert_eq!(staged.await.unwrap().unwrap(), [Ok(12)]);
+    gated.release.send(()).unwrap();
+}
+
+#[tokio::test]
+async fn a_staged_batch_is_closed_once_no_replica_can_serve() {
+    let config = quick_restarts(1)
+        .with_stall_timeout(Some(Duration::from_millis(50)))
+        .with_max_stuck_threads(NonZeroUsize::MIN);
+    let (mut pool, gated) = gated(config);
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let stuck = start(&mut pool, vec![7777]);
+    until_seen(&gated, 2).await;
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![6]);
+    let outcomes = stuck.await.unwrap().unwrap();
+    assert_eq!(
+        outcomes[0].clone().unwrap_err().kind(),
+        FailureKind::Stalled
+    );
+    let err = tokio::time::timeout(Duration::from_secs(10), staged)
+        .await
+        .expect("the staged batch is answered")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.is::<candlewick::error::Closed>(), "{err}");
+    assert!(pool.unavailable().is_some());
+    gated.release.send(()).unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_reserved_and_never_called_runs_the_staged_batch() {
+    let (mut pool, gated) = gated(quick_restarts(1));
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    // `holder` reserves the idle replica; the batcher can only stage.
+    let mut holder = pool.clone();
+    assert!(is_ready(&mut holder));
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![4]);
+    drop(holder);
+    let answer = tokio::time::timeout(Duration::from_secs(10), staged)
+        .await
+        .expect("the staged batch runs on the replica the dropped handle reserved");
+    assert_eq!(answer.unwrap().unwrap(), [Ok(8)]);
+    assert_eq!(gated.seen.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_batcher_hands_a_busy_pool_full_batches_only() {
+    let (loader, gated) = gated_loader();
+    let batch = candlewick::batch::BatchConfig::default()
+        .with_max_batch_size(NonZeroUsize::new(4).unwrap());
+    let serving = Serving::start(loader, ServingConfig::new(quick_restarts(1), batch)).unwrap();
+    serving.started().await.unwrap();
+    let infer = |x: u32| {
+        let serving = serving.clone();
+        tokio::spawn(async move { serving.infer(x).await.unwrap() })
+    };
+    let in_flight = |n: usize| {
+        let serving = serving.clone();
+        async move {
+            let reached = async {
+                while serving.batch().batches_in_flight() != n {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), reached)
+                .await
+                .unwrap_or_else(|_| panic!("{n} batches in flight"));
+        }
+    };
+    let blocker = infer(7777);
+    until_seen(&gated, 1).await;
+    // Not a full batch: it waits in the batcher's queue, where it can still
+    // be batched with later requests.
+    let lone = infer(1);
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(serving.batch().batches_in_flight(), 1);
+    // Three more make a full batch: the busy pool takes it into its stage.
+    let filled: Vec<_> = (2..5).map(infer).collect();
+    in_flight(2).await;
+    // One replica, one place: the next full batch waits in the queue.
+    let next: Vec<_> = (5..9).map(infer).collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert_eq!(serving.batch().batches_in_flight(), 2);
+    assert_eq!(gated.seen.lock().unwrap().len(), 1, "staged, not run");
+    gated.release.send(()).unwrap();
+    assert_eq!(blocker.await.unwrap(), 15554);
+    assert_eq!(lone.await.unwrap(), 2);
+    for (x, task) in (2..9).zip(filled.into_iter().chain(next)) {
+        assert_eq!(task.await.unwrap(), x * 2);
+    }
+    let seen = gated.seen.lock().unwrap().clone();
+    assert_eq!(seen[..2], [vec![7777], vec![1, 2, 3, 4]]);
+    assert_eq!(seen[2], [5, 6, 7, 8]);
+}

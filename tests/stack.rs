@@ -84,7 +84,8 @@ fn hand_built() -> Stack {
         .layer(
             BatchLayer::new(config.batch.clone())
                 .hooks_from(loader)
-                .model(model),
+                .model(model)
+                .staging(pool.staging()),
         )
         .timeout(Duration::from_secs(30))
         .service(pool.clone());

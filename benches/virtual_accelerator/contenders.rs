@@ -217,7 +217,8 @@ async fn start_candlewick(
     let pool = PoolConfig::default()
         .with_devices(vec![DeviceLocation::Cpu])
         .with_replicas_per_device(NonZeroUsize::new(replicas).expect("replicas > 0"))
-        .with_handoff_spin(params.handoff_spin);
+        .with_handoff_spin(params.handoff_spin)
+        .with_compute_priority(params.compute_priority);
     let batch = BatchConfig::default()
         .with_max_batch_size(NonZeroUsize::new(params.max_batch).expect("checked"))
         .with_max_wait(params.max_wait)

@@ -44,6 +44,15 @@ impl<I> BatchLayer<I> {
         self
     }
 
+    /// Lets the batcher hand the pool below a full batch while all its
+    /// replicas are busy, to start the moment one frees: see
+    /// [`Pool::staging`](crate::pool::Pool::staging). Without it, a batch is
+    /// formed only once the inner service is ready.
+    pub fn staging(mut self, staging: crate::pool::Staging) -> Self {
+        self.hooks.staging = Some(staging);
+        self
+    }
+
     /// Takes [`cost`](Self::cost) and [`validate`](Self::validate) from the
     /// model's loader.
     pub fn hooks_from<L: Loader<I>>(self, loader: Arc<L>) -> Self

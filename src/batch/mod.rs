@@ -435,6 +435,8 @@ struct Hooks<I> {
     validate: Arc<ValidateFn<I>>,
     /// Labels on every metric of this stack.
     labels: Vec<::metrics::Label>,
+    /// The stage of the pool below, if the batcher may use it.
+    staging: Option<crate::pool::Staging>,
 }
 
 impl<I> Default for Hooks<I> {
@@ -443,6 +445,7 @@ impl<I> Default for Hooks<I> {
             cost: Arc::new(|_| 1),
             validate: Arc::new(|_| Ok(())),
             labels: crate::metrics::labels(&crate::ModelInfo::default(), &[]),
+            staging: None,
         }
     }
 }
@@ -453,6 +456,7 @@ impl<I> Clone for Hooks<I> {
             cost: self.cost.clone(),
             validate: self.validate.clone(),
             labels: self.labels.clone(),
+            staging: self.staging.clone(),
         }
     }
 }

@@ -131,6 +131,12 @@ pub(super) struct Queue<I, O> {
     pub(super) wake: Notify,
     /// Wakes drains: requests left the queue, or a batch finished.
     pub(super) progress: Notify,
+    /// Wakes the worker: the queue now holds a full batch.
+    pub(super) filled: Notify,
+    /// What makes a batch full: `max_batch_size` requests, or
+    /// `max_batch_cost`.
+    full_len: usize,
+    full_cost: Option<u128>,
     /// Live service handles; the worker stops once this is 0 and the queue is
     /// drained.
     handles: AtomicUsize,
@@ -167,9 +173,11 @@ fn lane(priority: Priority) -> usize {
 }
 
 impl<I, O> Queue<I, O> {
-    pub(super) fn new(metrics: BatchMetrics) -> Self {
+    pub(super) fn new(metrics: BatchMetrics, config: &BatchConfig) -> Self {
         Self {
             metrics,
+            full_len: config.max_batch_size.get(),
+            full_cost: config.max_batch_cost.map(|budget| budget.get() as u128),
             state: Mutex::new(State {
                 lanes: [VecDeque::new(), VecDeque::new()],
                 len: 0,
@@ -183,6 +191,7 @@ impl<I, O> Queue<I, O> {
             }),
             wake: Notify::new(),
             progress: Notify::new(),
+            filled: Notify::new(),
             handles: AtomicUsize::new(1),
             in_flight: AtomicUsize::new(0),
         }
@@ -211,9 +220,22 @@ impl<I, O> Queue<I, O> {
             state.lanes[lane(entry.priority)].push_back(entry);
         }
         state.publish_depth(&self.metrics);
+        let full = self.is_full(&state);
         drop(state);
         self.wake.notify_one();
+        if full {
+            self.filled.notify_one();
+        }
         Ok(())
+    }
+
+    fn is_full(&self, state: &State<I, O>) -> bool {
+        state.len >= self.full_len || self.full_cost.is_some_and(|budget| state.cost >= budget)
+    }
+
+    /// Whether the queue holds a full batch.
+    pub(super) fn has_full_batch(&self) -> bool {
+        self.is_full(&self.lock())
     }
 
     /// The number of queued requests and their total cost.
@@ -329,11 +351,7 @@ impl<I, O> Queue<I, O> {
                     WaitPolicy::Adaptive => hold,
                     WaitPolicy::Fixed => saturating_deadline(oldest, config.max_wait),
                 };
-                let full = state.len >= config.max_batch_size.get()
-                    || config
-                        .max_batch_cost
-                        .is_some_and(|budget| state.cost >= budget.get() as u128);
-                if full || flush || now >= due_at || self.is_abandoned() {
+                if self.is_full(&state) || flush || now >= due_at || self.is_abandoned() {
                     let taken = state.take(now, config, &mut gone, &self.metrics);
                     state.publish_depth(&self.metrics);
                     if taken.inputs.is_empty() {

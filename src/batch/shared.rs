@@ -1,9 +1,11 @@
 //! The state the service's handles and the batch worker share.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::BatchMetrics;
@@ -42,13 +44,20 @@ pub(super) struct Shared<I, O> {
     /// Reservations holding room and not yet queued: accepted requests a
     /// drain waits for.
     pub(super) reservations: AtomicUsize,
+    /// Batches staged in the pool that no replica took yet, oldest first:
+    /// each finished batch frees a replica, which takes the oldest.
+    pub(super) staged: Mutex<VecDeque<Arc<Begun>>>,
 }
+
+/// When a staged batch began to run, and how many batches ran then, itself
+/// included: set when the batch before it finished.
+pub(super) type Begun = OnceLock<(Instant, usize)>;
 
 impl<I, O> Shared<I, O> {
     pub(super) fn new(config: BatchConfig, hooks: Hooks<I>) -> Self {
         let metrics = BatchMetrics::new(&hooks.labels);
         Self {
-            queue: Queue::new(metrics.clone()),
+            queue: Queue::new(metrics.clone(), &config),
             metrics,
             slots: Arc::new(Semaphore::new(config.queue_capacity.get())),
             config,
@@ -63,6 +72,7 @@ impl<I, O> Shared<I, O> {
             next_id: AtomicU64::new(0),
             aborted: AtomicU64::new(0),
             reservations: AtomicUsize::new(0),
+            staged: Mutex::default(),
         }
     }
 

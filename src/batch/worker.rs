@@ -12,7 +12,7 @@ use tracing::Instrument;
 use super::WaitPolicy;
 use super::metrics::Outcome;
 use super::queue::{Next, Taken, Ticket};
-use super::shared::Shared;
+use super::shared::{Begun, Shared};
 use crate::BoxError;
 use crate::contain::{CatchUnwind, catch, lock, saturating_deadline};
 use crate::error::{Closed, FailureKind, ModelFailed};
@@ -42,15 +42,24 @@ where
         }
 
         // Pull: form a batch only once the inner service can take it, so that
-        // requests keep accumulating while every replica is busy.
-        let ready = poll_fn(|cx| match catch(|| inner.poll_ready(cx)) {
-            Ok(poll) => poll.map_err(Into::into),
-            Err(message) => Poll::Ready(Err(format!(
-                "the inner service panicked in poll_ready: {message}"
-            )
-            .into())),
-        })
-        .await;
+        // requests keep accumulating while every replica is busy. A full
+        // batch cannot grow by waiting: a pool with a stage takes it while
+        // its replicas are busy, and starts it the moment one frees.
+        let ready = match &shared.hooks.staging {
+            None => ready(&mut inner).await,
+            Some(staging) => loop {
+                let full = shared.queue.has_full_batch();
+                staging.offer_full_batch(full);
+                if full {
+                    break ready(&mut inner).await;
+                }
+                tokio::select! {
+                    biased;
+                    ready = ready(&mut inner) => break ready,
+                    () = shared.queue.filled.notified() => {}
+                }
+            },
+        };
         if let Err(err) = ready {
             let err: BoxError = err;
             tracing::error!(%err, "inner service failed; the batch queue is closing");
@@ -97,6 +106,23 @@ where
     }
 }
 
+/// The inner service's `poll_ready`, with a panic there counted as the
+/// service failing.
+async fn ready<S, I, O, E>(inner: &mut S) -> Result<(), BoxError>
+where
+    S: Service<Vec<I>, Response = Vec<Result<O, E>>>,
+    S::Error: Into<BoxError>,
+{
+    poll_fn(|cx| match catch(|| inner.poll_ready(cx)) {
+        Ok(poll) => poll.map_err(Into::into),
+        Err(message) => Poll::Ready(Err(format!(
+            "the inner service panicked in poll_ready: {message}"
+        )
+        .into())),
+    })
+    .await
+}
+
 fn dispatch<S, I, O, E>(inner: &mut S, shared: &Arc<Shared<I, O>>, batch: Taken<I, O>)
 where
     S: Service<Vec<I>, Response = Vec<Result<O, E>>>,
@@ -120,7 +146,28 @@ where
         span.follows_from(&ticket.span);
     }
     // Counted when the queue handed this batch out, itself included.
-    let parallel = shared.queue.batches_in_flight();
+    let in_flight = shared.queue.batches_in_flight();
+    let (parallel, begun) = if shared.hooks.staging.is_some() {
+        let mut staged = lock(&shared.staged);
+        // Staged batches do not run yet, so are not parallel to this one.
+        let parallel = in_flight.saturating_sub(staged.len());
+        // Whether it waits in the pool's stage, as far as can be told: a
+        // replica that frees before `call` runs it at once instead.
+        let begun = shared
+            .hooks
+            .staging
+            .as_ref()
+            .is_some_and(|staging| staging.would_stage())
+            .then(|| {
+                let begun = Arc::new(Begun::new());
+                staged.push_back(begun.clone());
+                shared.metrics.staged.increment(1);
+                begun
+            });
+        (parallel, begun)
+    } else {
+        (in_flight, None)
+    };
     // From here the batch's bookkeeping is done however it ends.
     let mut finish = Finish {
         shared: shared.clone(),
@@ -129,6 +176,7 @@ where
         raw,
         started: Instant::now(),
         parallel,
+        begun,
         answered: false,
     };
     let future = match span.in_scope(|| catch(|| inner.call(inputs))) {
@@ -185,6 +233,8 @@ struct Finish<I, O> {
     started: Instant,
     /// Batches running when it started, itself included.
     parallel: usize,
+    /// Set when it began, if it was staged.
+    begun: Option<Arc<Begun>>,
     /// Whether the inner service answered it: a sample for the cost model.
     answered: bool,
 }
@@ -197,15 +247,32 @@ impl<I, O> Finish<I, O> {
 
 impl<I, O> Drop for Finish<I, O> {
     fn drop(&mut self) {
+        let now = Instant::now();
+        let (mut started, mut parallel) = (self.started, self.parallel);
+        if self.shared.hooks.staging.is_some() {
+            let mut staged = lock(&self.shared.staged);
+            if let Some(begun) = &self.begun {
+                // Still listed: a replica freed in time to run it at once.
+                staged.retain(|other| !Arc::ptr_eq(other, begun));
+                if let Some(&(at, running)) = begun.get() {
+                    (started, parallel) = (at.max(started), running);
+                }
+            }
+            // Its replica took the oldest staged batch, which began now
+            // beside the others running (this one is still counted).
+            if let Some(next) = staged.pop_front() {
+                let running = self
+                    .shared
+                    .queue
+                    .batches_in_flight()
+                    .saturating_sub(staged.len())
+                    .saturating_sub(1);
+                let _ = next.set((now, running));
+            }
+        }
         if self.answered {
-            lock(&self.shared.rate).finished(
-                self.started,
-                Instant::now(),
-                self.cost,
-                self.raw,
-                self.size,
-                self.parallel,
-            );
+            lock(&self.shared.rate)
+                .finished(started, now, self.cost, self.raw, self.size, parallel);
         }
         self.shared.queue.finish_batch(self.size, self.raw);
     }

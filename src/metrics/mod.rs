@@ -48,6 +48,9 @@ pub mod names {
     /// Histogram, seconds: how long a ready service waited for a batch to
     /// fill before dispatching it.
     pub const FILL_WAIT: &str = "candlewick_batch_fill_wait_seconds";
+    /// Counter: batches handed to a pool whose replicas were all busy, to
+    /// start the moment one frees (see [`Pool::staging`](crate::pool::Pool::staging)).
+    pub const BATCHES_STAGED: &str = "candlewick_batches_staged_total";
     /// Histogram, seconds: one batch on one replica, by `device`.
     pub const BATCH_DURATION: &str = "candlewick_batch_duration_seconds";
     /// Counter: failed batches whose halves both failed again when bisected,
@@ -166,6 +169,11 @@ pub fn describe() {
         FILL_WAIT,
         Unit::Seconds,
         "Time a ready service waited for a batch to fill before dispatching it."
+    );
+    describe_counter!(
+        BATCHES_STAGED,
+        Unit::Count,
+        "Full batches handed to a busy pool, to start the moment a replica frees."
     );
     describe_histogram!(
         PREPARE_DURATION,

@@ -1,7 +1,9 @@
 //! What the pool's handles, its replica threads and the watchdog share: the
-//! idle set, each replica's status and the batch it runs.
+//! idle set, the stage, each replica's status and the batch it runs.
 
+use std::collections::VecDeque;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -10,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 
 use super::metrics::ReplicaMetrics;
 use super::{ReplicaState, ReplicaStatus};
-use crate::contain::lock;
+use crate::contain::{drop_contained, lock};
 use crate::device::format_location;
 use crate::error::ModelFailed;
 
@@ -45,6 +47,15 @@ impl Lease {
             permit: Some(permit),
         }
     }
+
+    /// The lease of a replica that just (re)loaded: its permit does not
+    /// exist yet, and is added when it first goes idle.
+    pub(super) fn unheld(index: usize) -> Self {
+        Self {
+            index,
+            permit: None,
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -68,15 +79,62 @@ pub(super) struct Running<O> {
 /// finds only its own, answered batch.
 pub(super) type Slot<O> = Arc<Mutex<Option<Running<O>>>>;
 
+/// A batch handed to the pool while every replica was busy: the next replica
+/// to free runs it, under that replica's own lease.
+pub(super) struct Staged<I, O> {
+    pub(super) inputs: Vec<I>,
+    pub(super) reply: Reply<O>,
+    pub(super) span: tracing::Span,
+    /// Its place in the stage, given back when a replica takes it.
+    pub(super) place: OwnedSemaphorePermit,
+}
+
+impl<I, O> Staged<I, O> {
+    /// The job of the replica that takes this batch; its place is free again.
+    pub(super) fn into_job(self, lease: Lease) -> Job<I, O> {
+        let Self {
+            inputs,
+            reply,
+            span,
+            place,
+        } = self;
+        drop(place);
+        Job {
+            inputs,
+            reply,
+            lease,
+            span,
+        }
+    }
+}
+
+/// Where batches wait for a replica, under one lock: a replica goes idle
+/// only when nothing is staged, and a batch is staged only when its caller
+/// could not take an idle replica, so no batch waits beside an idle replica.
+pub(super) struct Places<I, O> {
+    /// Indices of idle replicas. Its length equals the semaphore's free
+    /// permits plus the permits reserved but not yet used: an index goes in
+    /// before its permit is released, and a permit leaves only with an index
+    /// (as a [`Lease`]).
+    pub(super) idle: Vec<usize>,
+    /// Batches waiting for the next replica to free, oldest first.
+    pub(super) staged: VecDeque<Staged<I, O>>,
+    /// Which replicas have served at least once: each adds one place to the
+    /// stage when it first does.
+    served: Vec<bool>,
+}
+
 /// What the pool's handles, the replica threads and the watchdog share.
-pub(super) struct Board<O> {
-    /// Indices of idle replicas. Its length equals the semaphore's free permits
-    /// plus the permits reserved but not yet used: an index goes in before
-    /// its permit is released, and a permit leaves only with an index (as a
-    /// [`Lease`]).
-    pub(super) idle: Mutex<Vec<usize>>,
+pub(super) struct Board<I, O> {
+    pub(super) places: Mutex<Places<I, O>>,
     /// One permit per idle replica. Closed once every replica failed for good.
     pub(super) semaphore: Arc<Semaphore>,
+    /// One permit per free place in the stage (a place per replica that has
+    /// served). Closed with `semaphore`.
+    pub(super) stage: Arc<Semaphore>,
+    /// Set by the batcher while its next batch is full: only then does
+    /// `poll_ready` offer a place in the stage. See [`Staging`].
+    stage_wanted: AtomicBool,
     status: Mutex<Roster>,
     pub(super) metrics: Vec<ReplicaMetrics>,
     /// Bumped on every change of `status`, for watchers.
@@ -107,7 +165,7 @@ pub struct PoolStatus {
 }
 
 impl PoolStatus {
-    pub(super) fn new<O: Send + 'static>(board: Arc<Board<O>>) -> Self {
+    pub(super) fn new<I: Send + 'static, O: Send + 'static>(board: Arc<Board<I, O>>) -> Self {
         Self { board }
     }
 
@@ -137,13 +195,63 @@ impl fmt::Debug for PoolStatus {
     }
 }
 
+/// A batcher's line to the stage of a [`Pool`](super::Pool): see
+/// [`Pool::staging`](super::Pool::staging).
+#[derive(Clone)]
+pub struct Staging {
+    board: Arc<dyn Stage>,
+}
+
+impl Staging {
+    pub(super) fn new<I: Send + 'static, O: Send + 'static>(board: Arc<Board<I, O>>) -> Self {
+        Self { board }
+    }
+
+    /// Says whether the next batch the caller would hand over is full. While
+    /// it is, the pool's `poll_ready` is also `Ready` when every replica is
+    /// busy but the stage has room; otherwise only when a replica is idle.
+    pub fn offer_full_batch(&self, full: bool) {
+        self.board.want(full);
+    }
+
+    /// Whether a batch handed over now would wait in the stage: no replica
+    /// is idle.
+    pub fn would_stage(&self) -> bool {
+        self.board.no_idle()
+    }
+}
+
+impl fmt::Debug for Staging {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Staging")
+            .field("would_stage", &self.would_stage())
+            .finish()
+    }
+}
+
+/// What a [`Staging`] does to the board, whatever its types.
+trait Stage: Send + Sync {
+    fn want(&self, full: bool);
+    fn no_idle(&self) -> bool;
+}
+
+impl<I: Send, O: Send> Stage for Board<I, O> {
+    fn want(&self, full: bool) {
+        self.stage_wanted.store(full, Ordering::Release);
+    }
+
+    fn no_idle(&self) -> bool {
+        lock(&self.places).idle.is_empty()
+    }
+}
+
 /// What a [`PoolStatus`] reads of the board, whatever the model's output type.
 trait Observed: Send + Sync {
     fn roster(&self) -> Roster;
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
 
-impl<O: Send> Observed for Board<O> {
+impl<I: Send, O: Send> Observed for Board<I, O> {
     fn roster(&self) -> Roster {
         Board::roster(self)
     }
@@ -153,7 +261,7 @@ impl<O: Send> Observed for Board<O> {
     }
 }
 
-impl<O> Board<O> {
+impl<I, O> Board<I, O> {
     pub(super) fn new(replicas: Vec<ReplicaStatus>, labels: &[metrics::Label]) -> Self {
         let count = replicas.len();
         let metrics: Vec<_> = replicas
@@ -167,8 +275,14 @@ impl<O> Board<O> {
             .collect();
         Self {
             metrics,
-            idle: Mutex::new(Vec::with_capacity(count)),
+            places: Mutex::new(Places {
+                idle: Vec::with_capacity(count),
+                staged: VecDeque::with_capacity(count),
+                served: vec![false; count],
+            }),
             semaphore: Arc::new(Semaphore::new(0)),
+            stage: Arc::new(Semaphore::new(0)),
+            stage_wanted: AtomicBool::new(false),
             status: Mutex::new(Roster {
                 replicas,
                 none_serving_since: Some(Instant::now()),
@@ -231,6 +345,10 @@ impl<O> Board<O> {
         });
         if lock(&self.status).all_failed_for_good() {
             self.semaphore.close();
+            self.stage.close();
+            // Nothing will run what is staged: its callers hear `Closed`.
+            let staged = std::mem::take(&mut lock(&self.places).staged);
+            drop_contained(staged, "the inputs of staged batches");
         }
     }
 
@@ -258,33 +376,52 @@ impl<O> Board<O> {
         lock(&self.running[index])
     }
 
-    /// Makes `index` available to callers again, releasing the permit of its
-    /// `lease` if it held one. `record` changes its status in the same update
-    /// that makes it idle (a first load's times: started and ready together).
-    pub(super) fn make_idle(
+    /// Hands replica `lease.index`, free now, the oldest staged batch, or
+    /// else makes it idle, releasing the permit of its `lease` (adding one if
+    /// it held none). `record` changes its status in the same update (a
+    /// first load's times: started and ready together).
+    pub(super) fn next_or_idle(
         &self,
-        index: usize,
-        lease: Option<Lease>,
+        mut lease: Lease,
         record: impl FnOnce(&mut ReplicaStatus),
-    ) {
-        debug_assert!(lease.as_ref().is_none_or(|lease| lease.index == index));
-        {
-            let mut idle = lock(&self.idle);
-            // Never twice: one permit per idle replica. (A lease dropped here
-            // forgets its permit; the index already has one.)
-            if idle.contains(&index) {
-                tracing::error!(replica = index, "replica made idle twice; ignored");
-                return;
+    ) -> Option<Job<I, O>> {
+        let index = lease.index;
+        let next = {
+            let mut places = lock(&self.places);
+            if !std::mem::replace(&mut places.served[index], true) {
+                self.stage.add_permits(1);
             }
-            idle.push(index);
-        }
+            if let Some(staged) = places.staged.pop_front() {
+                Some(staged.into_job(lease))
+            } else {
+                // Never twice: one permit per idle replica. (The lease
+                // dropped here forgets its permit; the index already has one.)
+                if places.idle.contains(&index) {
+                    tracing::error!(replica = index, "replica made idle twice; ignored");
+                    return None;
+                }
+                places.idle.push(index);
+                // Released under the lock: a caller staging a batch sees
+                // either this permit or, after it, a replica that looks
+                // at the stage first.
+                match lease.permit.take() {
+                    Some(permit) => drop(permit),
+                    None => self.semaphore.add_permits(1),
+                }
+                None
+            }
+        };
         self.update(index, |status| {
             record(status);
-            status.state = ReplicaState::Idle;
+            if next.is_none() {
+                status.state = ReplicaState::Idle;
+            }
         });
-        match lease.and_then(|mut lease| lease.permit.take()) {
-            Some(permit) => drop(permit),
-            None => self.semaphore.add_permits(1),
-        }
+        next
+    }
+
+    /// Whether the batcher's next batch is full; see [`Staging`].
+    pub(super) fn stage_wanted(&self) -> bool {
+        self.stage_wanted.load(Ordering::Acquire)
     }
 }

@@ -76,7 +76,7 @@ use std::time::Duration;
 
 use candle_core::DeviceLocation;
 
-pub use board::PoolStatus;
+pub use board::{PoolStatus, Staging};
 pub use replica::Backoff;
 pub use service::Pool;
 

@@ -24,7 +24,7 @@ use crate::model::{Loader, Model};
 pub(super) fn spawn<I, L>(
     index: usize,
     loader: Arc<L>,
-    board: Arc<Board<<L::Model as Model<I>>::Output>>,
+    board: Arc<Board<I, <L::Model as Model<I>>::Output>>,
     config: PoolConfig,
     jobs: mpsc::Receiver<Job<I, <L::Model as Model<I>>::Output>>,
 ) -> std::io::Result<()>
@@ -62,20 +62,20 @@ where
     Ok(())
 }
 
-struct Replica<L, O> {
+struct Replica<L, I, O> {
     index: usize,
     slot: Slot<O>,
     location: DeviceLocation,
     loader: Arc<L>,
-    board: Arc<Board<O>>,
+    board: Arc<Board<I, O>>,
     config: PoolConfig,
 }
 
-impl<L, O> Replica<L, O> {
+impl<L, I, O> Replica<L, I, O> {
     /// [`run`](Self::run), with a last line of defence: user code is
     /// contained where it is called, so a panic reaching here is a bug of
     /// this crate, and the replica says so instead of vanishing.
-    fn run_contained<I>(&self, jobs: &mpsc::Receiver<Job<I, O>>)
+    fn run_contained(&self, jobs: &mpsc::Receiver<Job<I, O>>)
     where
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
@@ -86,7 +86,7 @@ impl<L, O> Replica<L, O> {
         }
     }
 
-    fn run<I>(&self, jobs: &mpsc::Receiver<Job<I, O>>)
+    fn run(&self, jobs: &mpsc::Receiver<Job<I, O>>)
     where
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
@@ -110,7 +110,9 @@ impl<L, O> Replica<L, O> {
             let Some((model, loaded)) = self.load_until_ready(&runtime, &mut failures, jobs) else {
                 return;
             };
-            self.board.make_idle(self.index, lease.take(), |status| {
+            let held = lease.take().unwrap_or_else(|| Lease::unheld(self.index));
+            // A batch staged while this replica (re)loaded runs at once.
+            let mut staged = self.board.next_or_idle(held, |status| {
                 status.load_time = Some(loaded.load);
                 status.warmup_time = Some(loaded.warmup);
             });
@@ -122,20 +124,27 @@ impl<L, O> Replica<L, O> {
             let mut freed: Option<Instant> = None;
             let mut quick = true;
             loop {
-                let spin = match freed {
-                    Some(_) if quick => self.config.handoff_spin,
-                    _ => Duration::ZERO,
+                let job = match staged.take() {
+                    Some(job) => job,
+                    None => {
+                        let spin = match freed {
+                            Some(_) if quick => self.config.handoff_spin,
+                            _ => Duration::ZERO,
+                        };
+                        let Ok(job) = next_job(jobs, spin) else {
+                            return drop_contained(model, "the model");
+                        };
+                        if let Some(freed) = freed.take() {
+                            quick = freed.elapsed() <= self.config.handoff_spin;
+                        }
+                        job
+                    }
                 };
-                let Ok(job) = next_job(jobs, spin) else {
-                    return drop_contained(model, "the model");
-                };
-                if let Some(freed) = freed.take() {
-                    quick = freed.elapsed() <= self.config.handoff_spin;
-                }
                 match catch(|| self.serve(&model, job)) {
-                    Ok(Served::Ok) => {
+                    Ok(Served::Ok(next)) => {
                         failures = 0;
-                        freed = Some(Instant::now());
+                        freed = next.is_none().then(Instant::now);
+                        staged = next;
                     }
                     Ok(Served::Panicked(job_lease)) => {
                         lease = Some(job_lease);
@@ -168,7 +177,7 @@ impl<L, O> Replica<L, O> {
         }
     }
 
-    fn serve<I>(&self, model: &L::Model, job: Job<I, O>) -> Served
+    fn serve(&self, model: &L::Model, job: Job<I, O>) -> Served<I, O>
     where
         L: Loader<I>,
         L::Model: Model<I, Output = O>,
@@ -213,11 +222,11 @@ impl<L, O> Replica<L, O> {
             answer(reply, outcomes);
             return Served::Panicked(lease);
         }
-        // Idle first, then answer: the batcher can hand this replica its next
-        // batch while the callers of this one wake up.
-        self.board.make_idle(self.index, Some(lease), |_| {});
+        // The next batch first, then answer: a staged batch, or the one the
+        // batcher hands this replica while the callers of this one wake up.
+        let next = self.board.next_or_idle(lease, |_| {});
         answer(reply, outcomes);
-        Served::Ok
+        Served::Ok(next)
     }
 
     /// The thread pool candle's CPU kernels run on for this replica, if the
@@ -239,7 +248,7 @@ impl<L, O> Replica<L, O> {
     /// Loads and warms up the model, retrying with back-off until it works.
     /// Returns `None` once the pool is dropped, or when the loader said no
     /// retry can help ([`Unrecoverable`]): the replica then failed for good.
-    fn load_until_ready<I>(
+    fn load_until_ready(
         &self,
         runtime: &tokio::runtime::Runtime,
         failures: &mut u32,
@@ -289,10 +298,7 @@ impl<L, O> Replica<L, O> {
         }
     }
 
-    fn load_once<I>(
-        &self,
-        runtime: &tokio::runtime::Runtime,
-    ) -> Result<(L::Model, Loaded), BoxError>
+    fn load_once(&self, runtime: &tokio::runtime::Runtime) -> Result<(L::Model, Loaded), BoxError>
     where
         L: Loader<I>,
     {
@@ -336,9 +342,9 @@ struct Loaded {
     warmup: Duration,
 }
 
-enum Served {
-    /// Answered, and idle again.
-    Ok,
+enum Served<I, O> {
+    /// Answered; the replica is idle again, or took the staged batch here.
+    Ok(Option<Job<I, O>>),
     /// Answered; the model panicked and must be reloaded.
     Panicked(Lease),
     /// The watchdog answered it and replaced this thread.

@@ -12,7 +12,7 @@ pub(super) type Spawn<I, O> =
 pub(super) struct Shared<I, O> {
     /// One channel per replica; dropping the last handle stops the threads.
     pub(super) jobs: Vec<Mutex<mpsc::Sender<Job<I, O>>>>,
-    pub(super) board: Arc<Board<O>>,
+    pub(super) board: Arc<Board<I, O>>,
     /// Starts the thread of a replica; the watchdog uses it to replace one.
     pub(super) spawn: Box<Spawn<I, O>>,
 }
