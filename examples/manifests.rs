@@ -58,8 +58,9 @@ struct Args {
     /// the directory name of the weights baked in or mounted.
     #[arg(long, default_value = "builtin-bert-128d-seed42")]
     model: String,
-    /// The model version, passed to the server (`--model-version`) so its
-    /// metrics carry the label the canary analysis compares.
+    /// The model version, set in the server's environment
+    /// (`CANDLEWICK_MODEL_VERSION`) so its metrics carry the label the canary
+    /// analysis compares; the canary track serves `VERSION-canary`.
     #[arg(long, default_value = "1")]
     model_version: String,
     /// Mount the weights from this PersistentVolumeClaim (read-only) and
@@ -88,13 +89,9 @@ fn builder(args: &Args) -> ManifestBuilder {
     if args.keda {
         autoscaling = autoscaling.with_keda("http://prometheus.monitoring.svc:9090");
     }
-    // The server labels its metrics with the version the manifests declare.
-    // Every track gets these arguments, so not in the two-track canary
-    // layout, whose canary serves another version.
+    // The server labels its metrics with the version each track's
+    // Deployment sets in its environment (`ModelInfo::VERSION_ENV`).
     let mut server_args = Vec::new();
-    if args.layout != Layout::Canary {
-        server_args.extend(["--model-version".to_owned(), args.model_version.clone()]);
-    }
     let mut builder = ManifestBuilder::new(&config, "embedder", args.image.clone());
     if let Some(claim) = &args.model_claim {
         // The server names the model after its directory.

@@ -174,6 +174,12 @@ impl Default for ModelInfo {
 }
 
 impl ModelInfo {
+    /// The environment variable a generated Deployment sets to its track's
+    /// model [`version`](Self::version) (see [`k8s`](crate::k8s)): a server
+    /// that labels its metrics from it reports the version each track
+    /// really serves, which a canary analysis compares.
+    pub const VERSION_ENV: &str = "CANDLEWICK_MODEL_VERSION";
+
     /// A model `name` at `version`, with no revision, data snapshot or review.
     pub fn new(name: impl Into<String>, version: impl Into<String>) -> Self {
         Self {

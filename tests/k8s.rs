@@ -300,20 +300,48 @@ fn candle_computes_at_the_cpu_replicas_parallelism_set_before_the_process_starts
     };
     let mut cpu = config();
     cpu.pool = PoolConfig::default().with_cpu_threads_per_replica(NonZeroUsize::new(2));
+    let version = json!({"name": "CANDLEWICK_MODEL_VERSION", "value": config().model.version});
     assert_eq!(
         env_of(&cpu),
         json!([
+            version,
             {"name": "RAYON_NUM_THREADS", "value": "2"},
             {"name": "CANDLE_NUM_THREADS", "value": "2"},
         ])
     );
     // Replicas sharing rayon's global pool, or on GPUs only: nothing to set.
-    assert_eq!(env_of(&config()), Value::Null);
+    assert_eq!(env_of(&config()), json!([version]));
     let mut gpu = config();
     gpu.pool = PoolConfig::default()
         .with_devices(vec![DeviceLocation::Cuda { gpu_id: 0 }])
         .with_cpu_threads_per_replica(NonZeroUsize::new(2));
-    assert_eq!(env_of(&gpu), Value::Null);
+    assert_eq!(env_of(&gpu), json!([version]));
+}
+
+#[test]
+fn each_track_tells_its_server_the_model_version_it_serves() {
+    let manifests = builder().with_canary(canary()).build().unwrap();
+    let versions: Vec<(String, Value)> = of_kind(&manifests, "Deployment")
+        .iter()
+        .map(|deployment| {
+            let name = deployment["metadata"]["name"].as_str().unwrap().to_owned();
+            let env = container(deployment)["env"].as_array().unwrap().clone();
+            let version = env
+                .iter()
+                .find(|var| var["name"] == candlewick::ModelInfo::VERSION_ENV)
+                .map(|var| var["value"].clone())
+                .unwrap_or(Value::Null);
+            (name, version)
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("embedder".to_owned(), json!(config().model.version)),
+            ("embedder-canary".to_owned(), json!("v2")),
+        ]
+    );
+    assert_ne!(config().model.version, "v2");
 }
 
 #[test]

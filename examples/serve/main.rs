@@ -51,8 +51,9 @@ struct Args {
     /// The seed of the built-in model's weights.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// The model version reported in /info and metric labels.
-    #[arg(long, default_value = "1")]
+    /// The model version reported in /info and metric labels (generated
+    /// Deployments set it per track through the environment).
+    #[arg(long, env = candlewick::ModelInfo::VERSION_ENV, default_value = "1")]
     model_version: String,
     /// Devices to place replicas on: `cpu`, `cuda:N`, `metal:N`, comma-separated.
     #[arg(long, default_value = "cpu", value_parser = candlewick::device::parse_locations)]

@@ -30,6 +30,15 @@
 //! than [`max_batch_cost`] of cost. Several batches run at once when the inner
 //! service has room for several (a pool with several idle replicas).
 //!
+//! Given a pool's [`Staging`](crate::pool::Staging) handle
+//! ([`BatchLayer::staging`]; [`Serving`](crate::Serving) passes it), the
+//! worker also hands a *full* batch to a pool whose replicas are all busy:
+//! the pool holds it and the first replica to free runs it at once (see
+//! [`Pool::staging`](crate::pool::Pool::staging)). A batch that is not full
+//! keeps waiting here, where later requests can still join it. Such a batch
+//! leaves the queue up to one batch's time before it runs, so a
+//! [`Priority::High`] request that arrives meanwhile runs after it.
+//!
 //! Requests are batched oldest first, except under [`CostMode::Padded`]:
 //! there a batch holds the oldest request and, among the next
 //! [`group_window`] queued ones, those nearest to it in cost, so that short

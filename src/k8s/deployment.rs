@@ -22,6 +22,7 @@ use super::error::ManifestError;
 use super::plan::{PORT_NAME, Plan, RUN_AS, STARTUP_PERIOD_SECS, Track, canary_name};
 use super::policy;
 use super::settings::{ModelSource, Region, Scale};
+use crate::ModelInfo;
 
 /// The model's metadata as annotations (values labels cannot hold).
 fn model_annotations(plan: &Plan, track: &Track) -> BTreeMap<String, String> {
@@ -108,19 +109,7 @@ pub(crate) fn pod_template(plan: &Plan, track: &Track) -> Result<PodTemplateSpec
         name: "server".to_owned(),
         image: Some(track.image.clone()),
         image_pull_policy: Some("Always".to_owned()),
-        // candle splits its kernels for the thread count it reads from the
-        // environment: the CPU replicas' own pools, set before the process
-        // starts.
-        env: plan.candle_threads.map(|threads| {
-            crate::device::CANDLE_THREAD_VARS
-                .iter()
-                .map(|name| EnvVar {
-                    name: (*name).to_owned(),
-                    value: Some(threads.to_string()),
-                    ..EnvVar::default()
-                })
-                .collect()
-        }),
+        env: Some(env(plan, track)),
         ports: Some(plan.container_ports()),
         startup_probe: Some(http_probe(
             probe_port,
@@ -398,4 +387,24 @@ pub(crate) fn http_route(
             }],
         },
     }
+}
+
+/// The container's environment: the version this track serves, and candle's
+/// thread count where CPU replicas have pools of their own (candle splits its
+/// kernels for the count it reads at start).
+fn env(plan: &Plan, track: &Track) -> Vec<EnvVar> {
+    let var = |name: &str, value: String| EnvVar {
+        name: name.to_owned(),
+        value: Some(value),
+        ..EnvVar::default()
+    };
+    let mut env = vec![var(ModelInfo::VERSION_ENV, track.model.version.clone())];
+    if let Some(threads) = plan.candle_threads {
+        env.extend(
+            crate::device::CANDLE_THREAD_VARS
+                .iter()
+                .map(|name| var(name, threads.to_string())),
+        );
+    }
+    env
 }

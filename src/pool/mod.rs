@@ -11,9 +11,18 @@
 //!
 //! The pool is a `tower::Service<Vec<I>>` that answers with one
 //! `Result<O, ModelFailed>` per input. Its `poll_ready`
-//! is `Ready` exactly when some replica is idle, and reserves that replica for
+//! is `Ready` when some replica is idle, and reserves that replica for
 //! the following `call`, so a batching layer above it forms a batch only when
 //! there is a replica to run it.
+//!
+//! One exception makes a saturated pool run batches back to back: while the
+//! batcher says its next batch is full ([`Pool::staging`]), `poll_ready` is
+//! also `Ready` when every replica is busy but the pool's *stage* has room
+//! (one place per replica). A staged batch is run by the first replica to
+//! free, straight from its own thread, so no wake-up of the batcher and no
+//! new batch formation sits between two batches. A full batch cannot grow
+//! by waiting, so staging it early costs it nothing; a batch that is not full
+//! is never staged, and keeps gathering requests in the batcher's queue.
 //!
 //! # Failures
 //!
@@ -32,7 +41,10 @@
 //!   [`max_stuck_threads`](PoolConfig::max_stuck_threads) of its threads are
 //!   stuck; then it fails for good.
 //! * Once every replica failed for good, `poll_ready` fails with
-//!   [`Closed`] naming why: nothing waits on a pool that cannot serve.
+//!   [`Closed`] naming why: nothing waits on a pool that cannot serve, and
+//!   staged batches are answered with [`Closed`].
+//! * A staged batch does not depend on any one replica: it waits through a
+//!   reload or a stall replacement and runs on whichever replica frees first.
 //!
 //! # Examples
 //!
