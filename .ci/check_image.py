@@ -128,8 +128,9 @@ def server_pid(ancestor):
     return None
 
 
-def run(ref, name, args=(), volumes=(), expect_dimension=None, expect_model=None):
-    """Runs `ref` read-only as its configured user; returns the cold start.
+def run(ref, name, args=(), env=(), volumes=(), expect_dimension=None, expect_model=None):
+    """Runs `ref` read-only as its configured user, with the container's
+    `args` and `env`; returns the cold start.
     `expect_model`: the (model, version) its request metrics must carry."""
     config = json.loads(buildah("inspect", "--type", "image", ref))["OCIv1"]["config"]
     entrypoint = config["Entrypoint"]
@@ -152,6 +153,7 @@ def run(ref, name, args=(), volumes=(), expect_dimension=None, expect_model=None
         *BUILDAH, "run", "--isolation", "chroot", "--user", config["User"],
         "--mount", "type=tmpfs,destination=/tmp",
         *[f"--volume={source}:{target}:ro" for source, target in volumes],
+        *[f"--env={var['name']}={var['value']}" for var in env],
         container, "--", *entrypoint, *args,
         "--port", str(port), "--admin-port", str(admin),
     ]
@@ -237,19 +239,22 @@ def main():
     check(size <= MAX_IMAGE_BYTES, f"image is at most {MAX_IMAGE_BYTES / 1e6:.0f} MB")
     check(not shell, "image has no shell")
 
-    container, model = generated()
+    # Not the server's default version: the server must take it from the
+    # Deployment's environment for its metrics to carry it.
+    container, model = generated("--model-version", "7")
+    check(model[1] == "7", "the manifests label the version they were given")
     check(container["image"] == builtin, "the manifests default to the image the script builds")
     security = container["securityContext"]
     user = json.loads(buildah("inspect", "--type", "image", builtin))["OCIv1"]["config"]["User"]
     check(f"{security['runAsUser']}:{security['runAsGroup']}" == user, "the manifests run as the image's user")
     check(security["readOnlyRootFilesystem"], "the manifests make the root filesystem read-only")
-    cold_start = run(builtin, "built-in model", args=container["args"],
-                     expect_dimension=128, expect_model=model)
+    cold_start = run(builtin, "built-in model", args=container.get("args", []),
+                     env=container.get("env", []), expect_dimension=128, expect_model=model)
     check(cold_start < MAX_BUILTIN_COLD_START, f"built-in model ready within {MAX_BUILTIN_COLD_START} s")
 
     container, model = generated("--model", minilm.name, "--model-claim", "weights")
     mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "model")
-    run(builtin, "MiniLM mounted", args=container["args"],
+    run(builtin, "MiniLM mounted", args=container.get("args", []), env=container.get("env", []),
         volumes=[(str(minilm), mount)], expect_dimension=384, expect_model=model)
 
     baked = build("--model-dir", str(minilm))

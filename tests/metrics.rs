@@ -132,9 +132,14 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
     }
     // A full batch goes to the busy pool's stage (see `Pool::staging`).
     held.extend((1..9u32).map(send));
-    while serving.batch().batches_in_flight() < 2 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let staged = async {
+        while serving.batch().batches_in_flight() < 2 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), staged)
+        .await
+        .expect("the full batch is staged");
     held.extend((9..31u32).map(send));
     sent += 31;
     // Every one of them admitted or shed before the replica frees: the

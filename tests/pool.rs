@@ -508,9 +508,10 @@ async fn a_busy_pool_stages_a_batch_only_when_offered_one_and_runs_it_when_the_r
         *gated.seen.lock().unwrap(),
         [vec![1], vec![7777], vec![2, 3]]
     );
-    // The place is free again, and the replica idle.
-    assert!(is_ready(&mut other));
+    // The place is free again, and the replica idle: with no full batch
+    // offered, `other` is ready through the replica alone.
     staging.offer_full_batch(false);
+    assert!(is_ready(&mut other));
     assert_eq!(pool.idle_replicas(), 0, "reserved by `other`");
 }
 
@@ -532,7 +533,7 @@ async fn a_staged_batch_runs_after_its_replica_panics_and_reloads() {
 
 #[tokio::test]
 async fn a_staged_batch_runs_on_the_replacement_of_a_stalled_replica() {
-    let config = quick_restarts(1).with_stall_timeout(Some(Duration::from_millis(50)));
+    let config = quick_restarts(1).with_stall_timeout(Some(Duration::from_millis(500)));
     let (mut pool, gated) = gated(config);
     let staging = pool.staging();
     good_batch(&mut pool, vec![1]).await;
@@ -553,7 +554,7 @@ async fn a_staged_batch_runs_on_the_replacement_of_a_stalled_replica() {
 #[tokio::test]
 async fn a_staged_batch_is_closed_once_no_replica_can_serve() {
     let config = quick_restarts(1)
-        .with_stall_timeout(Some(Duration::from_millis(50)))
+        .with_stall_timeout(Some(Duration::from_millis(500)))
         .with_max_stuck_threads(NonZeroUsize::MIN);
     let (mut pool, gated) = gated(config);
     let staging = pool.staging();
@@ -643,4 +644,48 @@ async fn the_batcher_hands_a_busy_pool_full_batches_only() {
     let seen = gated.seen.lock().unwrap().clone();
     assert_eq!(seen[..2], [vec![7777], vec![1, 2, 3, 4]]);
     assert_eq!(seen[2], [5, 6, 7, 8]);
+}
+
+#[tokio::test]
+async fn a_reserved_replica_runs_the_staged_batch_before_its_own() {
+    let (mut pool, gated) = gated(quick_restarts(1));
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let mut holder = pool.clone();
+    assert!(is_ready(&mut holder));
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![4]);
+    // `holder` calls after all: the staged batch was first, so it runs
+    // first, and `holder`'s batch takes its place in the stage.
+    let own = tokio::spawn(holder.call(vec![5]));
+    assert_eq!(staged.await.unwrap().unwrap(), [Ok(8)]);
+    assert_eq!(own.await.unwrap().unwrap(), [Ok(10)]);
+    assert_eq!(*gated.seen.lock().unwrap(), [vec![1], vec![4], vec![5]]);
+}
+
+#[tokio::test]
+async fn a_stage_place_reserved_before_the_pool_closes_is_answered_closed() {
+    let config = quick_restarts(1)
+        .with_stall_timeout(Some(Duration::from_millis(100)))
+        .with_max_stuck_threads(NonZeroUsize::MIN);
+    let (mut pool, gated) = gated(config);
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let stuck = start(&mut pool, vec![7777]);
+    until_seen(&gated, 2).await;
+    staging.offer_full_batch(true);
+    // Reserved while the replica may still serve; called once none can.
+    assert!(is_ready(&mut pool));
+    let outcomes = stuck.await.unwrap().unwrap();
+    assert_eq!(
+        outcomes[0].clone().unwrap_err().kind(),
+        FailureKind::Stalled
+    );
+    assert!(pool.unavailable().is_some());
+    let err = tokio::time::timeout(Duration::from_secs(10), pool.call(vec![6]))
+        .await
+        .expect("answered, not left in a stage nobody takes from")
+        .unwrap_err();
+    assert!(err.is::<candlewick::error::Closed>(), "{err}");
+    gated.release.send(()).unwrap();
 }

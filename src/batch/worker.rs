@@ -186,7 +186,8 @@ where
                 FailureKind::Panic,
                 format!("the inner service panicked in call: {message}"),
             );
-            return answer::<I, O, E>(shared, tickets, Err(err.into()));
+            answer::<I, O, E>(shared, tickets, Err(err.into()));
+            return;
         }
     };
     tokio::spawn(
@@ -201,9 +202,11 @@ where
                             Err(ModelFailed::new(FailureKind::Panic, message).into())
                         }
                     };
-                    // Only a batch the model answered says what batches cost.
-                    finish.answered(matches!(&result, Ok(outputs) if outputs.len() == size));
-                    answer(&shared, tickets, result);
+                    let whole = matches!(&result, Ok(outputs) if outputs.len() == size);
+                    let troubled = answer(&shared, tickets, result);
+                    // Only a batch the model answered, on a replica that did
+                    // not panic or stall, says what batches cost.
+                    finish.answered(whole && !troubled);
                     shared.completed.fetch_add(size as u64, Ordering::Relaxed);
                 }
                 // A drain ran out of time: the model's answer will not come
@@ -235,7 +238,9 @@ struct Finish<I, O> {
     parallel: usize,
     /// Set when it began, if it was staged.
     begun: Option<Arc<Begun>>,
-    /// Whether the inner service answered it: a sample for the cost model.
+    /// Whether the inner service answered it in full, on a replica that did
+    /// not panic or stall: a sample for the cost model, and a replica that
+    /// is free again.
     answered: bool,
 }
 
@@ -249,18 +254,22 @@ impl<I, O> Drop for Finish<I, O> {
     fn drop(&mut self) {
         let now = Instant::now();
         let (mut started, mut parallel) = (self.started, self.parallel);
+        let mut sample = self.answered;
         if self.shared.hooks.staging.is_some() {
             let mut staged = lock(&self.shared.staged);
             if let Some(begun) = &self.begun {
-                // Still listed: a replica freed in time to run it at once.
+                // Still listed: a replica freed in time to run it at once,
+                // or the batch before it ended abnormally.
                 staged.retain(|other| !Arc::ptr_eq(other, begun));
-                if let Some(&(at, running)) = begun.get() {
-                    (started, parallel) = (at.max(started), running);
+                match begun.get() {
+                    Some(&(at, running)) => (started, parallel) = (at.max(started), running),
+                    // When it began is not known: no sample.
+                    None => sample = false,
                 }
             }
-            // Its replica took the oldest staged batch, which began now
-            // beside the others running (this one is still counted).
-            if let Some(next) = staged.pop_front() {
+            // Its replica, free again, took the oldest staged batch, which
+            // began now beside the others running (this one still counted).
+            if let Some(next) = self.answered.then(|| staged.pop_front()).flatten() {
                 let running = self
                     .shared
                     .queue
@@ -270,7 +279,7 @@ impl<I, O> Drop for Finish<I, O> {
                 let _ = next.set((now, running));
             }
         }
-        if self.answered {
+        if sample {
             lock(&self.shared.rate)
                 .finished(started, now, self.cost, self.raw, self.size, parallel);
         }
@@ -279,12 +288,12 @@ impl<I, O> Drop for Finish<I, O> {
 }
 
 /// Sends every request of a batch its own answer, recording its outcome and
-/// latency.
+/// latency. Returns whether its replica panicked or stalled.
 fn answer<I, O, E: Into<BoxError>>(
     shared: &Shared<I, O>,
     tickets: Vec<Ticket<O>>,
     result: Result<Vec<Result<O, E>>, BoxError>,
-) {
+) -> bool {
     let n = tickets.len();
     let answers: Box<dyn Iterator<Item = Result<O, BoxError>>> = match result {
         Ok(outputs) if outputs.len() == n => {
@@ -300,13 +309,20 @@ fn answer<I, O, E: Into<BoxError>>(
         }
         Err(err) => Box::new(fan_out(err).map(Err)),
     };
+    let mut troubled = false;
     for (ticket, answer) in tickets.into_iter().zip(answers) {
         let outcome = match &answer {
             Ok(_) => Outcome::Ok,
-            Err(err) => Outcome::of_error(&**err),
+            Err(err) => {
+                troubled |= err.downcast_ref::<ModelFailed>().is_some_and(|err| {
+                    matches!(err.kind(), FailureKind::Panic | FailureKind::Stalled)
+                });
+                Outcome::of_error(&**err)
+            }
         };
         ticket.answer(answer, outcome, &shared.metrics);
     }
+    troubled
 }
 
 /// One error per request of a failed batch: clones of the crate's own error

@@ -31,7 +31,7 @@ pub(super) struct Job<I, O> {
 /// A replica taken off the idle set for one batch: its index and the permit
 /// that counted it idle, as one value, so the two cannot diverge.
 ///
-/// Only [`Board::make_idle`] puts the index back and releases the permit.
+/// Only [`Board::next_or_idle`] puts the index back and releases the permit.
 /// A lease dropped any other way (a thread that unwinds, a stuck thread
 /// that was replaced) forgets its permit: the replica is not idle, and the
 /// semaphore must not say it is.
@@ -90,27 +90,31 @@ pub(super) struct Staged<I, O> {
 }
 
 impl<I, O> Staged<I, O> {
-    /// The job of the replica that takes this batch; its place is free again.
-    pub(super) fn into_job(self, lease: Lease) -> Job<I, O> {
+    /// The job of the replica that takes this batch, and its place in the
+    /// stage, free again once dropped.
+    pub(super) fn into_job(self, lease: Lease) -> (Job<I, O>, OwnedSemaphorePermit) {
         let Self {
             inputs,
             reply,
             span,
             place,
         } = self;
-        drop(place);
-        Job {
+        let job = Job {
             inputs,
             reply,
             lease,
             span,
-        }
+        };
+        (job, place)
     }
 }
 
 /// Where batches wait for a replica, under one lock: a replica goes idle
-/// only when nothing is staged, and a batch is staged only when its caller
-/// could not take an idle replica, so no batch waits beside an idle replica.
+/// only when nothing is staged, a batch is staged only when its caller
+/// could claim no idle replica's permit, and a caller that claims one while
+/// batches are staged runs the oldest of them first. (A permit held by
+/// another handle's pending `poll_ready` is the exception: that handle runs
+/// the staged batch when it calls, or when it is dropped.)
 pub(super) struct Places<I, O> {
     /// Indices of idle replicas. Its length equals the semaphore's free
     /// permits plus the permits reserved but not yet used: an index goes in
@@ -119,8 +123,8 @@ pub(super) struct Places<I, O> {
     pub(super) idle: Vec<usize>,
     /// Batches waiting for the next replica to free, oldest first.
     pub(super) staged: VecDeque<Staged<I, O>>,
-    /// Which replicas have served at least once: each adds one place to the
-    /// stage when it first does.
+    /// Which replicas have been ready at least once: each adds one place to
+    /// the stage when it first is, and takes it away when it fails for good.
     served: Vec<bool>,
 }
 
@@ -338,6 +342,11 @@ impl<I, O> Board<I, O> {
     /// serve instead of letting callers wait on an empty pool.
     pub(super) fn fail_for_good(&self, index: usize, reason: &str) {
         tracing::error!(replica = index, reason, "replica failed for good");
+        // Its place in the stage goes with it, once free (best effort: a
+        // place in use stays until the last replica fails).
+        if std::mem::take(&mut lock(&self.places).served[index]) {
+            self.stage.forget_permits(1);
+        }
         self.update(index, |status| {
             status.state = ReplicaState::Failed;
             status.failed_for_good = true;
@@ -392,7 +401,9 @@ impl<I, O> Board<I, O> {
                 self.stage.add_permits(1);
             }
             if let Some(staged) = places.staged.pop_front() {
-                Some(staged.into_job(lease))
+                let (job, place) = staged.into_job(lease);
+                drop(place);
+                Some(job)
             } else {
                 // Never twice: one permit per idle replica. (The lease
                 // dropped here forgets its permit; the index already has one.)

@@ -22,7 +22,8 @@
 //! free, straight from its own thread, so no wake-up of the batcher and no
 //! new batch formation sits between two batches. A full batch cannot grow
 //! by waiting, so staging it early costs it nothing; a batch that is not full
-//! is never staged, and keeps gathering requests in the batcher's queue.
+//! when the batcher asks is not staged (only requests cancelled in between
+//! can shrink one), and keeps gathering requests in the batcher's queue.
 //!
 //! # Failures
 //!

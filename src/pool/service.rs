@@ -39,7 +39,7 @@ pub struct Pool<I, O> {
 /// How often a caller waiting for room in a full stage looks again. A place
 /// frees when a replica takes a staged batch, and having the replica wake
 /// the caller then would cost that replica tens of microseconds before its
-/// next batch (measured: 35–45 µs per wake from a replica thread on a
+/// next batch (measured: 40–46 µs per wake from a replica thread on a
 /// 2-vCPU VM); a staged batch waits a whole batch anyway, so looking again
 /// each millisecond finds the room in time for any batch longer than that.
 const STAGE_RECHECK: Duration = Duration::from_millis(1);
@@ -260,29 +260,55 @@ where
             .expect("Pool::call without a successful poll_ready");
         let (reply, rx) = oneshot::channel();
         let span = tracing::Span::current();
-        let board = &self.shared.board;
+        let board = self.shared.board.clone();
         let mut places = lock(&board.places);
-        let permit = match reserved {
-            Reserved::Replica(permit) => permit,
+        // Every replica failed for good: a batch staged now would never run.
+        // Dropped, its future answers `Closed`.
+        if board.semaphore.is_closed() {
+            return ResponseFuture::new(rx);
+        }
+        // The batch to run now, as (inputs, reply, span), and its permit.
+        let (run, permit) = match reserved {
             Reserved::Stage(place) => {
                 // A replica that freed since `poll_ready` may have given its
                 // permit to this handle's pending acquire: it runs the batch
-                // now. Checked under the lock that replicas go idle under, so
-                // the batch is either run or seen by the next replica to free.
-                let mut noop = Context::from_waker(Waker::noop());
-                match self.semaphore.poll_acquire(&mut noop) {
-                    Poll::Ready(Some(permit)) => permit,
-                    _ => {
-                        places.staged.push_back(Staged {
-                            inputs,
-                            reply,
-                            span,
-                            place,
-                        });
-                        return ResponseFuture::new(rx);
-                    }
-                }
+                // now. Checked under the lock replicas go idle under, so the
+                // batch is either run or seen by the next replica to free.
+                let Some(permit) = self.claim_idle() else {
+                    places.staged.push_back(Staged {
+                        inputs,
+                        reply,
+                        span,
+                        place,
+                    });
+                    drop(places);
+                    // No acquire of this handle stays queued to take the
+                    // permit of a replica that frees later.
+                    self.semaphore = PollSemaphore::new(board.semaphore.clone());
+                    return ResponseFuture::new(rx);
+                };
+                ((inputs, reply, span), permit)
             }
+            Reserved::Replica(permit) => match places.staged.pop_front() {
+                // Batches staged while this replica was reserved go first;
+                // this one takes the oldest's place in the stage.
+                Some(oldest) => {
+                    let Staged {
+                        inputs: first,
+                        reply: first_reply,
+                        span: first_span,
+                        place,
+                    } = oldest;
+                    places.staged.push_back(Staged {
+                        inputs,
+                        reply,
+                        span,
+                        place,
+                    });
+                    ((first, first_reply, first_span), permit)
+                }
+                None => ((inputs, reply, span), permit),
+            },
         };
         // A permit stands for an idle replica (see `Places::idle`), so this
         // finds one; if it ever did not, the batch fails and nothing hangs.
@@ -291,6 +317,7 @@ where
             return ResponseFuture::new(rx);
         };
         drop(places);
+        let (inputs, reply, span) = run;
         let job = Job {
             inputs,
             reply,
@@ -305,6 +332,23 @@ where
 }
 
 impl<I, O> Pool<I, O> {
+    /// An idle replica's permit, if this handle's pending acquire was given
+    /// one or one is free, without waiting (and without tokio's cooperative
+    /// budget, which would report a permit already taken as pending).
+    fn claim_idle(&mut self) -> Option<OwnedSemaphorePermit> {
+        let own = {
+            let semaphore = &mut self.semaphore;
+            let claim =
+                tokio::task::unconstrained(std::future::poll_fn(|cx| semaphore.poll_acquire(cx)));
+            let mut claim = std::pin::pin!(claim);
+            match claim.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+                Poll::Ready(permit) => permit,
+                Poll::Pending => None,
+            }
+        };
+        own.or_else(|| self.shared.board.semaphore.clone().try_acquire_owned().ok())
+    }
+
     /// Arranges for `cx` to be woken [`STAGE_RECHECK`] from now.
     fn recheck_stage(&mut self, cx: &mut Context<'_>) {
         let at = saturating_deadline(tokio::time::Instant::now(), STAGE_RECHECK);
@@ -325,21 +369,30 @@ impl<I, O> Pool<I, O> {
 }
 
 impl<I, O> Drop for Pool<I, O> {
-    /// A replica reserved and never called would sit idle beside a staged
-    /// batch; it runs that batch instead.
+    /// A replica this handle reserved, or whose permit its pending acquire
+    /// was given, would sit idle beside a staged batch; it runs that batch.
     fn drop(&mut self) {
-        let Some(Reserved::Replica(permit)) = self.reserved.take() else {
-            return;
+        let reserved = match self.reserved.take() {
+            Some(Reserved::Replica(permit)) => Some(permit),
+            _ => None,
         };
-        let mut places = lock(&self.shared.board.places);
+        let board = self.shared.board.clone();
+        // Gives back a permit the pending acquire holds.
+        self.semaphore = PollSemaphore::new(board.semaphore.clone());
+        let mut places = lock(&board.places);
         if places.staged.is_empty() || places.idle.is_empty() {
             return;
         }
+        let Some(permit) = reserved.or_else(|| board.semaphore.clone().try_acquire_owned().ok())
+        else {
+            return;
+        };
         let (Some(index), Some(staged)) = (places.idle.pop(), places.staged.pop_front()) else {
             return;
         };
         drop(places);
-        let job = staged.into_job(Lease::new(index, permit));
+        let (job, place) = staged.into_job(Lease::new(index, permit));
+        drop(place);
         let _ = lock(&self.shared.jobs[index]).send(job);
     }
 }
