@@ -22,6 +22,15 @@
 //! ([`align_candle_threads`](candlewick::device::align_candle_threads)), as
 //! the server does.
 //!
+//! A second last table measures what length grouping can win at best, with
+//! no serving layer at all: one thread runs `scripts/mixed.lua`'s traffic
+//! (sentences of log-uniform 8–256 words) and uniform 72-word sentences
+//! (about the same mean) through the model's `forward` in batches of 16
+//! (what a server with 32 clients and two replicas forms), in arrival order
+//! and after sorting every sentence by length (perfect grouping), in whole
+//! passes over the same 128 sentences each. Mixed over uniform sentences/s is the ratio the example
+//! server's mixed-traffic figure is judged against.
+//!
 //! Run it with `cargo bench --bench bert`. Positional arguments filter the
 //! runs by substring of `model/inputs/mode/callers` (the last table:
 //! `model/ceiling`). Environment variables:
@@ -443,6 +452,84 @@ fn main() {
             openai.1
         );
     }
+
+    println!();
+    println!(
+        "## What length grouping can win: `scripts/mixed.lua`'s traffic through `forward`, batches of 16, one thread, no serving layer"
+    );
+    println!();
+    println!(
+        "| model | uniform 72 words, sentences/s | mixed, arrival order | ratio | mixed, sorted by length | ratio |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (model, loader) in &models {
+        if !selected(&format!("{model}/grouping")) {
+            continue;
+        }
+        let uniform = lua_sentences(loader, Some(72), 128);
+        let mixed = lua_sentences(loader, None, 128);
+        let mut sorted = mixed.clone();
+        sorted.sort_by_key(Vec::len);
+        let base = forward_rate(&setup, loader, &uniform, 16);
+        let arrival = forward_rate(&setup, loader, &mixed, 16);
+        let grouped = forward_rate(&setup, loader, &sorted, 16);
+        println!(
+            "| {model} | {base:.1} | {arrival:.1} | {:.2} | {grouped:.1} | {:.2} |",
+            arrival / base,
+            grouped / base
+        );
+    }
+}
+
+/// Words of `scripts/mixed.lua`.
+const MIXED_LUA_WORDS: &[&str] = &[
+    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "near", "river", "bank",
+    "under", "a", "pale", "sky", "while", "birds", "sing",
+];
+
+/// Sentences per second of one thread running all of `sentences` through
+/// the model in batches of `batch`, in the given order: whole passes, for
+/// at least `setup.secs`, after one unmeasured batch.
+fn forward_rate(setup: &Setup, loader: &BertLoader, sentences: &[Vec<u32>], batch: usize) -> f64 {
+    let model = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(loader.load(&Device::Cpu))
+        .expect("the model loads");
+    model.forward(&sentences[..batch]).expect("a forward pass");
+    let started = Instant::now();
+    let mut done = 0usize;
+    while done == 0 || started.elapsed() < setup.secs {
+        for chunk in sentences.chunks(batch) {
+            model.forward(chunk).expect("a forward pass");
+        }
+        done += sentences.len();
+    }
+    done as f64 / started.elapsed().as_secs_f64()
+}
+
+/// `scripts/mixed.lua`'s sentences (or `uniform` words each), encoded as
+/// the server encodes them (truncated to the model's limit).
+fn lua_sentences(loader: &BertLoader, uniform: Option<usize>, n: usize) -> Vec<Vec<u32>> {
+    let encoder = loader.encoder();
+    let mut rng = common::SplitMix64(2026);
+    (0..n)
+        .map(|_| {
+            let words = uniform.unwrap_or_else(|| {
+                let (lo, hi) = (8f64.ln(), 256f64.ln());
+                (lo + rng.next_f64() * (hi - lo)).exp().floor() as usize
+            });
+            let text: Vec<&str> = (0..words)
+                .map(|_| {
+                    let pick = (rng.next_f64() * MIXED_LUA_WORDS.len() as f64) as usize;
+                    MIXED_LUA_WORDS[pick.min(MIXED_LUA_WORDS.len() - 1)]
+                })
+                .collect();
+            encoder
+                .encode(&text.join(" "), Some(bert::Direction::Right))
+                .expect("the text encodes")
+        })
+        .collect()
 }
 
 /// The model directory to serve `model` from; `None` for the built-in one.
