@@ -147,26 +147,22 @@ where
     }
     // Counted when the queue handed this batch out, itself included.
     let in_flight = shared.queue.batches_in_flight();
-    let (parallel, begun) = if shared.hooks.staging.is_some() {
-        let mut staged = lock(&shared.staged);
-        // Staged batches do not run yet, so are not parallel to this one.
-        let parallel = in_flight.saturating_sub(staged.len());
-        // Whether it waits in the pool's stage, as far as can be told: a
-        // replica that frees before `call` runs it at once instead.
-        let begun = shared
-            .hooks
-            .staging
-            .as_ref()
-            .is_some_and(|staging| staging.would_stage())
-            .then(|| {
+    let (parallel, begun) = match &shared.hooks.staging {
+        None => (in_flight, None),
+        Some(staging) => {
+            let mut staged = lock(&shared.staged);
+            // Staged batches do not run yet, so are not parallel to this one.
+            let parallel = in_flight.saturating_sub(staged.len());
+            // Whether it waits in the pool's stage, as far as can be told: a
+            // replica that frees before `call` runs it at once instead.
+            let begun = staging.would_stage().then(|| {
                 let begun = Arc::new(Begun::new());
                 staged.push_back(begun.clone());
                 shared.metrics.staged.increment(1);
                 begun
             });
-        (parallel, begun)
-    } else {
-        (in_flight, None)
+            (parallel, begun)
+        }
     };
     // From here the batch's bookkeeping is done however it ends.
     let mut finish = Finish {

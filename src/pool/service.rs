@@ -292,20 +292,14 @@ where
             Reserved::Replica(permit) => match places.staged.pop_front() {
                 // Batches staged while this replica was reserved go first;
                 // this one takes the oldest's place in the stage.
-                Some(oldest) => {
-                    let Staged {
-                        inputs: first,
-                        reply: first_reply,
-                        span: first_span,
-                        place,
-                    } = oldest;
-                    places.staged.push_back(Staged {
-                        inputs,
-                        reply,
-                        span,
-                        place,
-                    });
-                    ((first, first_reply, first_span), permit)
+                Some(mut oldest) => {
+                    let first = (
+                        std::mem::replace(&mut oldest.inputs, inputs),
+                        std::mem::replace(&mut oldest.reply, reply),
+                        std::mem::replace(&mut oldest.span, span),
+                    );
+                    places.staged.push_back(oldest);
+                    (first, permit)
                 }
                 None => ((inputs, reply, span), permit),
             },
