@@ -50,7 +50,7 @@
 //! | `CANDLEWICK_BENCH_MAX_BATCH` | `B`, the batch size limit | 64 |
 //! | `CANDLEWICK_BENCH_SPIN_US` | the model sleeps until this long before its deadline, then yields in a loop (0: plain sleep) | 100 |
 //! | `CANDLEWICK_BENCH_MAX_WAIT_US` | candlewick's `max_wait`, µs | 2000 (the default) |
-//! | `CANDLEWICK_BENCH_HANDOFF_SPIN_US` | candlewick's `PoolConfig::handoff_spin`, µs | 200 (the default) |
+//! | `CANDLEWICK_BENCH_HANDOFF_SPIN_US` | candlewick's `PoolConfig::handoff_spin`, µs | 100 (the default) |
 //! | `CANDLEWICK_BENCH_COMPUTE_PRIORITY` | candlewick's `PoolConfig::compute_priority`: `background` or `normal` | background (the default) |
 //! | `CANDLEWICK_BENCH_PEER_LATENCY_US` | the `tower-batch*` crates' batch timer, µs | 500 |
 //! | `CANDLEWICK_BENCH_QUEUE` | candlewick's queue capacity | 16384 |
@@ -110,7 +110,7 @@ impl Params {
             spin: micros("CANDLEWICK_BENCH_SPIN_US", 100.0),
             max_batch: env_or("CANDLEWICK_BENCH_MAX_BATCH", 64),
             max_wait: micros("CANDLEWICK_BENCH_MAX_WAIT_US", 2000.0),
-            handoff_spin: micros("CANDLEWICK_BENCH_HANDOFF_SPIN_US", 200.0),
+            handoff_spin: micros("CANDLEWICK_BENCH_HANDOFF_SPIN_US", 100.0),
             compute_priority: match env_or(
                 "CANDLEWICK_BENCH_COMPUTE_PRIORITY",
                 "background".to_owned(),

@@ -151,7 +151,7 @@ pub struct PoolConfig {
     /// exist at any time. 1 means a replica is never replaced after a stall.
     pub max_stuck_threads: NonZeroUsize,
     /// How long a replica that just answered a batch polls for its next one
-    /// before it blocks. Default: 200 µs.
+    /// before it blocks. Default: 100 µs.
     ///
     /// Under load the batcher hands a freed replica its next batch within
     /// microseconds, but waking a blocked thread costs tens of them, idle
@@ -228,7 +228,7 @@ impl Default for PoolConfig {
             failure_policy: FailurePolicy::default(),
             stall_timeout: Some(Duration::from_secs(60)),
             max_stuck_threads: NonZeroUsize::new(2).expect("nonzero"),
-            handoff_spin: Duration::from_micros(200),
+            handoff_spin: Duration::from_micros(100),
         }
     }
 }
