@@ -1060,10 +1060,21 @@ fn canary_rollouts_that_cannot_work_are_refused() {
             .with_canary_rollout(canary_rollout().with_measurements(Duration::from_secs(60), 0)),
         "at least one measurement",
     );
+    for ratio in [f64::NAN, 0.0, -1.0, f64::INFINITY] {
+        refused(
+            builder().with_canary_rollout(canary_rollout().with_max_latency_ratio(ratio)),
+            "finite",
+        );
+    }
     refused(
-        builder().with_canary_rollout(canary_rollout().with_max_latency_ratio(f64::NAN)),
-        "finite",
+        builder().with_canary_rollout(canary_rollout().with_max_error_ratio_increase(-0.01)),
+        "not negative",
     );
+    // No rise in the error ratio at all is a policy, not a mistake.
+    builder()
+        .with_canary_rollout(canary_rollout().with_max_error_ratio_increase(0.0))
+        .build()
+        .unwrap();
     // With a spare GPU the canary pods can schedule.
     builder()
         .with_gpu(gpu().with_headroom(true))

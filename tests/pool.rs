@@ -343,6 +343,23 @@ async fn a_stalled_batch_is_answered_and_its_replica_replaced() {
     assert_eq!(pool.idle_replicas(), 1);
 }
 
+#[test]
+fn a_zero_stall_timeout_is_refused() {
+    let config = quick_restarts(1).with_stall_timeout(Some(Duration::ZERO));
+    let err = Pool::new(troubled, config).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PoolError::Invalid {
+                setting: "stall_timeout",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("longer than zero"), "{err}");
+}
+
 #[tokio::test]
 async fn a_cpu_replica_reports_whether_candle_computes_at_its_parallelism() {
     let loader = |_: &Device| -> Result<_, BoxError> {

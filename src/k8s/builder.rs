@@ -497,9 +497,17 @@ impl ManifestBuilder {
                     "needs at least one measurement per step, at least 1 s apart",
                 );
             }
-            let finite = |x: f64| x.is_finite() && x >= 0.0;
-            if !finite(rollout.max_error_ratio_increase) || !finite(rollout.max_latency_ratio) {
-                return invalid("canary_rollout", "thresholds are finite and not negative");
+            // An error ratio may not rise at all (0); a latency ratio of 0
+            // would fail every canary, however fast.
+            if !(rollout.max_error_ratio_increase.is_finite()
+                && rollout.max_error_ratio_increase >= 0.0
+                && rollout.max_latency_ratio.is_finite()
+                && rollout.max_latency_ratio > 0.0)
+            {
+                return invalid(
+                    "canary_rollout",
+                    "thresholds are finite, the error ratio increase not negative and the latency ratio above 0",
+                );
             }
         }
         if let Some(volume) = &plan.model_volume

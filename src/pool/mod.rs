@@ -133,7 +133,8 @@ pub struct PoolConfig {
     pub failure_policy: FailurePolicy,
     /// A batch running longer than this is answered with
     /// [`FailureKind::Stalled`](crate::error::FailureKind::Stalled) and its replica replaced by a fresh one. `None`
-    /// disables the watchdog. Default: 60 s.
+    /// disables the watchdog; zero is refused ([`PoolError::Invalid`]).
+    /// Default: 60 s.
     ///
     /// The stuck thread cannot be interrupted: it keeps its model, and its
     /// device memory, until `forward` returns, and then exits. See
@@ -448,6 +449,14 @@ pub enum PoolError {
     },
     /// The stall watchdog's thread could not be started.
     Watchdog(std::io::Error),
+    /// A setting cannot work, such as a zero stall timeout (every batch
+    /// would count as stalled the moment it starts).
+    Invalid {
+        /// The setting.
+        setting: &'static str,
+        /// What it must be.
+        reason: &'static str,
+    },
     /// A replica thread could not be started.
     Spawn {
         /// The index of the replica.
@@ -466,6 +475,7 @@ impl std::fmt::Display for PoolError {
                 "cannot run replicas on {}: {reason}",
                 crate::device::format_location(*device)
             ),
+            Self::Invalid { setting, reason } => write!(f, "invalid `{setting}`: {reason}"),
             Self::Watchdog(_) => f.write_str("cannot start the stall watchdog's thread"),
             Self::Spawn { replica, .. } => {
                 write!(f, "cannot start the thread of replica {replica}")
@@ -477,7 +487,7 @@ impl std::fmt::Display for PoolError {
 impl std::error::Error for PoolError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Self::NoDevices | Self::DeviceUnsupported { .. } => None,
+            Self::NoDevices | Self::DeviceUnsupported { .. } | Self::Invalid { .. } => None,
             Self::Watchdog(source) => Some(source),
             Self::Spawn { source, .. } => Some(source),
         }

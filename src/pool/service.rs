@@ -84,6 +84,15 @@ where
         if config.devices.is_empty() {
             return Err(PoolError::NoDevices);
         }
+        if config
+            .stall_timeout
+            .is_some_and(|timeout| timeout.is_zero())
+        {
+            return Err(PoolError::Invalid {
+                setting: "stall_timeout",
+                reason: "longer than zero (`None` turns the watchdog off)",
+            });
+        }
         for &device in &config.devices {
             if let Some(reason) = crate::device::unsupported(device) {
                 return Err(PoolError::DeviceUnsupported { device, reason });
