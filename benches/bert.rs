@@ -487,15 +487,20 @@ const MIXED_LUA_WORDS: &[&str] = &[
     "under", "a", "pale", "sky", "while", "birds", "sing",
 ];
 
+/// The model, loaded on the CPU from the calling thread.
+fn load_cpu(loader: &BertLoader) -> <BertLoader as Loader<Vec<u32>>>::Model {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime")
+        .block_on(loader.load(&Device::Cpu))
+        .expect("the model loads")
+}
+
 /// Sentences per second of one thread running all of `sentences` through
 /// the model in batches of `batch`, in the given order: whole passes, for
 /// at least `setup.secs`, after one unmeasured batch.
 fn forward_rate(setup: &Setup, loader: &BertLoader, sentences: &[Vec<u32>], batch: usize) -> f64 {
-    let model = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("a runtime")
-        .block_on(loader.load(&Device::Cpu))
-        .expect("the model loads");
+    let model = load_cpu(loader);
     model.forward(&sentences[..batch]).expect("a forward pass");
     let started = Instant::now();
     let mut done = 0usize;
@@ -555,11 +560,7 @@ fn raw_ceiling(setup: &Setup, loader: &BertLoader, input: &[u32], batch: usize) 
                         .build()
                         .expect("a rayon pool");
                     pool.install(|| {
-                        let model = tokio::runtime::Builder::new_current_thread()
-                            .build()
-                            .expect("a runtime")
-                            .block_on(loader.load(&Device::Cpu))
-                            .expect("the model loads");
+                        let model = load_cpu(loader);
                         let inputs = vec![input.to_vec(); batch];
                         // Every replica starts measuring at the same instant.
                         if barrier.wait().is_leader() {

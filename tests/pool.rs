@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use candle_core::{Device, DeviceLocation};
 use candlewick::error::{FailureKind, ModelFailed};
-use candlewick::pool::{Backoff, FailurePolicy, Pool, PoolConfig, PoolError, ReplicaState};
+use candlewick::pool::{
+    Backoff, FailurePolicy, Pool, PoolConfig, PoolError, ReplicaState, Staging,
+};
 use candlewick::{BoxError, Serving, ServingConfig};
 use tower::{Service, ServiceExt};
 
@@ -481,12 +483,23 @@ fn is_ready(pool: &mut Pool<u32, u32>) -> bool {
 
 /// Starts `batch` on `pool`, which must be ready, and returns its answer's
 /// task.
-fn start(
-    pool: &mut Pool<u32, u32>,
-    batch: Vec<u32>,
-) -> tokio::task::JoinHandle<Result<Vec<Result<u32, ModelFailed>>, BoxError>> {
+fn start(pool: &mut Pool<u32, u32>, batch: Vec<u32>) -> Started {
     assert!(is_ready(pool), "the pool takes {batch:?}");
     tokio::spawn(pool.call(batch))
+}
+
+/// The answer of a batch started with [`start`].
+type Started = tokio::task::JoinHandle<Result<Vec<Result<u32, ModelFailed>>, BoxError>>;
+
+/// A gated pool of `config` that has served `[1]` (so its one replica has
+/// added a place to the stage) and now runs `blocker`, held at the gate.
+async fn busy(config: PoolConfig, blocker: u32) -> (Pool<u32, u32>, Gated, Staging, Started) {
+    let (mut pool, gated) = gated(config);
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let running = start(&mut pool, vec![blocker]);
+    until_seen(&gated, 2).await;
+    (pool, gated, staging, running)
 }
 
 /// Waits until the model has seen `n` batches.
@@ -503,11 +516,7 @@ async fn until_seen(gated: &Gated, n: usize) {
 
 #[tokio::test]
 async fn a_busy_pool_stages_a_batch_only_when_offered_one_and_runs_it_when_the_replica_frees() {
-    let (mut pool, gated) = gated(quick_restarts(1));
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
-    let running = start(&mut pool, vec![7777]);
-    until_seen(&gated, 2).await;
+    let (mut pool, gated, staging, running) = busy(quick_restarts(1), 7777).await;
     // Busy, and no full batch offered: not ready, as without a stage.
     assert!(!is_ready(&mut pool));
     assert!(staging.would_stage());
@@ -534,11 +543,7 @@ async fn a_busy_pool_stages_a_batch_only_when_offered_one_and_runs_it_when_the_r
 
 #[tokio::test]
 async fn a_staged_batch_runs_after_its_replica_panics_and_reloads() {
-    let (mut pool, gated) = gated(quick_restarts(1));
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
-    let crashing = start(&mut pool, vec![3000]);
-    until_seen(&gated, 2).await;
+    let (mut pool, gated, staging, crashing) = busy(quick_restarts(1), 3000).await;
     staging.offer_full_batch(true);
     let staged = start(&mut pool, vec![5]);
     gated.release.send(()).unwrap();
@@ -551,11 +556,7 @@ async fn a_staged_batch_runs_after_its_replica_panics_and_reloads() {
 #[tokio::test]
 async fn a_staged_batch_runs_on_the_replacement_of_a_stalled_replica() {
     let config = quick_restarts(1).with_stall_timeout(Some(Duration::from_millis(500)));
-    let (mut pool, gated) = gated(config);
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
-    let stuck = start(&mut pool, vec![7777]);
-    until_seen(&gated, 2).await;
+    let (mut pool, gated, staging, stuck) = busy(config, 7777).await;
     staging.offer_full_batch(true);
     let staged = start(&mut pool, vec![6]);
     let outcomes = stuck.await.unwrap().unwrap();
@@ -573,11 +574,7 @@ async fn a_staged_batch_is_closed_once_no_replica_can_serve() {
     let config = quick_restarts(1)
         .with_stall_timeout(Some(Duration::from_millis(500)))
         .with_max_stuck_threads(NonZeroUsize::MIN);
-    let (mut pool, gated) = gated(config);
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
-    let stuck = start(&mut pool, vec![7777]);
-    until_seen(&gated, 2).await;
+    let (mut pool, gated, staging, stuck) = busy(config, 7777).await;
     staging.offer_full_batch(true);
     let staged = start(&mut pool, vec![6]);
     let outcomes = stuck.await.unwrap().unwrap();
@@ -685,11 +682,7 @@ async fn a_stage_place_reserved_before_the_pool_closes_is_answered_closed() {
     let config = quick_restarts(1)
         .with_stall_timeout(Some(Duration::from_millis(100)))
         .with_max_stuck_threads(NonZeroUsize::MIN);
-    let (mut pool, gated) = gated(config);
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
-    let stuck = start(&mut pool, vec![7777]);
-    until_seen(&gated, 2).await;
+    let (mut pool, gated, staging, stuck) = busy(config, 7777).await;
     staging.offer_full_batch(true);
     // Reserved while the replica may still serve; called once none can.
     assert!(is_ready(&mut pool));

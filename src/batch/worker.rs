@@ -265,7 +265,9 @@ impl<I, O> Drop for Finish<I, O> {
             }
             // Its replica, free again, took the oldest staged batch, which
             // began now beside the others running (this one still counted).
-            if let Some(next) = self.answered.then(|| staged.pop_front()).flatten() {
+            if self.answered
+                && let Some(next) = staged.pop_front()
+            {
                 let running = self
                     .shared
                     .queue

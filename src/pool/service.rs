@@ -18,7 +18,7 @@ use super::replica;
 use super::shared::{Shared, Spawn};
 use super::{CpuThreads, PoolConfig, PoolError, ReplicaStatus, watchdog};
 use crate::BoxError;
-use crate::contain::{lock, saturating_deadline};
+use crate::contain::{drop_contained, lock, saturating_deadline};
 use crate::error::{Closed, ModelFailed};
 use crate::model::{Loader, Model, ModelInfo};
 
@@ -31,6 +31,9 @@ use crate::model::{Loader, Model, ModelInfo};
 pub struct Pool<I, O> {
     shared: Arc<Shared<I, O>>,
     semaphore: PollSemaphore,
+    /// Whether `semaphore`'s acquire waits in the queue (the last poll was
+    /// pending), so a freed replica's permit may go to this handle.
+    queued: bool,
     /// When to look at the stage again; see [`STAGE_RECHECK`].
     recheck: Option<Pin<Box<Sleep>>>,
     reserved: Option<Reserved>,
@@ -142,6 +145,7 @@ where
         }
         Ok(Self {
             semaphore: PollSemaphore::new(shared.board.semaphore.clone()),
+            queued: false,
             recheck: None,
             shared,
             reserved: None,
@@ -213,6 +217,7 @@ impl<I, O> Clone for Pool<I, O> {
         Self {
             shared: self.shared.clone(),
             semaphore: self.semaphore.clone(),
+            queued: false,
             recheck: None,
             reserved: None,
         }
@@ -243,7 +248,9 @@ where
             return Poll::Ready(Ok(()));
         }
         // Both semaphores close once every replica failed for good.
-        let reserved = match self.semaphore.poll_acquire(cx) {
+        let acquired = self.semaphore.poll_acquire(cx);
+        self.queued = acquired.is_pending();
+        let reserved = match acquired {
             Poll::Ready(Some(permit)) => Reserved::Replica(permit),
             Poll::Ready(None) => return Poll::Ready(Err(self.closed())),
             Poll::Pending if self.shared.board.stage_wanted() => {
@@ -274,6 +281,8 @@ where
         // Every replica failed for good: a batch staged now would never run.
         // Dropped, its future answers `Closed`.
         if board.semaphore.is_closed() {
+            drop(places);
+            drop_contained(inputs, "a batch's inputs");
             return ResponseFuture::new(rx);
         }
         // The batch to run now, as (inputs, reply, span), and its permit.
@@ -294,6 +303,7 @@ where
                     // No acquire of this handle stays queued to take the
                     // permit of a replica that frees later.
                     self.semaphore = PollSemaphore::new(board.semaphore.clone());
+                    self.queued = false;
                     return ResponseFuture::new(rx);
                 };
                 ((inputs, reply, span), permit)
@@ -349,6 +359,9 @@ impl<I, O> Pool<I, O> {
                 Poll::Pending => None,
             }
         };
+        if own.is_some() {
+            self.queued = false;
+        }
         own.or_else(|| self.shared.board.semaphore.clone().try_acquire_owned().ok())
     }
 
@@ -379,6 +392,11 @@ impl<I, O> Drop for Pool<I, O> {
             Some(Reserved::Replica(permit)) => Some(permit),
             _ => None,
         };
+        // A handle that holds no permit and waits for none (most clones)
+        // has nothing to hand over.
+        if reserved.is_none() && !self.queued {
+            return;
+        }
         let board = self.shared.board.clone();
         // Gives back a permit the pending acquire holds.
         self.semaphore = PollSemaphore::new(board.semaphore.clone());
