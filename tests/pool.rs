@@ -699,3 +699,80 @@ async fn a_stage_place_reserved_before_the_pool_closes_is_answered_closed() {
     assert!(err.is::<candlewick::error::Closed>(), "{err}");
     gated.release.send(()).unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_that_fails_for_good_takes_its_place_in_the_stage_away_even_in_use() {
+    // Two replicas of a model that blocks on 3000 until `crash` is released,
+    // then panics, and blocks on 7777 until `finish` is; every load after
+    // the first two fails for good.
+    let (crash, crash_gate) = std::sync::mpsc::channel::<()>();
+    let (finish, finish_gate) = std::sync::mpsc::channel::<()>();
+    let gates = Arc::new((Mutex::new(crash_gate), Mutex::new(finish_gate)));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let loader = {
+        let loads = loads.clone();
+        move |_: &Device| -> Result<_, BoxError> {
+            if loads.fetch_add(1, Ordering::SeqCst) >= 2 {
+                return Err(candlewick::error::Unrecoverable::new("the device is gone").into());
+            }
+            let gates = gates.clone();
+            Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
+                if batch.contains(&3000) {
+                    let _ = gates.0.lock().unwrap().recv();
+                    panic!("kernel crashed");
+                }
+                if batch.contains(&7777) {
+                    let _ = gates.1.lock().unwrap().recv();
+                }
+                Ok(batch.iter().map(|x| x * 2).collect())
+            })
+        }
+    };
+    let mut pool = Pool::new(loader, quick_restarts(2)).unwrap();
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let until = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
+        let reached = async {
+            while !done() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), reached)
+            .await
+            .unwrap_or_else(|_| panic!("{what}"));
+    };
+    let both_idle = {
+        let pool = pool.clone();
+        Box::new(move || pool.idle_replicas() == 2)
+    };
+    until("both replicas ready", both_idle).await;
+    // Both busy, and both places in the stage taken.
+    let crashing = start(&mut pool, vec![3000]);
+    let running = start(&mut pool, vec![7777]);
+    staging.offer_full_batch(true);
+    let staged = [start(&mut pool, vec![5]), start(&mut pool, vec![6])];
+    assert!(!is_ready(&mut pool.clone()), "two places, both taken");
+    // One replica crashes and cannot reload: its place is owed, in use.
+    crash.send(()).unwrap();
+    let outcomes = crashing.await.unwrap().unwrap();
+    assert_eq!(outcomes[0].clone().unwrap_err().kind(), FailureKind::Panic);
+    let failed = {
+        let pool = pool.clone();
+        Box::new(move || pool.replicas().iter().any(|r| r.failed_for_good))
+    };
+    until("a replica failed for good", failed).await;
+    // The other runs both staged batches.
+    finish.send(()).unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), [Ok(15554)]);
+    let [five, six] = staged;
+    assert_eq!(five.await.unwrap().unwrap(), [Ok(10)]);
+    assert_eq!(six.await.unwrap().unwrap(), [Ok(12)]);
+    // One replica left, one place: a second batch cannot be staged.
+    let running = start(&mut pool, vec![7777]);
+    let staged = start(&mut pool, vec![8]);
+    assert!(!is_ready(&mut pool.clone()), "one place, taken");
+    finish.send(()).unwrap();
+    assert_eq!(running.await.unwrap().unwrap(), [Ok(15554)]);
+    assert_eq!(staged.await.unwrap().unwrap(), [Ok(16)]);
+    assert_eq!(loads.load(Ordering::SeqCst), 3);
+}

@@ -20,12 +20,20 @@ use crate::error::ModelFailed;
 pub(super) type Outcomes<O> = Vec<Result<O, ModelFailed>>;
 pub(super) type Reply<O> = oneshot::Sender<Outcomes<O>>;
 
-/// One batch for a replica.
-pub(super) struct Job<I, O> {
+/// A batch handed to the pool, and where its answer goes.
+pub(super) struct Batch<I, O> {
     pub(super) inputs: Vec<I>,
     pub(super) reply: Reply<O>,
-    pub(super) lease: Lease,
     pub(super) span: tracing::Span,
+    /// Whether the replica that runs it may poll for its next batch after
+    /// (see [`PoolConfig::handoff_spin`](super::PoolConfig::handoff_spin)).
+    pub(super) poll_after: bool,
+}
+
+/// One batch for a replica, under the lease of that replica.
+pub(super) struct Job<I, O> {
+    pub(super) batch: Batch<I, O>,
+    pub(super) lease: Lease,
 }
 
 /// A replica taken off the idle set for one batch: its index and the permit
@@ -82,9 +90,7 @@ pub(super) type Slot<O> = Arc<Mutex<Option<Running<O>>>>;
 /// A batch handed to the pool while every replica was busy: the next replica
 /// to free runs it, under that replica's own lease.
 pub(super) struct Staged<I, O> {
-    pub(super) inputs: Vec<I>,
-    pub(super) reply: Reply<O>,
-    pub(super) span: tracing::Span,
+    pub(super) batch: Batch<I, O>,
     /// Its place in the stage, given back when a replica takes it.
     pub(super) place: OwnedSemaphorePermit,
 }
@@ -93,19 +99,8 @@ impl<I, O> Staged<I, O> {
     /// The job of the replica that takes this batch, and its place in the
     /// stage, free again once dropped.
     pub(super) fn into_job(self, lease: Lease) -> (Job<I, O>, OwnedSemaphorePermit) {
-        let Self {
-            inputs,
-            reply,
-            span,
-            place,
-        } = self;
-        let job = Job {
-            inputs,
-            reply,
-            lease,
-            span,
-        };
-        (job, place)
+        let Self { batch, place } = self;
+        (Job { batch, lease }, place)
     }
 }
 
@@ -126,6 +121,21 @@ pub(super) struct Places<I, O> {
     /// Which replicas have been ready at least once: each adds one place to
     /// the stage when it first is, and takes it away when it fails for good.
     served: Vec<bool>,
+    /// Places of replicas that failed for good while every place was in
+    /// use: forgotten as they come back.
+    owed: usize,
+}
+
+impl<I, O> Places<I, O> {
+    /// Gives a place in the stage back, or forgets it if one is owed.
+    pub(super) fn free(&mut self, place: OwnedSemaphorePermit) {
+        if self.owed > 0 {
+            self.owed = self.owed.saturating_sub(1);
+            place.forget();
+        } else {
+            drop(place);
+        }
+    }
 }
 
 /// What the pool's handles, the replica threads and the watchdog share.
@@ -139,6 +149,9 @@ pub(super) struct Board<I, O> {
     /// Set by the batcher while its next batch is full: only then does
     /// `poll_ready` offer a place in the stage. See [`Staging`].
     stage_wanted: AtomicBool,
+    /// Set once a batcher said whether a batch is full: from then on a
+    /// replica polls for its next batch only after a full one.
+    fullness_told: AtomicBool,
     status: Mutex<Roster>,
     pub(super) metrics: Vec<ReplicaMetrics>,
     /// Bumped on every change of `status`, for watchers.
@@ -214,6 +227,11 @@ impl Staging {
     /// Says whether the next batch the caller would hand over is full. While
     /// it is, the pool's `poll_ready` is also `Ready` when every replica is
     /// busy but the stage has room; otherwise only when a replica is idle.
+    ///
+    /// What it says at `call` also decides whether the replica that runs
+    /// the batch polls for its next one after it
+    /// ([`PoolConfig::handoff_spin`](super::PoolConfig::handoff_spin)):
+    /// once this was called, only after a full batch.
     pub fn offer_full_batch(&self, full: bool) {
         self.board.want(full);
     }
@@ -242,6 +260,7 @@ trait Stage: Send + Sync {
 impl<I: Send, O: Send> Stage for Board<I, O> {
     fn want(&self, full: bool) {
         self.stage_wanted.store(full, Ordering::Release);
+        self.fullness_told.store(true, Ordering::Release);
     }
 
     fn no_idle(&self) -> bool {
@@ -283,10 +302,12 @@ impl<I, O> Board<I, O> {
                 idle: Vec::with_capacity(count),
                 staged: VecDeque::with_capacity(count),
                 served: vec![false; count],
+                owed: 0,
             }),
             semaphore: Arc::new(Semaphore::new(0)),
             stage: Arc::new(Semaphore::new(0)),
             stage_wanted: AtomicBool::new(false),
+            fullness_told: AtomicBool::new(false),
             status: Mutex::new(Roster {
                 replicas,
                 none_serving_since: Some(Instant::now()),
@@ -342,10 +363,13 @@ impl<I, O> Board<I, O> {
     /// serve instead of letting callers wait on an empty pool.
     pub(super) fn fail_for_good(&self, index: usize, reason: &str) {
         tracing::error!(replica = index, reason, "replica failed for good");
-        // Its place in the stage goes with it, once free (best effort: a
-        // place in use stays until the last replica fails).
-        if std::mem::take(&mut lock(&self.places).served[index]) {
-            self.stage.forget_permits(1);
+        // Its place in the stage goes with it: a free one now, or else the
+        // next to come back.
+        {
+            let mut places = lock(&self.places);
+            if std::mem::take(&mut places.served[index]) && self.stage.forget_permits(1) == 0 {
+                places.owed = places.owed.saturating_add(1);
+            }
         }
         self.update(index, |status| {
             status.state = ReplicaState::Failed;
@@ -402,7 +426,7 @@ impl<I, O> Board<I, O> {
             }
             if let Some(staged) = places.staged.pop_front() {
                 let (job, place) = staged.into_job(lease);
-                drop(place);
+                places.free(place);
                 Some(job)
             } else {
                 // Never twice: one permit per idle replica. (The lease
@@ -434,5 +458,13 @@ impl<I, O> Board<I, O> {
     /// Whether the batcher's next batch is full; see [`Staging`].
     pub(super) fn stage_wanted(&self) -> bool {
         self.stage_wanted.load(Ordering::Acquire)
+    }
+
+    /// Whether the replica that runs the batch handed over now may poll for
+    /// its next one: only after a full batch, if the batcher says which are
+    /// (below saturation the next batch waits on arrivals, not on a
+    /// hand-off, and polling would only burn CPU); always otherwise.
+    pub(super) fn poll_after(&self) -> bool {
+        !self.fullness_told.load(Ordering::Acquire) || self.stage_wanted()
     }
 }

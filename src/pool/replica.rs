@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::DeviceLocation;
 
-use super::board::{Board, Job, Lease, Outcomes, Reply, Running, Slot};
+use super::board::{Batch, Board, Job, Lease, Outcomes, Reply, Running, Slot};
 use super::metrics::ReplicaMetrics;
 use super::{ComputePriority, FailurePolicy, PoolConfig, ReplicaState};
 use crate::BoxError;
@@ -118,9 +118,10 @@ impl<L, I, O> Replica<L, I, O> {
             });
             // Serve until the pool is dropped, the model panics, or the
             // watchdog replaced this replica.
-            // When the last batch was answered, and whether the batch before
-            // came within the spin: under load it does and polling pays; at
-            // light load polling would only burn CPU.
+            // When the last batch was answered, if it may poll for the next
+            // (a full one: the pool is saturated), and whether the hand-off
+            // before came within the spin: under load it does and polling
+            // pays; at light load polling would only burn CPU.
             let mut freed: Option<Instant> = None;
             let mut quick = true;
             loop {
@@ -140,10 +141,11 @@ impl<L, I, O> Replica<L, I, O> {
                         job
                     }
                 };
+                let poll_after = job.batch.poll_after;
                 match catch(|| self.serve(&model, job)) {
                     Ok(Served::Ok(next)) => {
                         failures = 0;
-                        freed = next.is_none().then(Instant::now);
+                        freed = (next.is_none() && poll_after).then(Instant::now);
                         staged = next;
                     }
                     Ok(Served::Panicked(job_lease)) => {
@@ -183,10 +185,14 @@ impl<L, I, O> Replica<L, I, O> {
         L::Model: Model<I, Output = O>,
     {
         let Job {
-            inputs,
-            reply,
+            batch:
+                Batch {
+                    inputs,
+                    reply,
+                    span,
+                    poll_after: _,
+                },
             lease,
-            span,
         } = job;
         self.board.set_state(self.index, ReplicaState::Busy);
         let started = Instant::now();
@@ -271,8 +277,9 @@ impl<L, I, O> Replica<L, I, O> {
                 Err(mpsc::TryRecvError::Empty) => {}
                 Ok(job) => {
                     let err = ModelFailed::new(FailureKind::Error, "the replica was reloading");
-                    answer(job.reply, self::failures(err, job.inputs.len()).collect());
-                    drop_contained(job.inputs, "a batch's inputs");
+                    let Batch { inputs, reply, .. } = job.batch;
+                    answer(reply, self::failures(err, inputs.len()).collect());
+                    drop_contained(inputs, "a batch's inputs");
                 }
             }
             match self.load_once(runtime) {

@@ -12,7 +12,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::PollSemaphore;
 use tower::Service;
 
-use super::board::{Board, Job, Lease, PoolStatus, Staged, Staging};
+use super::board::{Batch, Board, Job, Lease, PoolStatus, Staged, Staging};
 use super::future::ResponseFuture;
 use super::replica;
 use super::shared::{Shared, Spawn};
@@ -275,30 +275,30 @@ where
             .take()
             .expect("Pool::call without a successful poll_ready");
         let (reply, rx) = oneshot::channel();
-        let span = tracing::Span::current();
         let board = self.shared.board.clone();
+        let batch = Batch {
+            inputs,
+            reply,
+            span: tracing::Span::current(),
+            poll_after: board.poll_after(),
+        };
         let mut places = lock(&board.places);
         // Every replica failed for good: a batch staged now would never run.
         // Dropped, its future answers `Closed`.
         if board.semaphore.is_closed() {
             drop(places);
-            drop_contained(inputs, "a batch's inputs");
+            drop_contained(batch, "a batch's inputs");
             return ResponseFuture::new(rx);
         }
-        // The batch to run now, as (inputs, reply, span), and its permit.
-        let (run, permit) = match reserved {
+        // The batch to run now, and its permit.
+        let (batch, permit) = match reserved {
             Reserved::Stage(place) => {
                 // A replica that freed since `poll_ready` may have given its
                 // permit to this handle's pending acquire: it runs the batch
                 // now. Checked under the lock replicas go idle under, so the
                 // batch is either run or seen by the next replica to free.
                 let Some(permit) = self.claim_idle() else {
-                    places.staged.push_back(Staged {
-                        inputs,
-                        reply,
-                        span,
-                        place,
-                    });
+                    places.staged.push_back(Staged { batch, place });
                     drop(places);
                     // No acquire of this handle stays queued to take the
                     // permit of a replica that frees later.
@@ -306,36 +306,32 @@ where
                     self.queued = false;
                     return ResponseFuture::new(rx);
                 };
-                ((inputs, reply, span), permit)
+                places.free(place);
+                (batch, permit)
             }
             Reserved::Replica(permit) => match places.staged.pop_front() {
                 // Batches staged while this replica was reserved go first;
                 // this one takes the oldest's place in the stage.
                 Some(mut oldest) => {
-                    let first = (
-                        std::mem::replace(&mut oldest.inputs, inputs),
-                        std::mem::replace(&mut oldest.reply, reply),
-                        std::mem::replace(&mut oldest.span, span),
-                    );
+                    let first = std::mem::replace(&mut oldest.batch, batch);
                     places.staged.push_back(oldest);
                     (first, permit)
                 }
-                None => ((inputs, reply, span), permit),
+                None => (batch, permit),
             },
         };
         // A permit stands for an idle replica (see `Places::idle`), so this
         // finds one; if it ever did not, the batch fails and nothing hangs.
-        let Some(index) = places.idle.pop() else {
+        let index = places.idle.pop();
+        drop(places);
+        let Some(index) = index else {
             permit.forget();
+            drop_contained(batch, "a batch's inputs");
             return ResponseFuture::new(rx);
         };
-        drop(places);
-        let (inputs, reply, span) = run;
         let job = Job {
-            inputs,
-            reply,
+            batch,
             lease: Lease::new(index, permit),
-            span,
         };
         // A send fails only if the replica thread is gone; the job and its
         // reply sender are dropped, which the future reports as `Closed`.
@@ -390,7 +386,11 @@ impl<I, O> Drop for Pool<I, O> {
     fn drop(&mut self) {
         let reserved = match self.reserved.take() {
             Some(Reserved::Replica(permit)) => Some(permit),
-            _ => None,
+            Some(Reserved::Stage(place)) => {
+                lock(&self.shared.board.places).free(place);
+                None
+            }
+            None => None,
         };
         // A handle that holds no permit and waits for none (most clones)
         // has nothing to hand over.
@@ -411,9 +411,9 @@ impl<I, O> Drop for Pool<I, O> {
         let (Some(index), Some(staged)) = (places.idle.pop(), places.staged.pop_front()) else {
             return;
         };
-        drop(places);
         let (job, place) = staged.into_job(Lease::new(index, permit));
-        drop(place);
+        places.free(place);
+        drop(places);
         let _ = lock(&self.shared.jobs[index]).send(job);
     }
 }
