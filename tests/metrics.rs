@@ -118,6 +118,11 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
         assert!(serving.infer(past).await.is_err());
         sent += 1;
     }
+    // Room for 2 reserved, then refused before the call (as when preparing
+    // the request finds it invalid).
+    let reservation = serving.batch().reserve(2).await.unwrap();
+    reservation.refuse(&candlewick::error::InvalidInput::new("not JSON"));
+    sent += 2;
     // Overload: with the only replica held on a batch of one and a full
     // batch staged, 16 of the next 22 fill the queue and 6 are shed at once.
     gate.forget_permits(gate.available_permits());
@@ -243,7 +248,7 @@ async fn every_documented_metric_is_recorded_with_plausible_values() {
 
     // Outcomes add up to the requests sent.
     assert_eq!(outcomes.values().sum::<u64>(), sent, "{outcomes:?}");
-    assert_eq!(outcomes["invalid"], 5);
+    assert_eq!(outcomes["invalid"], 7);
     assert_eq!(outcomes["model_error"], 3);
     assert_eq!(outcomes["deadline"], 2);
     assert_eq!(outcomes["draining"], 1);

@@ -293,6 +293,17 @@ fn bad_input_gets_a_4xx_with_a_json_error() {
         assert!(error["error"].is_string(), "{what}: {}", response.body);
         assert!(error["error_type"].is_string(), "{what}: {}", response.body);
     }
+    // Each refused after its room in the queue was reserved (all but the
+    // oversized body and the unknown route) counts as an invalid request.
+    let metrics = get(server.addr, "/metrics").body;
+    let invalid: f64 = metrics
+        .lines()
+        .filter(|line| {
+            line.starts_with("candlewick_requests_total{") && line.contains("outcome=\"invalid\"")
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(invalid, 7.0, "{metrics}");
     // Truncation makes the long text acceptable.
     let truncated = embed(
         server.addr,

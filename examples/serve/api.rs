@@ -11,7 +11,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use candlewick::batch::{Admission, Request, Reservation};
-use candlewick::error::{DeadlineExceeded, Overloaded, classify, find};
+use candlewick::error::{DeadlineExceeded, InvalidInput, Overloaded, classify, find};
 use candlewick::prepare::Preparer;
 use candlewick::{BoxError, Serving, ServingConfig};
 use serde::Deserialize;
@@ -143,6 +143,34 @@ impl AppState {
             .run(move || work(&state))
             .await
             .map_err(|err| E::from(ApiError::from_serving(err)))?
+    }
+
+    /// [`prepare`](Self::prepare)s a request that holds `reservation`. A
+    /// failure gives the room back and counts the request as refused in
+    /// `candlewick_requests_total`: with the preparer's own error (queue
+    /// full, a panic), or as invalid input (every error `work` returns is
+    /// the client's).
+    pub(crate) async fn prepare_reserved<T, E>(
+        &self,
+        reservation: Reservation<Vec<u32>, Vec<f32>>,
+        work: impl FnOnce(&AppState) -> Result<T, E> + Send + 'static,
+    ) -> Result<(Reservation<Vec<u32>, Vec<f32>>, T), E>
+    where
+        T: Send + 'static,
+        E: From<ApiError> + Send + 'static,
+    {
+        let state = self.clone();
+        match self.preparer.run(move || work(&state)).await {
+            Ok(Ok(prepared)) => Ok((reservation, prepared)),
+            Ok(Err(err)) => {
+                reservation.refuse(&InvalidInput::new("the request failed its preparation"));
+                Err(err)
+            }
+            Err(err) => {
+                reservation.refuse(&*err);
+                Err(E::from(ApiError::from_serving(err)))
+            }
+        }
     }
 }
 
@@ -347,8 +375,8 @@ pub(crate) async fn embed(
     let deadline = state.deadline(&headers)?;
     let body = read_body(body)?;
     let reservation = state.reserve().await?;
-    let (sequences, unit_length) = state
-        .prepare(move |state| {
+    let (reservation, (sequences, unit_length)) = state
+        .prepare_reserved(reservation, move |state| {
             let request: EmbedRequest = parse_json(&body)?;
             let how = Encoding {
                 truncate: request.truncate.then_some(request.truncation_direction),

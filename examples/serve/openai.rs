@@ -49,11 +49,16 @@ pub(crate) async fn embeddings(
     let deadline = state.deadline(&headers)?;
     let body = read_body(body)?;
     let reservation = state.reserve().await?;
-    let Prepared {
-        sequences,
-        base64,
-        dimensions,
-    } = state.prepare(move |state| prepare(state, &body)).await?;
+    let (
+        reservation,
+        Prepared {
+            sequences,
+            base64,
+            dimensions,
+        },
+    ) = state
+        .prepare_reserved(reservation, move |state| prepare(state, &body))
+        .await?;
     let tokens: usize = sequences.iter().map(Vec::len).sum();
     // Admission checks token ids (length, vocabulary): also the input's fault.
     let embeddings = state

@@ -61,9 +61,6 @@ pub(super) struct Taken<I, O> {
     pub(super) cost: usize,
     /// The sum of its inputs' own costs.
     pub(super) raw: usize,
-    /// Whether the queue held a full batch when this one was taken: it is
-    /// as large as the limits allow.
-    pub(super) full: bool,
 }
 
 impl<I, O> Taken<I, O> {
@@ -354,10 +351,8 @@ impl<I, O> Queue<I, O> {
                     WaitPolicy::Adaptive => hold,
                     WaitPolicy::Fixed => saturating_deadline(oldest, config.max_wait),
                 };
-                let full = self.is_full(&state);
-                if full || flush || now >= due_at || self.is_abandoned() {
-                    let mut taken = state.take(now, config, &mut gone, &self.metrics);
-                    taken.full = full;
+                if self.is_full(&state) || flush || now >= due_at || self.is_abandoned() {
+                    let taken = state.take(now, config, &mut gone, &self.metrics);
                     state.publish_depth(&self.metrics);
                     if taken.inputs.is_empty() {
                         Next::Empty
@@ -503,7 +498,6 @@ impl<I, O> State<I, O> {
             tickets: Vec::with_capacity(capacity),
             cost: 0,
             raw: 0,
-            full: false,
         };
         // The high lane goes first, unless the normal lane's oldest request
         // has waited past the starvation bound.

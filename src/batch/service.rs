@@ -366,6 +366,23 @@ impl<I, O> Reservation<I, O> {
         self.len() == 0
     }
 
+    /// Gives the room back, counting the requests it was reserved for as
+    /// answered with `err` in `candlewick_requests_total` (under `err`'s
+    /// outcome, as [`classify`](crate::error::classify) labels it).
+    ///
+    /// For a client request that fails between [`Batch::reserve`] and its
+    /// call: its preparation found it invalid or panicked, or the
+    /// preparation queue was full. Dropping the reservation instead gives
+    /// the room back uncounted, so the error ratio a canary is judged by
+    /// would miss such failures.
+    pub fn refuse(self, err: &(dyn std::error::Error + 'static)) {
+        let n = self.len();
+        self.batch
+            .shared
+            .metrics
+            .outcome_n(Outcome::of_error(err), n);
+    }
+
     /// Runs `requests` as one: every input is validated and measured first,
     /// and the group is queued only if all pass and its own estimated
     /// service time fits its earliest deadline

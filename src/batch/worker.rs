@@ -137,7 +137,6 @@ where
         tickets,
         cost,
         raw,
-        full,
     } = batch;
     let size = inputs.len();
     // The batch span names the requests it carried, and links to their spans.
@@ -151,9 +150,6 @@ where
     let (parallel, begun) = match &shared.hooks.staging {
         None => (in_flight, None),
         Some(staging) => {
-            // The replica that runs it polls for its next batch only after
-            // a full one.
-            staging.offer_full_batch(full);
             let mut staged = lock(&shared.staged);
             // Staged batches do not run yet, so are not parallel to this one.
             let parallel = in_flight.saturating_sub(staged.len());

@@ -25,9 +25,6 @@ pub(super) struct Batch<I, O> {
     pub(super) inputs: Vec<I>,
     pub(super) reply: Reply<O>,
     pub(super) span: tracing::Span,
-    /// Whether the replica that runs it may poll for its next batch after
-    /// (see [`PoolConfig::handoff_spin`](super::PoolConfig::handoff_spin)).
-    pub(super) poll_after: bool,
 }
 
 /// One batch for a replica, under the lease of that replica.
@@ -97,7 +94,7 @@ pub(super) struct Staged<I, O> {
 
 impl<I, O> Staged<I, O> {
     /// The job of the replica that takes this batch, and its place in the
-    /// stage, free again once dropped.
+    /// stage, to give back with [`Places::free`].
     pub(super) fn into_job(self, lease: Lease) -> (Job<I, O>, OwnedSemaphorePermit) {
         let Self { batch, place } = self;
         (Job { batch, lease }, place)
@@ -149,9 +146,6 @@ pub(super) struct Board<I, O> {
     /// Set by the batcher while its next batch is full: only then does
     /// `poll_ready` offer a place in the stage. See [`Staging`].
     stage_wanted: AtomicBool,
-    /// Set once a batcher said whether a batch is full: from then on a
-    /// replica polls for its next batch only after a full one.
-    fullness_told: AtomicBool,
     status: Mutex<Roster>,
     pub(super) metrics: Vec<ReplicaMetrics>,
     /// Bumped on every change of `status`, for watchers.
@@ -227,11 +221,6 @@ impl Staging {
     /// Says whether the next batch the caller would hand over is full. While
     /// it is, the pool's `poll_ready` is also `Ready` when every replica is
     /// busy but the stage has room; otherwise only when a replica is idle.
-    ///
-    /// What it says at `call` also decides whether the replica that runs
-    /// the batch polls for its next one after it
-    /// ([`PoolConfig::handoff_spin`](super::PoolConfig::handoff_spin)):
-    /// once this was called, only after a full batch.
     pub fn offer_full_batch(&self, full: bool) {
         self.board.want(full);
     }
@@ -260,7 +249,6 @@ trait Stage: Send + Sync {
 impl<I: Send, O: Send> Stage for Board<I, O> {
     fn want(&self, full: bool) {
         self.stage_wanted.store(full, Ordering::Release);
-        self.fullness_told.store(true, Ordering::Release);
     }
 
     fn no_idle(&self) -> bool {
@@ -307,7 +295,6 @@ impl<I, O> Board<I, O> {
             semaphore: Arc::new(Semaphore::new(0)),
             stage: Arc::new(Semaphore::new(0)),
             stage_wanted: AtomicBool::new(false),
-            fullness_told: AtomicBool::new(false),
             status: Mutex::new(Roster {
                 replicas,
                 none_serving_since: Some(Instant::now()),
@@ -458,13 +445,5 @@ impl<I, O> Board<I, O> {
     /// Whether the batcher's next batch is full; see [`Staging`].
     pub(super) fn stage_wanted(&self) -> bool {
         self.stage_wanted.load(Ordering::Acquire)
-    }
-
-    /// Whether the replica that runs the batch handed over now may poll for
-    /// its next one: only after a full batch, if the batcher says which are
-    /// (below saturation the next batch waits on arrivals, not on a
-    /// hand-off, and polling would only burn CPU); always otherwise.
-    pub(super) fn poll_after(&self) -> bool {
-        !self.fullness_told.load(Ordering::Acquire) || self.stage_wanted()
     }
 }

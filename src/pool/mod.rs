@@ -157,13 +157,11 @@ pub struct PoolConfig {
     /// Under load the batcher hands a freed replica its next batch within
     /// microseconds, but waking a blocked thread costs tens of them, idle
     /// device time paid on every batch. Polling yields the core between
-    /// polls. A replica polls only after a full batch when its batcher says
-    /// which are (through [`Pool::staging`]; [`Serving`](crate::Serving)
-    /// does): below saturation the next batch waits on arrivals, not on the
-    /// hand-off. And it polls only while its previous hand-off came within
-    /// this time, so at light load it blocks at once and burns no CPU.
-    /// `Duration::ZERO` always blocks; a value longer than the gaps between
-    /// batches keeps an idle replica polling, a core's worth of yields.
+    /// polls, and a replica polls only while its previous hand-off came
+    /// within this time, so at light load it blocks at once and burns no
+    /// CPU. `Duration::ZERO` always blocks; a value longer than the gaps
+    /// between batches keeps an idle replica polling, a core's worth of
+    /// yields.
     pub handoff_spin: Duration,
 }
 

@@ -118,10 +118,9 @@ impl<L, I, O> Replica<L, I, O> {
             });
             // Serve until the pool is dropped, the model panics, or the
             // watchdog replaced this replica.
-            // When the last batch was answered, if it may poll for the next
-            // (a full one: the pool is saturated), and whether the hand-off
-            // before came within the spin: under load it does and polling
-            // pays; at light load polling would only burn CPU.
+            // When the last batch was answered, and whether the batch before
+            // came within the spin: under load it does and polling pays; at
+            // light load polling would only burn CPU.
             let mut freed: Option<Instant> = None;
             let mut quick = true;
             loop {
@@ -141,11 +140,10 @@ impl<L, I, O> Replica<L, I, O> {
                         job
                     }
                 };
-                let poll_after = job.batch.poll_after;
                 match catch(|| self.serve(&model, job)) {
                     Ok(Served::Ok(next)) => {
                         failures = 0;
-                        freed = (next.is_none() && poll_after).then(Instant::now);
+                        freed = next.is_none().then(Instant::now);
                         staged = next;
                     }
                     Ok(Served::Panicked(job_lease)) => {
@@ -190,7 +188,6 @@ impl<L, I, O> Replica<L, I, O> {
                     inputs,
                     reply,
                     span,
-                    poll_after: _,
                 },
             lease,
         } = job;

@@ -280,7 +280,6 @@ where
             inputs,
             reply,
             span: tracing::Span::current(),
-            poll_after: board.poll_after(),
         };
         let mut places = lock(&board.places);
         // Every replica failed for good: a batch staged now would never run.
