@@ -622,6 +622,46 @@ fn a_body_that_stops_arriving_gets_a_json_408() {
 }
 
 #[test]
+fn a_client_that_stops_reading_loses_its_connection_and_its_slot() {
+    // One connection slot: while a client that never reads held it, no
+    // other client would be served.
+    let server = Server::start(&["--max-connections", "1", "--write-timeout-ms", "500"]);
+    let mut stalled = TcpStream::connect(server.addr).unwrap();
+    // Pipelined requests whose answers (megabytes of tokens each) fill the
+    // socket's buffers, written from a thread since the server stops
+    // reading them once its writes block; none is ever read.
+    let body = json!({"inputs": "word ".repeat(150_000)}).to_string();
+    let pipelined = format!(
+        "POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let writer = {
+        let mut stream = stalled.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for _ in 0..8 {
+                if stream.write_all(pipelined.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    // Waits in the listen backlog until the server gives up on the client
+    // that stopped reading (a request that waited longer fails here).
+    let started = Instant::now();
+    let info = request(server.addr, "GET", "/info", None).expect("served once the slot frees");
+    assert_eq!(info.status, 200, "{}", info.body);
+    eprintln!("the next client was served after {:?}", started.elapsed());
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert!(
+        closed_by_server(&mut stalled),
+        "the stalled connection is closed"
+    );
+    writer.join().unwrap();
+}
+
+#[test]
 fn a_request_past_the_http_timeout_gets_a_json_504() {
     let server = Server::start(&["--http-timeout-ms", "400", "--body-timeout-ms", "10000"]);
     // Each API answers in its own error shape.
@@ -1178,6 +1218,7 @@ fn minilm_dir(case: &str) -> Option<std::ffi::OsString> {
 fn zero_timeouts_and_connection_limits_are_refused_at_start() {
     for flag in [
         "--header-timeout-ms",
+        "--write-timeout-ms",
         "--body-timeout-ms",
         "--http-timeout-ms",
         "--max-connections",

@@ -1,11 +1,14 @@
 //! The HTTP edge: a bounded number of connections, each held to timeouts
-//! from hyper (headers, idle keep-alive) and tower-http (body, whole
-//! request), with JSON errors wherever a response is still possible, and a
-//! graceful close on shutdown. W3C `traceparent` continues into the request
-//! span.
+//! from hyper (headers, idle keep-alive), tower-http (body, whole request)
+//! and [`WriteTimeout`] (a response nobody reads), with JSON errors wherever
+//! a response is still possible, and a graceful close on shutdown. W3C
+//! `traceparent` continues into the request span.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -15,7 +18,10 @@ use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use pin_project::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
+use tokio::time::Sleep;
 use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -30,6 +36,8 @@ pub(crate) struct Limits {
     /// To send a request's headers, counted from when the connection waits
     /// for a request: it also closes idle keep-alive connections.
     pub(crate) header_timeout: Duration,
+    /// For a response write to make any progress.
+    pub(crate) write_timeout: Duration,
     /// Between two pieces of a request body.
     pub(crate) body_timeout: Duration,
     /// For a whole request, from its headers to its response.
@@ -138,6 +146,7 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let stream = WriteTimeout::new(stream, limits.write_timeout);
         let connection =
             http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
         let connection = connections.watch(connection);
@@ -155,5 +164,99 @@ pub(crate) async fn serve(
             ?grace,
             "connections still open after the grace period; closing"
         );
+    }
+}
+
+/// A connection whose writes must make progress within `timeout`. Once the
+/// socket's buffers are full, a client that stops reading would otherwise
+/// hold its connection, and one of the server's connection slots, forever:
+/// hyper has no write timeout, and the request timeout ends when the
+/// response is handed over, not when it is sent.
+#[pin_project]
+struct WriteTimeout<S> {
+    #[pin]
+    inner: S,
+    timeout: Duration,
+    /// Running while a write is blocked; reset by any progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+}
+
+/// `poll`, an operation of a write, with the stall timer: started when it
+/// blocks, cleared when it completes, an error once it ran out.
+fn timed<T>(
+    stalled: &mut Option<Pin<Box<Sleep>>>,
+    timeout: Duration,
+    cx: &mut Context<'_>,
+    poll: Poll<io::Result<T>>,
+) -> Poll<io::Result<T>> {
+    if poll.is_ready() {
+        *stalled = None;
+        return poll;
+    }
+    let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    match timer.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client stopped reading its response",
+        ))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write(cx, buf);
+        timed(this.stalled, *this.timeout, cx, poll)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write_vectored(cx, bufs);
+        timed(this.stalled, *this.timeout, cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.inner.poll_flush(cx);
+        timed(this.stalled, *this.timeout, cx, poll)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.inner.poll_shutdown(cx);
+        timed(this.stalled, *this.timeout, cx, poll)
     }
 }

@@ -117,6 +117,10 @@ struct Args {
     /// How long a request body may stall between two pieces, in ms.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     body_timeout_ms: u64,
+    /// How long writing a response may make no progress, in ms: a client
+    /// that stops reading loses its connection instead of holding it.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    write_timeout_ms: u64,
     /// The most time one HTTP request may take, from its headers to its
     /// response, in ms (keep it above --request-timeout-ms).
     #[arg(long, default_value_t = 35_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -294,6 +298,7 @@ async fn serve(args: Args) -> Result<(), BoxError> {
         .with_state(state);
     let limits = edge::Limits {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
+        write_timeout: Duration::from_millis(args.write_timeout_ms),
         body_timeout: Duration::from_millis(args.body_timeout_ms),
         request_timeout: Duration::from_millis(args.http_timeout_ms),
         max_connections: args.max_connections,
