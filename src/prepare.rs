@@ -15,6 +15,8 @@
 //! The cheap checks come first: reserve room in the batcher's queue
 //! ([`Batch::reserve`](crate::batch::Batch::reserve)) before preparing, so a
 //! request that would be refused is refused before any work is spent on it.
+//! If preparing fails, [`Reservation::refuse`](crate::batch::Reservation::refuse)
+//! gives the room back and counts the request under its error's outcome.
 //!
 //! # Examples
 //!

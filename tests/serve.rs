@@ -625,12 +625,22 @@ fn a_body_that_stops_arriving_gets_a_json_408() {
 fn a_client_that_stops_reading_loses_its_connection_and_its_slot() {
     // One connection slot: while a client that never reads held it, no
     // other client would be served.
-    let server = Server::start(&["--max-connections", "1", "--write-timeout-ms", "500"]);
+    // The other timeouts are long: only the write timeout can free the slot.
+    let server = Server::start(&[
+        "--max-connections",
+        "1",
+        "--write-timeout-ms",
+        "500",
+        "--header-timeout-ms",
+        "120000",
+        "--body-timeout-ms",
+        "120000",
+    ]);
     let mut stalled = TcpStream::connect(server.addr).unwrap();
-    // Pipelined requests whose answers (megabytes of tokens each) fill the
+    // Pipelined requests whose answers (about 2 MB of tokens each) fill the
     // socket's buffers, written from a thread since the server stops
     // reading them once its writes block; none is ever read.
-    let body = json!({"inputs": "word ".repeat(150_000)}).to_string();
+    let body = json!({"inputs": "word ".repeat(30_000)}).to_string();
     let pipelined = format!(
         "POST /tokenize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
@@ -638,7 +648,7 @@ fn a_client_that_stops_reading_loses_its_connection_and_its_slot() {
     let writer = {
         let mut stream = stalled.try_clone().unwrap();
         std::thread::spawn(move || {
-            for _ in 0..8 {
+            for _ in 0..16 {
                 if stream.write_all(pipelined.as_bytes()).is_err() {
                     break;
                 }

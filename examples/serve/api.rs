@@ -147,9 +147,10 @@ impl AppState {
 
     /// [`prepare`](Self::prepare)s a request that holds `reservation`. A
     /// failure gives the room back and counts the request as refused in
-    /// `candlewick_requests_total`: with the preparer's own error (queue
-    /// full, a panic), or as invalid input (every error `work` returns is
-    /// the client's).
+    /// `candlewick_requests_total`, once (the one slot reserved before its
+    /// inputs were known): with the preparer's own error (queue full, a
+    /// panic, shut down), or as invalid input (every error `work` returns
+    /// is the client's).
     pub(crate) async fn prepare_reserved<T, E>(
         &self,
         reservation: Reservation<Vec<u32>, Vec<f32>>,

@@ -177,8 +177,10 @@ struct WriteTimeout<S> {
     #[pin]
     inner: S,
     timeout: Duration,
-    /// Running while a write is blocked; reset by any progress.
-    stalled: Option<Pin<Box<Sleep>>>,
+    /// Runs while a write is blocked; made once, then reset.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether `timer` runs: a write blocked, with no progress since.
+    stalled: bool,
 }
 
 impl<S> WriteTimeout<S> {
@@ -186,24 +188,33 @@ impl<S> WriteTimeout<S> {
         Self {
             inner,
             timeout,
-            stalled: None,
+            timer: None,
+            stalled: false,
         }
     }
 }
 
-/// `poll`, an operation of a write, with the stall timer: started when it
-/// blocks, cleared when it completes, an error once it ran out.
+/// `poll`, an operation of a write, under the stall timer: started when it
+/// blocks, stopped by any progress, an error once it ran out.
 fn timed<T>(
-    stalled: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    stalled: &mut bool,
     timeout: Duration,
     cx: &mut Context<'_>,
     poll: Poll<io::Result<T>>,
 ) -> Poll<io::Result<T>> {
     if poll.is_ready() {
-        *stalled = None;
+        *stalled = false;
         return poll;
     }
-    let timer = stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+    // A timeout too long for the clock never runs out.
+    let Some(deadline) = tokio::time::Instant::now().checked_add(timeout) else {
+        return Poll::Pending;
+    };
+    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if !std::mem::replace(stalled, true) {
+        timer.as_mut().reset(deadline);
+    }
     match timer.as_mut().poll(cx) {
         Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -231,7 +242,7 @@ impl<S: AsyncWrite> AsyncWrite for WriteTimeout<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let poll = this.inner.poll_write(cx, buf);
-        timed(this.stalled, *this.timeout, cx, poll)
+        timed(this.timer, this.stalled, *this.timeout, cx, poll)
     }
 
     fn poll_write_vectored(
@@ -241,7 +252,7 @@ impl<S: AsyncWrite> AsyncWrite for WriteTimeout<S> {
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
         let poll = this.inner.poll_write_vectored(cx, bufs);
-        timed(this.stalled, *this.timeout, cx, poll)
+        timed(this.timer, this.stalled, *this.timeout, cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -251,12 +262,12 @@ impl<S: AsyncWrite> AsyncWrite for WriteTimeout<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let poll = this.inner.poll_flush(cx);
-        timed(this.stalled, *this.timeout, cx, poll)
+        timed(this.timer, this.stalled, *this.timeout, cx, poll)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
         let poll = this.inner.poll_shutdown(cx);
-        timed(this.stalled, *this.timeout, cx, poll)
+        timed(this.timer, this.stalled, *this.timeout, cx, poll)
     }
 }

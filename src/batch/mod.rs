@@ -65,7 +65,8 @@
 //! ahead of it, never on its own inputs. [`Batch::reserve`] takes the queue
 //! room first, before the inputs are even parsed, so an overloaded service
 //! refuses without spending work on the request; [`Reservation::infer_all`]
-//! then runs the prepared inputs. A request that could not finish by its
+//! then runs the prepared inputs, or [`Reservation::refuse`] counts a
+//! request whose preparation failed. A request that could not finish by its
 //! deadline even on an idle service gets
 //! [`TooLarge`](crate::error::TooLarge) (413, not retryable), never a 429.
 //!

@@ -88,7 +88,8 @@ pub(super) type Slot<O> = Arc<Mutex<Option<Running<O>>>>;
 /// to free runs it, under that replica's own lease.
 pub(super) struct Staged<I, O> {
     pub(super) batch: Batch<I, O>,
-    /// Its place in the stage, given back when a replica takes it.
+    /// Its place in the stage, given back (or forgotten, if one is owed)
+    /// when a replica takes it.
     pub(super) place: OwnedSemaphorePermit,
 }
 
@@ -141,7 +142,7 @@ pub(super) struct Board<I, O> {
     /// One permit per idle replica. Closed once every replica failed for good.
     pub(super) semaphore: Arc<Semaphore>,
     /// One permit per free place in the stage (a place per replica that has
-    /// served). Closed with `semaphore`.
+    /// served; see [`Places::free`]). Closed with `semaphore`.
     pub(super) stage: Arc<Semaphore>,
     /// Set by the batcher while its next batch is full: only then does
     /// `poll_ready` offer a place in the stage. See [`Staging`].
@@ -409,7 +410,12 @@ impl<I, O> Board<I, O> {
         let next = {
             let mut places = lock(&self.places);
             if !std::mem::replace(&mut places.served[index], true) {
-                self.stage.add_permits(1);
+                // Its place, unless it pays one owed.
+                if places.owed > 0 {
+                    places.owed = places.owed.saturating_sub(1);
+                } else {
+                    self.stage.add_permits(1);
+                }
             }
             if let Some(staged) = places.staged.pop_front() {
                 let (job, place) = staged.into_job(lease);

@@ -332,9 +332,7 @@ where
             batch,
             lease: Lease::new(index, permit),
         };
-        // A send fails only if the replica thread is gone; the job and its
-        // reply sender are dropped, which the future reports as `Closed`.
-        let _ = lock(&self.shared.jobs[index]).send(job);
+        self.shared.send(index, job);
         ResponseFuture::new(rx)
     }
 }
@@ -413,6 +411,6 @@ impl<I, O> Drop for Pool<I, O> {
         let (job, place) = staged.into_job(Lease::new(index, permit));
         places.free(place);
         drop(places);
-        let _ = lock(&self.shared.jobs[index]).send(job);
+        self.shared.send(index, job);
     }
 }

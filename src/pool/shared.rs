@@ -4,6 +4,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use super::board::{Board, Job};
+use crate::contain::{drop_contained, lock};
 
 /// Starts the thread of replica `index`, taking its jobs from the receiver.
 pub(super) type Spawn<I, O> =
@@ -15,4 +16,16 @@ pub(super) struct Shared<I, O> {
     pub(super) board: Arc<Board<I, O>>,
     /// Starts the thread of a replica; the watchdog uses it to replace one.
     pub(super) spawn: Box<Spawn<I, O>>,
+}
+
+impl<I, O> Shared<I, O> {
+    /// Hands `job` to replica `index`. A send fails only if the replica
+    /// thread is gone: the job is dropped, contained and outside the lock
+    /// (its inputs' `Drop` is user code), and its future answers `Closed`.
+    pub(super) fn send(&self, index: usize, job: Job<I, O>) {
+        let sent = lock(&self.jobs[index]).send(job);
+        if let Err(mpsc::SendError(job)) = sent {
+            drop_contained(job, "a batch no replica thread took");
+        }
+    }
 }
