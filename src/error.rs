@@ -71,7 +71,9 @@ impl fmt::Display for Overloaded {
 impl Error for Overloaded {}
 
 /// The request's deadline passed before it was served; if it was still queued,
-/// it never reached the model. HTTP 504.
+/// it never reached the model. Also answered at admission, while the service
+/// is busy, to a request whose deadline not even the smallest batch could
+/// meet at the measured speed. HTTP 504.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct DeadlineExceeded;

@@ -324,6 +324,44 @@ async fn a_group_slower_than_its_deadline_even_alone_is_too_large_not_overloaded
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_deadline_no_batch_can_meet_is_retryable_and_an_idle_service_still_tries_it() {
+    use candlewick::error::classify;
+
+    let (service, mut handle) = batched(config(4));
+    // Batches measured at 300 ms: the service is slow now; a lone input
+    // with 100 ms left is not too large for it.
+    measure(&service, &mut handle, 1, Duration::from_millis(300)).await;
+    let hurried = |x| Request::new(x).with_timeout(Duration::from_millis(100));
+    // Idle, it admits the request anyway: only a batch that runs can show
+    // the slowness has passed.
+    handle.allow(1);
+    let tried = send(&service, hurried(5));
+    let (batch, reply) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .expect("admitted and dispatched")
+        .unwrap();
+    assert_eq!(batch, [5]);
+    // Busy, it refuses the next such request at once, as retryable.
+    let start = Instant::now();
+    let err = service.infer(hurried(6)).await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert!(err.is::<DeadlineExceeded>(), "{err}");
+    let class = classify(&*err);
+    assert_eq!(class.status, 504);
+    assert!(class.retryable);
+    // The slowness passed: that batch comes back at once, and is served.
+    reply.send_response(vec![50]);
+    assert_eq!(tried.await.unwrap().unwrap(), 50);
+    // Idle again, the next one is tried too, and served.
+    handle.allow(1);
+    let again = send(&service, hurried(7));
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [7]);
+    reply.send_response(vec![70]);
+    assert_eq!(again.await.unwrap().unwrap(), 70);
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropping_a_group_cancels_every_input_still_queued() {
     let (service, mut handle) = batched(config(8));
     handle.allow(0);

@@ -1,9 +1,9 @@
 //! Chaos: thousands of requests through the real stack (replica threads and
 //! the batching layer) with random cancellations, model errors, panics in
 //! `forward`, in warm-up, in the model's `Drop` and in the admission hooks,
-//! stalls and overload bursts. Every request gets exactly one answer — its
-//! own output or a typed error — no model outlives its replica, and the
-//! service keeps serving afterwards.
+//! stalls and overload bursts, also with every core busy spinning. Every
+//! request gets exactly one answer — its own output or a typed error — no
+//! model outlives its replica, and the service keeps serving afterwards.
 
 use std::collections::HashSet;
 use std::num::NonZeroUsize;
@@ -149,7 +149,9 @@ impl Drop for ChaosModel {
     }
 }
 
-fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
+/// Runs `requests` through the stack, with `hogs` (if any) spinning until
+/// every answer is in, then checks the answers and that the stack recovers.
+fn chaos(requests: &[Request], hogs: Option<Hogs>) -> Result<(), TestCaseError> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -201,6 +203,8 @@ fn chaos(requests: &[Request]) -> Result<(), TestCaseError> {
         let answers = tokio::time::timeout(Duration::from_secs(60), everything)
             .await
             .map_err(|_| TestCaseError::fail("a request was never answered"))?;
+        // Recovery is checked with the cores back.
+        drop(hogs);
 
         let mut counts = [0usize; 4];
         for (id, (request, answer)) in requests.iter().zip(answers).enumerate() {
@@ -274,6 +278,51 @@ proptest! {
     fn every_request_is_answered_exactly_once_through_chaos(
         requests in prop::collection::vec(request(), 2_000..3_000),
     ) {
-        chaos(&requests)?;
+        chaos(&requests, None)?;
+    }
+}
+
+/// A thread spinning on every core this machine has (two, in CI) until
+/// dropped: the stack then runs on whatever CPU the scheduler leaves it.
+struct Hogs {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Hogs {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cores = std::thread::available_parallelism().map_or(2, NonZeroUsize::get);
+        let threads = (0..cores)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_request_is_answered_exactly_once_through_chaos_on_saturated_cores(
+        requests in prop::collection::vec(request(), 1_000..1_500),
+    ) {
+        chaos(&requests, Some(Hogs::start()))?;
     }
 }

@@ -116,6 +116,13 @@ impl<I, O> Shared<I, O> {
     /// whose deadline passed, or whose own service, as the cost model
     /// estimates it at the least, would outlast its deadline even on an
     /// idle service ([`TooLarge`]: retrying cannot help).
+    ///
+    /// If even one input of no cost would outlast it, the service is slow
+    /// now (a passing contention, a throttled device), not the request
+    /// large: that is a [`DeadlineExceeded`], retryable, and an idle service
+    /// admits the request anyway. The model learns only from batches that
+    /// run, so refusing then would keep a passing slowness on the books,
+    /// and every such request refused, for good.
     pub(super) fn check_budget(
         &self,
         items: usize,
@@ -130,11 +137,21 @@ impl<I, O> Shared<I, O> {
             return Err(DeadlineExceeded::new().into());
         }
         let budget = deadline.saturating_duration_since(now);
-        match lock(&self.rate).least_time_for(items, cost, &self.config) {
-            Some(estimate) if estimate > budget => {
+        let (estimate, floor) = {
+            let rate = lock(&self.rate);
+            (
+                rate.least_time_for(items, cost, &self.config),
+                rate.least_time_for(1, 0, &self.config),
+            )
+        };
+        match (estimate, floor) {
+            (Some(estimate), _) if estimate <= budget => Ok(()),
+            (Some(estimate), Some(floor)) if floor <= budget => {
                 Err(TooLarge::slower_than(estimate, budget).into())
             }
-            _ => Ok(()),
+            (Some(_), _) if self.queue.is_idle() => Ok(()),
+            (Some(_), _) => Err(DeadlineExceeded::new().into()),
+            (None, _) => Ok(()),
         }
     }
 

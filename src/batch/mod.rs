@@ -69,6 +69,11 @@
 //! request whose preparation failed. A request that could not finish by its
 //! deadline even on an idle service gets
 //! [`TooLarge`](crate::error::TooLarge) (413, not retryable), never a 429.
+//! If not even the smallest batch could finish by it, the service is slow
+//! now, not the request large: a busy service answers
+//! [`DeadlineExceeded`](crate::error::DeadlineExceeded) (504, retryable), and
+//! an idle one tries the request, so that a passing slowness is measured as
+//! passed.
 //!
 //! The time estimates come from a cost model measured online: a batch of
 //! cost `c` takes `fixed + per_cost · c`, fit over the recent batches, with
