@@ -241,8 +241,9 @@ impl Error for InvalidInput {
 
 /// The request needs more than the service can give it even when idle: more
 /// time than it has (its estimated service time, from the measured cost of batches,
-/// exceeds the time to its deadline), or more inputs than the queue holds.
-/// Retrying cannot help. Nothing was queued. HTTP 413.
+/// exceeds the time to its deadline, which the smallest batch would meet), or
+/// more inputs than the queue holds. Retrying cannot help. Nothing was
+/// queued. HTTP 413.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TooLarge {
     reason: String,

@@ -362,6 +362,31 @@ async fn a_deadline_no_batch_can_meet_is_retryable_and_an_idle_service_still_tri
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_smallest_batch_is_judged_on_one_replica_however_many_run() {
+    let (service, mut handle) = batched(config(1));
+    // Four batches of one, side by side, each 300 ms.
+    handle.allow(4);
+    let warm: Vec<_> = (0..4).map(|i| send(&service, Request::new(i))).collect();
+    let mut replies = Vec::new();
+    for _ in 0..4 {
+        replies.push(handle.next_request().await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (batch, reply) in replies {
+        reply.send_response(batch);
+    }
+    for request in warm {
+        request.await.unwrap().unwrap();
+    }
+    // Two inputs take two batches, 150 ms over four replicas; but even one
+    // batch takes 300 ms on its one replica, so with 100 ms left the
+    // service is too slow now, not the group too large: retryable.
+    let group = (0..2).map(|i| Request::new(i).with_timeout(Duration::from_millis(100)));
+    let err = service.infer_all(group.collect()).await.unwrap_err();
+    assert!(err.is::<DeadlineExceeded>(), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn dropping_a_group_cancels_every_input_still_queued() {
     let (service, mut handle) = batched(config(8));
     handle.allow(0);

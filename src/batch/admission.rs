@@ -117,12 +117,12 @@ impl<I, O> Shared<I, O> {
     /// estimates it at the least, would outlast its deadline even on an
     /// idle service ([`TooLarge`]: retrying cannot help).
     ///
-    /// If even one input of no cost would outlast it, the service is slow
-    /// now (a passing contention, a throttled device), not the request
-    /// large: that is a [`DeadlineExceeded`], retryable, and an idle service
-    /// admits the request anyway. The model learns only from batches that
-    /// run, so refusing then would keep a passing slowness on the books,
-    /// and every such request refused, for good.
+    /// If even the smallest batch would outlast it, the service is slow now
+    /// (a passing contention, a throttled device), not the request large:
+    /// that is a [`DeadlineExceeded`], retryable, and an idle service admits
+    /// the request anyway if it fits one batch. The model learns only from
+    /// batches that run, so refusing then would keep a passing slowness on
+    /// the books, and every such request refused, for good.
     pub(super) fn check_budget(
         &self,
         items: usize,
@@ -141,7 +141,7 @@ impl<I, O> Shared<I, O> {
             let rate = lock(&self.rate);
             (
                 rate.least_time_for(items, cost, &self.config),
-                rate.least_time_for(1, 0, &self.config),
+                rate.lone_batch_time(),
             )
         };
         match (estimate, floor) {
@@ -149,10 +149,19 @@ impl<I, O> Shared<I, O> {
             (Some(estimate), Some(floor)) if floor <= budget => {
                 Err(TooLarge::slower_than(estimate, budget).into())
             }
-            (Some(_), _) if self.queue.is_idle() => Ok(()),
+            (Some(_), _) if self.fits_one_batch(items, cost) && self.queue.is_idle() => Ok(()),
             (Some(_), _) => Err(DeadlineExceeded::new().into()),
             (None, _) => Ok(()),
         }
+    }
+
+    /// Whether `items` inputs of own costs summing to `cost` fit one batch.
+    fn fits_one_batch(&self, items: usize, cost: usize) -> bool {
+        items <= self.config.max_batch_size.get()
+            && self
+                .config
+                .max_batch_cost
+                .is_none_or(|budget| cost <= budget.get())
     }
 
     /// Queues one admitted input on `slot`.

@@ -191,6 +191,14 @@ impl CostModel {
         self.time(items, raw as f64, config)
     }
 
+    /// How long the smallest batch takes on its one replica: the fitted
+    /// fixed cost. No deadline shorter than this can be met, whatever the
+    /// request's size.
+    pub(super) fn lone_batch_time(&self) -> Option<Duration> {
+        let fit = self.fit?;
+        Some(Duration::try_from_secs_f64(fit.fixed.max(0.0)).unwrap_or(Duration::ZERO))
+    }
+
     fn time(&self, items: usize, cost: f64, config: &BatchConfig) -> Option<Duration> {
         let fit = self.fit?;
         if items == 0 {

@@ -386,7 +386,9 @@ impl<I, O> Reservation<I, O> {
     /// Runs `requests` as one: every input is validated and measured first,
     /// and the group is queued only if all pass and its own estimated
     /// service time fits its earliest deadline
-    /// ([`TooLarge`](crate::error::TooLarge) otherwise). A
+    /// ([`TooLarge`](crate::error::TooLarge) otherwise; see the
+    /// [module docs](super) for a deadline not even the smallest batch
+    /// meets). A
     /// group larger than the reservation claims the difference, all or
     /// none. The inputs may run in several batches; the answers come in
     /// order. The first failure answers the whole group, and dropping the
