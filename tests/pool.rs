@@ -502,16 +502,37 @@ async fn busy(config: PoolConfig, blocker: u32) -> (Pool<u32, u32>, Gated, Stagi
     (pool, gated, staging, running)
 }
 
-/// Waits until the model has seen `n` batches.
-async fn until_seen(gated: &Gated, n: usize) {
-    let seen = async {
-        while gated.seen.lock().unwrap().len() < n {
+/// Waits until `done`, for at most 10 s; fails saying `what` it waited for.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let reached = async {
+        while !done() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), seen)
+    tokio::time::timeout(Duration::from_secs(10), reached)
         .await
-        .expect("the batch reached the model");
+        .unwrap_or_else(|_| panic!("waited 10 s for: {what}"));
+}
+
+/// Waits until the model has seen `n` batches.
+async fn until_seen(gated: &Gated, n: usize) {
+    until("the batch reached the model", || {
+        gated.seen.lock().unwrap().len() >= n
+    })
+    .await;
+}
+
+/// A gated pool that has served `[1]`, with its one replica reserved by
+/// the returned handle and `[4]` staged meanwhile.
+async fn staged_beside_a_reserved_replica() -> (Pool<u32, u32>, Gated, Pool<u32, u32>, Started) {
+    let (mut pool, gated) = gated(quick_restarts(1));
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let mut holder = pool.clone();
+    assert!(is_ready(&mut holder));
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![4]);
+    (pool, gated, holder, staged)
 }
 
 #[tokio::test]
@@ -594,14 +615,8 @@ async fn a_staged_batch_is_closed_once_no_replica_can_serve() {
 
 #[tokio::test]
 async fn a_replica_reserved_and_never_called_runs_the_staged_batch() {
-    let (mut pool, gated) = gated(quick_restarts(1));
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
     // `holder` reserves the idle replica; the batcher can only stage.
-    let mut holder = pool.clone();
-    assert!(is_ready(&mut holder));
-    staging.offer_full_batch(true);
-    let staged = start(&mut pool, vec![4]);
+    let (_pool, gated, holder, staged) = staged_beside_a_reserved_replica().await;
     drop(holder);
     let answer = tokio::time::timeout(Duration::from_secs(10), staged)
         .await
@@ -624,14 +639,10 @@ async fn the_batcher_hands_a_busy_pool_full_batches_only() {
     let in_flight = |n: usize| {
         let serving = serving.clone();
         async move {
-            let reached = async {
-                while serving.batch().batches_in_flight() != n {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(10), reached)
-                .await
-                .unwrap_or_else(|_| panic!("{n} batches in flight"));
+            until(&format!("{n} batches in flight"), || {
+                serving.batch().batches_in_flight() == n
+            })
+            .await;
         }
     };
     let blocker = infer(7777);
@@ -662,13 +673,7 @@ async fn the_batcher_hands_a_busy_pool_full_batches_only() {
 
 #[tokio::test]
 async fn a_reserved_replica_runs_the_staged_batch_before_its_own() {
-    let (mut pool, gated) = gated(quick_restarts(1));
-    let staging = pool.staging();
-    good_batch(&mut pool, vec![1]).await;
-    let mut holder = pool.clone();
-    assert!(is_ready(&mut holder));
-    staging.offer_full_batch(true);
-    let staged = start(&mut pool, vec![4]);
+    let (_pool, gated, mut holder, staged) = staged_beside_a_reserved_replica().await;
     // `holder` calls after all: the staged batch was first, so it runs
     // first, and `holder`'s batch takes its place in the stage.
     let own = tokio::spawn(holder.call(vec![5]));
@@ -731,21 +736,7 @@ async fn a_replica_that_fails_for_good_takes_its_place_in_the_stage_away_even_in
     let mut pool = Pool::new(loader, quick_restarts(2)).unwrap();
     let staging = pool.staging();
     good_batch(&mut pool, vec![1]).await;
-    let until = |what: &'static str, done: Box<dyn Fn() -> bool + Send>| async move {
-        let reached = async {
-            while !done() {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), reached)
-            .await
-            .unwrap_or_else(|_| panic!("{what}"));
-    };
-    let both_idle = {
-        let pool = pool.clone();
-        Box::new(move || pool.idle_replicas() == 2)
-    };
-    until("both replicas ready", both_idle).await;
+    until("both replicas ready", || pool.idle_replicas() == 2).await;
     // Both busy, and both places in the stage taken.
     let crashing = start(&mut pool, vec![3000]);
     let running = start(&mut pool, vec![7777]);
@@ -756,11 +747,10 @@ async fn a_replica_that_fails_for_good_takes_its_place_in_the_stage_away_even_in
     crash.send(()).unwrap();
     let outcomes = crashing.await.unwrap().unwrap();
     assert_eq!(outcomes[0].clone().unwrap_err().kind(), FailureKind::Panic);
-    let failed = {
-        let pool = pool.clone();
-        Box::new(move || pool.replicas().iter().any(|r| r.failed_for_good))
-    };
-    until("a replica failed for good", failed).await;
+    until("a replica failed for good", || {
+        pool.replicas().iter().any(|r| r.failed_for_good)
+    })
+    .await;
     // The other runs both staged batches.
     finish.send(()).unwrap();
     assert_eq!(running.await.unwrap().unwrap(), [Ok(15554)]);

@@ -207,14 +207,19 @@ fn timed<T>(
         *stalled = false;
         return poll;
     }
-    // A timeout too long for the clock never runs out.
-    let Some(deadline) = tokio::time::Instant::now().checked_add(timeout) else {
+    if !std::mem::replace(stalled, true) {
+        // A timeout too long for the clock never runs out.
+        match tokio::time::Instant::now().checked_add(timeout) {
+            Some(deadline) => match timer {
+                Some(timer) => timer.as_mut().reset(deadline),
+                None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            },
+            None => *timer = None,
+        }
+    }
+    let Some(timer) = timer else {
         return Poll::Pending;
     };
-    let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-    if !std::mem::replace(stalled, true) {
-        timer.as_mut().reset(deadline);
-    }
     match timer.as_mut().poll(cx) {
         Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
             io::ErrorKind::TimedOut,
