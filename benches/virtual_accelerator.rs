@@ -44,7 +44,7 @@
 //! | `CANDLEWICK_BENCH_SECS` | measured seconds per scenario | 5 |
 //! | `CANDLEWICK_BENCH_WARMUP_SECS` | unmeasured warm-up seconds per scenario | 0.5 |
 //! | `CANDLEWICK_BENCH_SWEEP_SECS` | measured seconds per point of the sweep | 2 |
-//! | `CANDLEWICK_BENCH_REPS` | repetitions of each scenario (medians are printed) | 1 |
+//! | `CANDLEWICK_BENCH_REPS` | repetitions of each scenario, every contender in turn within each (medians are printed) | 1 |
 //! | `CANDLEWICK_BENCH_FIXED_US` | `F`, fixed cost of a batch, µs | 2000 |
 //! | `CANDLEWICK_BENCH_PER_ITEM_US` | `c`, cost per input, µs | 20 |
 //! | `CANDLEWICK_BENCH_MAX_BATCH` | `B`, the batch size limit | 64 |
@@ -693,7 +693,7 @@ fn main() {
         overshoot.as_secs_f64() * 1e6,
     );
     println!(
-        "- columns: busy = share of wall time the executors spent inside the model; gap = mean idle time of an executor between two batches; cpu = process CPU time (all threads, 10 ms resolution) per served request"
+        "- columns: ratio to measured limit = the median, over the repetitions, of the throughput over the limit's in the same repetition (contenders run in turn within each repetition); busy = share of wall time the executors spent inside the model; gap = mean idle time of an executor between two batches; cpu = process CPU time (all threads, 10 ms resolution) per served request"
     );
     println!();
     println!("Contender settings (R = replicas, i.e. executor threads):");
@@ -738,33 +738,55 @@ fn main() {
     let mut sweep: Vec<(Contender, f64, Vec<f64>)> = Vec::new();
     let mut header = None;
     for (index, scenario) in scenarios.iter().enumerate() {
-        for contender in Contender::ALL {
-            let label = format!("{}/{}", scenario.name(), contender.key());
-            if !scenario.takes(contender) || !selected(&label) {
-                continue;
+        let label = |contender: Contender| format!("{}/{}", scenario.name(), contender.key());
+        let contenders: Vec<Contender> = Contender::ALL
+            .into_iter()
+            .filter(|&contender| scenario.takes(contender) && selected(&label(contender)))
+            .collect();
+        if contenders.is_empty() {
+            continue;
+        }
+        // Repetition by repetition, every contender in turn: each is measured
+        // beside the others, so a drift of the machine touches them alike.
+        let mut reps: Vec<Vec<Vec<f64>>> = vec![Vec::new(); contenders.len()];
+        for rep in 0..params.reps {
+            // The same arrivals for every contender.
+            let seed = 0x5EED_0000 + (index * 1000 + rep) as u64;
+            for (&contender, reps) in contenders.iter().zip(&mut reps) {
+                let row = runtime.block_on(run_once(&params, *scenario, contender, seed));
+                eprintln!(
+                    "{} rep {}/{}: {:?}",
+                    label(contender),
+                    rep + 1,
+                    params.reps,
+                    row.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()
+                );
+                reps.push(row);
             }
-            let reps: Vec<Vec<f64>> = (0..params.reps)
-                .map(|rep| {
-                    // The same arrivals for every contender.
-                    let seed = 0x5EED_0000 + (index * 1000 + rep) as u64;
-                    let row = runtime.block_on(run_once(&params, *scenario, contender, seed));
-                    eprintln!(
-                        "{label} rep {}/{}: {:?}",
-                        rep + 1,
-                        params.reps,
-                        row.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>()
-                    );
-                    row
-                })
-                .collect();
-            let row = medians(&reps);
+        }
+        let limit = contenders
+            .iter()
+            .position(|&contender| contender == Contender::Limit)
+            .map(|at| reps[at].clone());
+        for (&contender, reps) in contenders.iter().zip(&reps) {
+            let row = medians(reps);
+            // The median of each repetition's throughput over the limit
+            // measured just before or after it.
+            let of_measured = limit.as_ref().map(|limit| {
+                let ratios: Vec<Vec<f64>> = reps
+                    .iter()
+                    .zip(limit)
+                    .map(|(rep, limit)| vec![rep[0] / limit[0]])
+                    .collect();
+                medians(&ratios)[0]
+            });
             let kind = std::mem::discriminant(scenario);
             if header != Some(kind) {
                 header = Some(kind);
                 println!();
                 print_header(scenario, &params);
             }
-            print_row(scenario, contender, &row, limit1);
+            print_row(scenario, contender, &row, limit1, of_measured);
             if let Scenario::Sweep { load } = scenario {
                 sweep.push((contender, *load, row));
             }
@@ -929,9 +951,9 @@ fn print_header(scenario: &Scenario, params: &Params) {
             println!("## Closed loop, {} callers", params.callers);
             println!();
             println!(
-                "| contender | replicas | req/s | ratio to limit | p50 ms | p99 ms | mean batch | busy | gap µs | cpu µs/req | errors |"
+                "| contender | replicas | req/s | ratio to limit | ratio to measured limit | p50 ms | p99 ms | mean batch | busy | gap µs | cpu µs/req | errors |"
             );
-            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+            println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         }
         Scenario::Open { .. } => {
             println!("## Open loop, Poisson arrivals");
@@ -963,7 +985,15 @@ fn print_header(scenario: &Scenario, params: &Params) {
     }
 }
 
-fn print_row(scenario: &Scenario, contender: Contender, row: &[f64], limit1: f64) {
+/// One row of the table; `of_measured` is the median ratio to the limit
+/// measured in the same repetitions, where the limit ran.
+fn print_row(
+    scenario: &Scenario,
+    contender: Contender,
+    row: &[f64],
+    limit1: f64,
+    of_measured: Option<f64>,
+) {
     let name = contender.name();
     match *scenario {
         Scenario::Closed { replicas } => {
@@ -974,9 +1004,10 @@ fn print_row(scenario: &Scenario, contender: Contender, row: &[f64], limit1: f64
                 (fmt_ms(row[1], false), fmt_ms(row[2], false))
             };
             println!(
-                "| {name} | {replicas} | {:.0} | {:.3} | {p50} | {p99} | {:.1} | {:.1}% | {:.0} | {} | {:.0} |",
+                "| {name} | {replicas} | {:.0} | {:.3} | {} | {p50} | {p99} | {:.1} | {:.1}% | {:.0} | {} | {:.0} |",
                 row[0],
                 row[0] / limit,
+                fmt_num(of_measured.unwrap_or(f64::NAN), 3),
                 row[3],
                 row[4] * 100.0,
                 row[7],
