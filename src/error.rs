@@ -244,6 +244,10 @@ impl Error for InvalidInput {
 /// exceeds the time to its deadline, which the smallest batch would meet), or
 /// more inputs than the queue holds. Retrying cannot help. Nothing was
 /// queued. HTTP 413.
+///
+/// (An idle service that measured no batch for 5 s lets one request it
+/// would refuse for time through instead, so that an estimate inflated by
+/// a passing slowness is measured again, not kept for good.)
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TooLarge {
     reason: String,

@@ -362,6 +362,53 @@ async fn a_deadline_no_batch_can_meet_is_retryable_and_an_idle_service_still_tri
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_idle_service_lets_one_request_judged_too_large_through_every_5_s() {
+    use candlewick::error::TooLarge;
+
+    let (service, mut handle) = batched(config(4));
+    // Batches of 1 and 4 taking 100 and 400 ms: each input costs 100 ms,
+    // the batch nothing. (Say a passing slowness: it will not last.)
+    for n in [1, 4, 1, 4] {
+        measure(&service, &mut handle, n, Duration::from_millis(100) * n).await;
+    }
+    let hurried = |x| Request::new(x).with_timeout(Duration::from_millis(50));
+    let err = service.infer(hurried(1)).await.unwrap_err();
+    assert!(err.is::<TooLarge>(), "{err}");
+    // Refused so, no batch runs to show the slowness has passed. After 5 s
+    // without one, an idle service lets one such request through.
+    tokio::time::advance(Duration::from_secs(5)).await;
+    handle.allow(1);
+    let probe = send(&service, hurried(2));
+    let (batch, reply) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .expect("the probe is let through")
+        .unwrap();
+    assert_eq!(batch, [2]);
+    // One: the next is refused while the probe runs.
+    let err = service.infer(hurried(3)).await.unwrap_err();
+    assert!(err.is::<TooLarge>(), "{err}");
+    // The slowness had not passed: the probe's batch takes 100 ms too,
+    // past the probe's deadline.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    reply.send_response(vec![20]);
+    let err = probe.await.unwrap().unwrap_err();
+    assert!(err.is::<DeadlineExceeded>(), "{err}");
+    // (The batcher measures that batch before the clock moves on.)
+    settle().await;
+    // The next probe comes 5 s after that batch, not before.
+    tokio::time::advance(Duration::from_millis(4900)).await;
+    let err = service.infer(hurried(4)).await.unwrap_err();
+    assert!(err.is::<TooLarge>(), "{err}");
+    tokio::time::advance(Duration::from_millis(100)).await;
+    handle.allow(1);
+    let probe = send(&service, hurried(5));
+    let (batch, reply) = handle.next_request().await.unwrap();
+    assert_eq!(batch, [5]);
+    reply.send_response(vec![50]);
+    assert_eq!(probe.await.unwrap().unwrap(), 50);
+}
+
+#[tokio::test(start_paused = true)]
 async fn the_smallest_batch_is_judged_on_one_replica_however_many_run() {
     let (service, mut handle) = batched(config(1));
     // Four batches of one, side by side, each 300 ms.

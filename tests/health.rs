@@ -444,6 +444,23 @@ async fn the_admin_server_closes_connections_that_never_finish_their_headers() {
 
 #[cfg(feature = "admin")]
 #[tokio::test]
+async fn an_admin_server_without_limits_still_answers_probes() {
+    let serving = Serving::start(echo, config(1)).unwrap();
+    let admin = serving
+        .admin()
+        .header_timeout(Duration::MAX)
+        .max_connections(usize::MAX)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let addr = admin.local_addr();
+    let status = tokio::task::spawn_blocking(move || http_get(addr, "/livez").0)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
+#[cfg(feature = "admin")]
+#[tokio::test]
 async fn an_admin_port_in_use_is_an_error_not_a_panic() {
     let serving = Serving::start(echo, config(1)).unwrap();
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -575,6 +575,27 @@ async fn a_staged_batch_runs_after_its_replica_panics_and_reloads() {
 }
 
 #[tokio::test]
+async fn a_staged_batch_runs_after_its_replica_reloads_even_once_the_pool_is_dropped() {
+    let (mut pool, gated, staging, crashing) = busy(quick_restarts(1), 3000).await;
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![5]);
+    // Every handle gone (a service dropped without a drain): the replica
+    // reloads to run what is staged before its thread ends.
+    drop((pool, staging));
+    gated.release.send(()).unwrap();
+    let outcomes = crashing.await.unwrap().unwrap();
+    assert_eq!(outcomes[0].clone().unwrap_err().kind(), FailureKind::Panic);
+    let answer = tokio::time::timeout(Duration::from_secs(10), staged).await;
+    assert_eq!(
+        answer
+            .expect("the staged batch is answered")
+            .unwrap()
+            .unwrap(),
+        [Ok(10)]
+    );
+}
+
+#[tokio::test]
 async fn a_staged_batch_runs_on_the_replacement_of_a_stalled_replica() {
     let config = quick_restarts(1).with_stall_timeout(Some(Duration::from_millis(500)));
     let (mut pool, gated, staging, stuck) = busy(config, 7777).await;

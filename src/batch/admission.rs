@@ -120,9 +120,14 @@ impl<I, O> Shared<I, O> {
     /// If even the smallest batch would outlast it, the service is slow now
     /// (a passing contention, a throttled device), not the request large:
     /// that is a [`DeadlineExceeded`], retryable, and an idle service admits
-    /// the request anyway if it fits one batch. The model learns only from
-    /// batches that run, so refusing then would keep a passing slowness on
-    /// the books, and every such request refused, for good.
+    /// the request anyway if it fits one batch.
+    ///
+    /// The model learns only from batches that run, so refusing would keep
+    /// a passing slowness on the books, and every such request refused, for
+    /// good. So an idle service that measured nothing for
+    /// [`CostModel::PROBE_AFTER`](super::rate::CostModel::PROBE_AFTER) also
+    /// lets one request it would refuse as too large through, to measure
+    /// again.
     pub(super) fn check_budget(
         &self,
         items: usize,
@@ -147,7 +152,11 @@ impl<I, O> Shared<I, O> {
         match (estimate, floor) {
             (Some(estimate), _) if estimate <= budget => Ok(()),
             (Some(estimate), Some(floor)) if floor <= budget => {
-                Err(TooLarge::slower_than(estimate, budget).into())
+                if self.queue.is_idle() && lock(&self.rate).probe(now) {
+                    Ok(())
+                } else {
+                    Err(TooLarge::slower_than(estimate, budget).into())
+                }
             }
             (Some(_), _) if self.fits_one_batch(items, cost) && self.queue.is_idle() => Ok(()),
             (Some(_), _) => Err(DeadlineExceeded::new().into()),

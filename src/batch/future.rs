@@ -116,8 +116,14 @@ impl<O> Future for ResponseFuture<O> {
 #[pinned_drop]
 impl<O> PinnedDrop for ResponseFuture<O> {
     fn drop(self: Pin<&mut Self>) {
-        if let Some(abandoned) = self.project().abandoned.take() {
-            abandoned.fetch_add(1, Ordering::Relaxed);
+        let this = self.project();
+        if let Some(abandoned) = this.abandoned.take() {
+            // Closed before counted: a scan the count sets off must find
+            // this request cancelled.
+            if let StateProj::Queued { rx, .. } = this.state.project() {
+                rx.get_mut().close();
+            }
+            abandoned.fetch_add(1, Ordering::Release);
         }
     }
 }

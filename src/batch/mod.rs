@@ -73,7 +73,8 @@
 //! now, not the request large: a busy service answers
 //! [`DeadlineExceeded`](crate::error::DeadlineExceeded) (504, retryable), and
 //! an idle one tries the request, so that a passing slowness is measured as
-//! passed.
+//! passed. For the same reason, an idle service that measured no batch for
+//! 5 s lets one request it would refuse as too large through.
 //!
 //! The time estimates come from a cost model measured online: a batch of
 //! cost `c` takes `fixed + per_cost · c`, fit over the recent batches, with

@@ -78,10 +78,16 @@ pub(super) struct CostModel {
     fit: Option<Fit>,
     padding: f64,
     parallelism: usize,
+    /// When a request judged too slow for its deadline was last let
+    /// through, to measure again; see [`probe`](Self::probe).
+    probed: Option<Instant>,
 }
 
 impl CostModel {
     pub(super) const WINDOW: usize = 64;
+    /// How long an idle service goes without a measured batch before it
+    /// lets one request it judges too slow through, to measure again.
+    pub(super) const PROBE_AFTER: Duration = Duration::from_secs(5);
 
     pub(super) fn new() -> Self {
         Self {
@@ -89,7 +95,25 @@ impl CostModel {
             fit: None,
             padding: 1.0,
             parallelism: 1,
+            probed: None,
         }
+    }
+
+    /// Whether to let one request this model judges too slow for its
+    /// deadline through anyway, and if so, marks it let through: when
+    /// neither a batch nor such a request went through for
+    /// [`PROBE_AFTER`](Self::PROBE_AFTER). The model learns only from
+    /// batches that run, so refusing every such request would keep a
+    /// passing slowness on the books for good.
+    pub(super) fn probe(&mut self, now: Instant) -> bool {
+        let stale = |at: Option<Instant>| {
+            at.is_none_or(|at| now.saturating_duration_since(at) >= Self::PROBE_AFTER)
+        };
+        let probe = stale(self.samples.back().map(|sample| sample.ended)) && stale(self.probed);
+        if probe {
+            self.probed = Some(now);
+        }
+        probe
     }
 
     /// A batch of `items` inputs and `cost` (their own costs summing to
@@ -258,8 +282,10 @@ fn fit(samples: &VecDeque<Sample>) -> Option<Fit> {
             .map(|s| s.seconds / s.cost)
             .fold(f64::INFINITY, f64::min);
         let per_cost = (covariance / variance).min(bound);
-        let fixed = mean_seconds - per_cost * mean_cost;
-        if per_cost >= 0.0 && fixed >= 0.0 {
+        // The mean of each batch's `seconds - per_cost · cost`, none of
+        // which the bound lets fall below 0: only rounding can.
+        let fixed = (mean_seconds - per_cost * mean_cost).max(0.0);
+        if per_cost >= 0.0 {
             return Some(Fit { fixed, per_cost });
         }
     }
@@ -304,6 +330,20 @@ mod tests {
         let fit = model_after(&costs, 1).fit().unwrap();
         assert!((fit.fixed - 0.002).abs() < 1e-6, "{fit:?}");
         assert!((fit.per_cost - 0.000_02).abs() < 1e-9, "{fit:?}");
+    }
+
+    #[test]
+    fn a_batch_time_proportional_to_cost_keeps_its_per_cost_part() {
+        // No fixed part: 100 ms a cost unit.
+        let mut model = CostModel::new();
+        let start = Instant::now();
+        for cost in [1, 4, 1, 4, 1] {
+            let end = start + Duration::from_millis(100) * cost;
+            model.finished(start, end, cost as usize, cost as usize, 1, 1);
+        }
+        let fit = model.fit().unwrap();
+        assert_eq!(fit.fixed, 0.0, "{fit:?}");
+        assert!((fit.per_cost - 0.1).abs() < 1e-12, "{fit:?}");
     }
 
     #[test]

@@ -54,7 +54,11 @@ pub(super) struct Shared<I, O> {
 pub(super) type Begun = OnceLock<(Instant, usize)>;
 
 impl<I, O> Shared<I, O> {
-    pub(super) fn new(config: BatchConfig, hooks: Hooks<I>) -> Self {
+    pub(super) fn new(mut config: BatchConfig, hooks: Hooks<I>) -> Self {
+        // More room than a semaphore can count is no bound at all.
+        config.queue_capacity = config
+            .queue_capacity
+            .min(std::num::NonZeroUsize::new(Semaphore::MAX_PERMITS).expect("a positive constant"));
         let metrics = BatchMetrics::new(&hooks.labels);
         Self {
             queue: Queue::new(metrics.clone(), &config),

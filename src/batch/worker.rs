@@ -14,7 +14,7 @@ use super::metrics::Outcome;
 use super::queue::{Next, Taken, Ticket};
 use super::shared::{Begun, Shared};
 use crate::BoxError;
-use crate::contain::{CatchUnwind, catch, lock, saturating_deadline};
+use crate::contain::{CatchUnwind, catch, drop_contained, lock, saturating_deadline};
 use crate::error::{Closed, FailureKind, ModelFailed};
 
 /// Runs until every handle is gone and the queue is drained, or the inner
@@ -303,6 +303,7 @@ fn answer<I, O, E: Into<BoxError>>(
                 actual: outputs.len(),
             };
             let err = ModelFailed::new(kind, "wrong number of outputs");
+            drop_contained(outputs, "the outputs of a batch of the wrong size");
             Box::new(std::iter::repeat_with(move || Err(err.clone().into())))
         }
         Err(err) => Box::new(fan_out(err).map(Err)),

@@ -11,6 +11,9 @@ use tokio::sync::{Semaphore, oneshot};
 
 use super::ProbeService;
 
+/// The longest header timeout taken as given.
+const A_YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// Probes (and, with the `prometheus` feature, `/metrics`) served on a
 /// listener of their own by a thread of their own, with its own
 /// single-threaded runtime: the control plane never waits behind the data
@@ -67,9 +70,11 @@ struct Routes {
 }
 
 impl AdminServer {
-    /// A server answering `probes`, with at most 64 connections at once, a
-    /// 5 s limit to send a request's headers (which also closes idle
-    /// connections), and connections closed after six times that.
+    /// A server answering `probes`, with at most 256 connections at once, a
+    /// 2 s limit to send a request's headers (which also closes idle
+    /// connections), and connections closed after six times that. Probes
+    /// and scrapes send their request at once, so a client that holds a
+    /// connection silent gives its slot back soon.
     pub fn builder(probes: ProbeService) -> AdminBuilder {
         AdminBuilder {
             routes: Routes {
@@ -77,8 +82,8 @@ impl AdminServer {
                 #[cfg(feature = "prometheus")]
                 metrics: None,
             },
-            max_connections: 64,
-            header_timeout: Duration::from_secs(5),
+            max_connections: 256,
+            header_timeout: Duration::from_secs(2),
         }
     }
 
@@ -122,18 +127,19 @@ impl AdminBuilder {
     }
 
     /// At most `connections` at once; further ones wait in the listen
-    /// backlog. Default: 64.
+    /// backlog. Default: 256.
     pub fn max_connections(mut self, connections: usize) -> Self {
-        self.max_connections = connections.max(1);
+        self.max_connections = connections.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
     /// How long a client may take to send a request's headers, counted
     /// from when the connection waits for a request (so it also closes idle
-    /// connections). Default: 5 s. (Zero would close every connection
-    /// before its first request: choose at least the time a client needs.)
+    /// connections). Default: 2 s. (Zero would close every connection
+    /// before its first request: choose at least the time a client needs.
+    /// Beyond a year is a year: hyper adds it to the clock.)
     pub fn header_timeout(mut self, timeout: Duration) -> Self {
-        self.header_timeout = timeout;
+        self.header_timeout = timeout.min(A_YEAR);
         self
     }
 

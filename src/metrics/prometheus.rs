@@ -10,6 +10,9 @@ use tower::Service;
 
 use super::{COUNT_BUCKETS, SECONDS_BUCKETS, describe, names};
 
+/// How often the installed recorder's histograms are drained between scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A `tower::Service<http::Request<B>>` that renders every metric of the
 /// process in the Prometheus text exposition format.
 ///
@@ -44,9 +47,25 @@ impl PrometheusService {
     /// `process_open_fds`, `process_max_fds`, `process_threads` (the
     /// standard names, from `metrics-process`).
     ///
+    /// A thread drains the histograms' buffers every 5 s, as each scrape
+    /// also does: a process nobody scrapes (no route mounted, Prometheus
+    /// down) would otherwise keep every sample it ever recorded.
+    ///
     /// Fails if a global recorder is already installed.
     pub fn install() -> Result<Self, BuildError> {
         let handle = Self::builder()?.install_recorder()?;
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("candlewick-metrics-upkeep".to_owned())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(%err, "no metrics upkeep thread: histograms drain only when scraped");
+        }
         describe();
         let process = metrics_process::Collector::default();
         process.describe();

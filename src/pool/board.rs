@@ -274,6 +274,11 @@ impl<I: Send, O: Send> Observed for Board<I, O> {
 }
 
 impl<I, O> Board<I, O> {
+    /// Whether a batch waits in the stage for a replica.
+    pub(super) fn has_staged(&self) -> bool {
+        !lock(&self.places).staged.is_empty()
+    }
+
     pub(super) fn new(replicas: Vec<ReplicaStatus>, labels: &[metrics::Label]) -> Self {
         let count = replicas.len();
         let metrics: Vec<_> = replicas

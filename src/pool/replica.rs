@@ -170,6 +170,9 @@ impl<L, I, O> Replica<L, I, O> {
                     }
                 }
             }
+            // Restarting before the model's `Drop` (user code) runs: a hang
+            // there must not look like a replica serving.
+            self.board.set_state(self.index, ReplicaState::Restarting);
             self.board.update(self.index, |status| {
                 status.restarts = status.restarts.saturating_add(1);
             });
@@ -225,10 +228,20 @@ impl<L, I, O> Replica<L, I, O> {
             answer(reply, outcomes);
             return Served::Panicked(lease);
         }
+        // Outputs nobody waits for any more are dropped (user code) while
+        // this replica still counts as busy, like its inputs.
+        let outcomes = if reply.is_closed() {
+            drop_contained(outcomes, "outputs nobody waited for");
+            None
+        } else {
+            Some(outcomes)
+        };
         // The next batch first, then answer: a staged batch, or the one the
         // batcher hands this replica while the callers of this one wake up.
         let next = self.board.next_or_idle(lease, |_| {});
-        answer(reply, outcomes);
+        if let Some(outcomes) = outcomes {
+            answer(reply, outcomes);
+        }
         Served::Ok(next)
     }
 
@@ -268,10 +281,11 @@ impl<L, I, O> Replica<L, I, O> {
             }
             // No job is sent to a replica that is not idle, so the channel
             // can only be empty, or closed because every handle is gone; a
-            // job that came anyway is answered, never dropped.
+            // job that came anyway is answered, never dropped. Batches staged
+            // before the handles went are still run: this load is for them.
             match jobs.try_recv() {
-                Err(mpsc::TryRecvError::Disconnected) => return None,
-                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) if !self.board.has_staged() => return None,
+                Err(mpsc::TryRecvError::Empty | mpsc::TryRecvError::Disconnected) => {}
                 Ok(job) => {
                     let err = ModelFailed::new(FailureKind::Error, "the replica was reloading");
                     let Batch { inputs, reply, .. } = job.batch;
