@@ -81,12 +81,47 @@ impl Server {
     }
 
     fn terminate(&mut self) -> ExitStatus {
+        self.signal("-TERM");
+        self.wait(Duration::from_secs(60))
+    }
+
+    /// Sends the server a signal (`kill`'s `-TERM`, `-INT`).
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([name, &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
-        self.wait(Duration::from_secs(60))
+    }
+
+    /// Waits until readiness is off, as it is at once in a drain.
+    fn until_draining(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while get(self.admin, "/readyz").status != 503 {
+            assert!(Instant::now() < deadline, "readiness never turned off");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the queue or the replicas hold work.
+    fn until_queued(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let metrics = get(self.addr, "/metrics").body;
+            let held: f64 = metrics
+                .lines()
+                .filter(|line| {
+                    line.starts_with("candlewick_queue_depth{")
+                        || line.starts_with("candlewick_in_flight_requests{")
+                })
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            if held > 0.0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nothing was queued: {metrics}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     fn wait(&mut self, limit: Duration) -> ExitStatus {
@@ -286,6 +321,23 @@ fn bad_input_gets_a_4xx_with_a_json_error() {
             413,
         ),
         ("unknown route", get(server.addr, "/nope"), 404),
+        ("wrong method", get(server.addr, "/embed"), 405),
+        (
+            "too many texts to tokenize",
+            post_json(server.addr, "/tokenize", &json!({"inputs": vec!["a"; 5]})),
+            413,
+        ),
+        (
+            // More tokens than 4 inputs of the model's most: an answer of
+            // that size is not built.
+            "too many tokens to tokenize",
+            post_json(
+                server.addr,
+                "/tokenize",
+                &json!({"inputs": "! ".repeat(4 * 512)}),
+            ),
+            413,
+        ),
     ];
     for (what, response, status) in cases {
         assert_eq!(response.status, status, "{what}: {}", response.body);
@@ -293,8 +345,8 @@ fn bad_input_gets_a_4xx_with_a_json_error() {
         assert!(error["error"].is_string(), "{what}: {}", response.body);
         assert!(error["error_type"].is_string(), "{what}: {}", response.body);
     }
-    // Each refused after its room in the queue was reserved (all but the
-    // oversized body and the unknown route) counts as an invalid request.
+    // Each refused after its room in the queue was reserved (the seven
+    // /embed cases but the oversized body) counts as an invalid request.
     let metrics = get(server.addr, "/metrics").body;
     let invalid: f64 = metrics
         .lines()
@@ -412,6 +464,133 @@ fn sigterm_during_load_answers_every_accepted_request_and_exits_zero() {
         // Sent while draining: a typed 503, or no connection once the
         // listener has closed; never a wrong answer.
         assert!(matches!(outcome, Ok(200) | Ok(503) | Err(_)), "{outcome:?}");
+    }
+}
+
+/// Reads one response from a kept-alive `stream`: the status, the headers
+/// (lower-cased names) and the body, by its `Content-Length`.
+fn read_response(stream: &mut TcpStream) -> Response {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).expect("a response head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .collect();
+    let length = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .map_or(0, |(_, v)| v.parse().unwrap());
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    Response {
+        status,
+        headers,
+        body: String::from_utf8(body).unwrap(),
+    }
+}
+
+/// One replica running one input of 512 tokens at a time: a drain that
+/// lasts (about 2 s an input in a debug build).
+const ONE_LONG_INPUT_AT_A_TIME: [&str; 6] = [
+    "--replicas",
+    "1",
+    "--max-batch-size",
+    "1",
+    "--max-batch-tokens",
+    "512",
+];
+
+#[test]
+fn a_draining_server_says_retry_after_and_closes_kept_alive_connections() {
+    let mut server = Server::start(&ONE_LONG_INPUT_AT_A_TIME);
+    let addr = server.addr;
+    let queued = std::thread::spawn(move || {
+        let long = "word ".repeat(600);
+        embed(addr, &json!({"inputs": vec![long; 6], "truncate": true})).status
+    });
+    // A client on a kept-alive connection, as pooled clients are.
+    let mut kept = TcpStream::connect(addr).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let info = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n";
+    kept.write_all(info).unwrap();
+    assert_eq!(read_response(&mut kept).status, 200);
+    server.until_queued();
+    server.signal("-TERM");
+    // Draining: readiness is off at once, and new work is refused.
+    server.until_draining();
+    let body = json!({"inputs": "too late"}).to_string();
+    write!(
+        kept,
+        "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let refused = read_response(&mut kept);
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert_eq!(refused.json()["error_type"], "draining");
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    assert_eq!(refused.header("connection"), Some("close"));
+    assert!(closed_by_server(&mut kept), "the connection is closed");
+    // The work accepted before the signal is finished, and the server exits.
+    assert_eq!(queued.join().unwrap(), 200);
+    assert!(server.wait(Duration::from_secs(120)).success());
+}
+
+#[test]
+fn a_second_signal_while_draining_exits_at_once() {
+    // A drain of 48 inputs of 512 tokens, far longer than the test waits,
+    // with timeouts that do not cut it short.
+    let mut server = Server::start(
+        &[
+            ONE_LONG_INPUT_AT_A_TIME.as_slice(),
+            &[
+                "--request-timeout-ms",
+                "600000",
+                "--http-timeout-ms",
+                "600000",
+                "--drain-timeout-s",
+                "600",
+            ],
+        ]
+        .concat(),
+    );
+    let addr = server.addr;
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let long = "word ".repeat(600);
+                let body = json!({"inputs": vec![long; 16], "truncate": true});
+                request(addr, "POST", "/embed", Some(body.to_string().as_bytes()))
+                    .map(|response| response.status)
+            })
+        })
+        .collect();
+    server.until_queued();
+    server.signal("-INT");
+    server.until_draining();
+    server.signal("-INT");
+    let status = server.wait(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    for client in clients {
+        // Cut off with the process: no answer, rather than a wrong one.
+        if let Ok(status) = client.join().unwrap() {
+            assert!(matches!(status, 200 | 503), "{status}");
+        }
     }
 }
 
@@ -1023,6 +1202,20 @@ fn the_openai_embeddings_api_gives_the_embed_vectors_in_each_encoding() {
     let malformed = request(server.addr, "POST", "/v1/embeddings", Some(b"{not json")).unwrap();
     assert_eq!(malformed.status, 400);
     assert!(malformed.json()["error"]["message"].is_string());
+    // A wrong method or path under /v1/ answers in the same shape.
+    for (method, path, status) in [
+        ("GET", "/v1/embeddings", 405),
+        ("POST", "/v1/embedding", 404),
+    ] {
+        let response = request(server.addr, method, path, Some(b"{}")).unwrap();
+        assert_eq!(
+            response.status, status,
+            "{method} {path}: {}",
+            response.body
+        );
+        let error = &response.json()["error"];
+        assert_eq!(error["type"], "invalid_request_error", "{error}");
+    }
 }
 
 fn get_tokens(addr: SocketAddr, text: &str) -> Vec<u64> {
@@ -1091,6 +1284,18 @@ fn the_tei_options_of_embed_and_tokenize_work() {
     .embeddings()[0];
     assert_close(&right, alphas, "truncation right keeps the start");
     assert_close(&left, omegas, "truncation left keeps the end");
+    // Token ids are cut the same way, and `"truncate": null` is `false`.
+    let ids = get_tokens(server.addr, &"alpha ".repeat(max));
+    let too_many_ids = post_json(server.addr, "/embed", &json!({"inputs": [ids]}));
+    assert_eq!(too_many_ids.status, 422, "{}", too_many_ids.body);
+    for (direction, kept) in [("right", &ids[..max]), ("left", &ids[ids.len() - max..])] {
+        let body = json!({"inputs": [ids], "truncate": true, "truncation_direction": direction});
+        let cut = &embed(server.addr, &body).embeddings()[0];
+        let expected = &embed(server.addr, &json!({"inputs": [kept]})).embeddings()[0];
+        assert_close(cut, expected, direction);
+    }
+    let null = embed(server.addr, &json!({"inputs": text, "truncate": null}));
+    assert_close(&null.embeddings()[0], reference, "truncate: null");
 
     // An unknown prompt is a clear 422.
     let unknown = post_json(
@@ -1225,16 +1430,27 @@ fn minilm_dir(case: &str) -> Option<std::ffi::OsString> {
 }
 
 #[test]
-fn zero_timeouts_and_connection_limits_are_refused_at_start() {
+fn zero_timeouts_limits_and_a_batch_smaller_than_an_input_are_refused_at_start() {
     for flag in [
         "--header-timeout-ms",
         "--write-timeout-ms",
         "--body-timeout-ms",
         "--http-timeout-ms",
         "--max-connections",
+        "--request-timeout-ms",
+        "--max-queue-time-ms",
+        "--max-client-batch",
     ] {
         let (status, stderr) = run_to_exit(&[flag, "0"]);
         assert_eq!(status.code(), Some(2), "{flag}: {stderr}");
         assert!(stderr.contains("0 is not in 1.."), "{flag}: {stderr}");
     }
+    // A batch too small for the model's longest input would refuse such
+    // inputs as the client's fault: refused at start instead.
+    let (status, stderr) = run_to_exit(&["--max-batch-tokens", "100"]);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--max-batch-tokens 100 is below the model's 512 tokens in one input"),
+        "{stderr}"
+    );
 }

@@ -8,7 +8,7 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use candlewick::batch::{Admission, Request, Reservation};
 use candlewick::error::{DeadlineExceeded, InvalidInput, Overloaded, classify, find};
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 
 use crate::bert::{BertLoader, Direction, EncodeError, TextEncoder, Token, normalize};
+use crate::openai::OpenAiError;
 
 /// The largest request body accepted (413 above).
 pub(crate) const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -181,8 +182,9 @@ struct EmbedRequest {
     inputs: Inputs,
     #[serde(default = "yes")]
     normalize: bool,
+    /// `null` (as clients that send every field write it) is `false`.
     #[serde(default)]
-    truncate: bool,
+    truncate: Option<bool>,
     #[serde(default)]
     truncation_direction: Direction,
     #[serde(default)]
@@ -234,17 +236,7 @@ impl AppState {
         if inputs.is_empty() {
             return Err(ApiError::validation("`inputs` is empty"));
         }
-        if inputs.len() > self.max_client_batch {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "{} inputs in one request; the most is {}",
-                    inputs.len(),
-                    self.max_client_batch
-                ),
-            ));
-        }
+        self.check_client_batch(inputs.len())?;
         inputs
             .into_iter()
             .map(|input| match input {
@@ -260,9 +252,27 @@ impl AppState {
                 Input::Ids(_) if how.prompt.is_some() => Err(ApiError::validation(
                     "`prompt_name` applies to texts, not to token ids",
                 )),
-                Input::Ids(ids) => Ok(ids),
+                Input::Ids(ids) => Ok(match how.truncate {
+                    Some(direction) => direction.cut(ids, self.encoder.max_tokens()),
+                    None => ids,
+                }),
             })
             .collect()
+    }
+
+    /// A 413 for more inputs in one request than the server takes.
+    fn check_client_batch(&self, inputs: usize) -> Result<(), ApiError> {
+        if inputs > self.max_client_batch {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!(
+                    "{inputs} inputs in one request; the most is {}",
+                    self.max_client_batch
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The text of the prompt `name`, or a 422 naming the ones there are.
@@ -380,7 +390,10 @@ pub(crate) async fn embed(
         .prepare_reserved(reservation, move |state| {
             let request: EmbedRequest = parse_json(&body)?;
             let how = Encoding {
-                truncate: request.truncate.then_some(request.truncation_direction),
+                truncate: request
+                    .truncate
+                    .unwrap_or(false)
+                    .then_some(request.truncation_direction),
                 prompt: state.prompt(request.prompt_name.as_deref())?,
             };
             let sequences = state.encode(request.inputs.into_vec(), &how)?;
@@ -427,21 +440,34 @@ pub(crate) async fn tokenize(
                 TextInputs::One(text) => vec![text],
                 TextInputs::Many(texts) => texts,
             };
-            if texts.len() > state.max_client_batch {
-                return Err(ApiError::validation(format!(
-                    "{} inputs in one request; the most is {}",
-                    texts.len(),
-                    state.max_client_batch
-                )));
-            }
+            state.check_client_batch(texts.len())?;
+            // At most what one request to /embed can carry: an answer is
+            // some 70 bytes a token, so without a bound, a 2 MiB body of
+            // one-character tokens would be answered with over 100 MB.
+            let most = state
+                .max_client_batch
+                .saturating_mul(state.encoder.max_tokens());
+            let mut total = 0usize;
             texts
                 .iter()
                 .map(|text| {
                     let text = format!("{}{text}", prompt.unwrap_or_default());
-                    state
+                    let tokens = state
                         .encoder
                         .tokenize(&text, request.add_special_tokens)
-                        .map_err(ApiError::from_encode)
+                        .map_err(ApiError::from_encode)?;
+                    total = total.saturating_add(tokens.len());
+                    if total > most {
+                        return Err(ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "too_large",
+                            format!(
+                                "more than {most} tokens in one request (the most inputs in one \
+                                 request times the model's most tokens in one input)"
+                            ),
+                        ));
+                    }
+                    Ok(tokens)
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -456,8 +482,30 @@ pub(crate) async fn info(State(state): State<AppState>) -> Json<Value> {
     Json(info)
 }
 
-pub(crate) async fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+/// No such route, in the error shape of the API the path belongs to.
+pub(crate) async fn not_found(uri: Uri) -> Response {
+    in_shape_of(
+        &uri,
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route"),
+    )
+}
+
+/// A route called with a method it does not take (`GET /embed`).
+pub(crate) async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let message = format!("{} does not take {method}", uri.path());
+    in_shape_of(
+        &uri,
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "not_allowed", message),
+    )
+}
+
+/// `err` in OpenAI's error shape under `/v1/`, in TEI's elsewhere.
+pub(crate) fn in_shape_of(uri: &Uri, err: ApiError) -> Response {
+    if uri.path().starts_with("/v1/") {
+        OpenAiError::from(err).into_response()
+    } else {
+        err.into_response()
+    }
 }
 
 /// An error answered as `{"error": …, "error_type": …}` with its status.
@@ -532,12 +580,19 @@ impl IntoResponse for ApiError {
 }
 
 /// A JSON error response, with `Retry-After` when the client should retry.
+///
+/// A 503 (draining, or stopped for good) also says `Retry-After: 1` and
+/// closes the connection: a kept-alive connection would bring the client's
+/// retry back to this server, not to another one behind the same Service.
 pub(crate) fn json_error(status: StatusCode, body: Value, retry_after: Option<u64>) -> Response {
+    let unavailable = status == StatusCode::SERVICE_UNAVAILABLE;
     let mut response = (status, Json(body)).into_response();
-    if let Some(secs) = retry_after {
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    let headers = response.headers_mut();
+    if let Some(secs) = retry_after.or(unavailable.then_some(1)) {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    if unavailable {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }

@@ -141,6 +141,19 @@ pub(crate) enum Direction {
     Left,
 }
 
+impl Direction {
+    /// `ids` cut to at most `max`, from this end.
+    pub(crate) fn cut(self, mut ids: Vec<u32>, max: usize) -> Vec<u32> {
+        match self {
+            Self::Right => ids.truncate(max),
+            Self::Left => {
+                ids.drain(..ids.len().saturating_sub(max));
+            }
+        }
+        ids
+    }
+}
+
 /// One token of a tokenized text, as `/tokenize` reports it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct Token {

@@ -14,7 +14,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::error_handling::HandleErrorLayer;
 use axum::http::{Request, StatusCode, Uri};
-use axum::response::IntoResponse;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -27,8 +26,7 @@ use tower_http::timeout::RequestBodyTimeoutLayer;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::Level;
 
-use crate::api::ApiError;
-use crate::openai::OpenAiError;
+use crate::api::{self, ApiError};
 
 /// The limits a client is held to.
 #[derive(Debug, Clone, Copy)]
@@ -64,12 +62,7 @@ pub(crate) fn layers(app: Router, limits: Limits) -> Router {
                         "timeout",
                         "the request took longer than the server's request timeout",
                     );
-                    // Each API answers in its own error shape.
-                    if uri.path().starts_with("/v1/") {
-                        OpenAiError::from(err).into_response()
-                    } else {
-                        err.into_response()
-                    }
+                    api::in_shape_of(&uri, err)
                 },
             ))
             .timeout(limits.request_timeout)

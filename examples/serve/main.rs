@@ -84,10 +84,10 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     queue_capacity: usize,
     /// Reject requests that would wait longer than this in the queue, in ms.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..))]
     max_queue_time_ms: u64,
     /// The deadline of each request, in ms.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     request_timeout_ms: u64,
     /// Threads that parse and tokenize requests, off the async runtime (0:
     /// one per core).
@@ -97,7 +97,7 @@ struct Args {
     #[arg(long, default_value_t = 256, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     prepare_queue_capacity: usize,
     /// The most inputs in one client request (413 above).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_client_batch: usize,
     /// How long to finish accepted work after SIGTERM, in seconds.
     #[arg(long, default_value_t = 30)]
@@ -250,6 +250,16 @@ async fn serve(args: Args) -> Result<(), BoxError> {
         Some(dir) => BertLoader::from_dir(dir)?,
         None => BertLoader::builtin(args.seed),
     };
+    // Every input the model takes must fit a batch, or the longest would
+    // be refused as the client's fault.
+    if args.max_batch_tokens < loader.max_tokens() {
+        return Err(format!(
+            "--max-batch-tokens {} is below the model's {} tokens in one input",
+            args.max_batch_tokens,
+            loader.max_tokens()
+        )
+        .into());
+    }
     let model = ModelInfo::new(loader.name(), args.model_version.clone());
     let config = args.serving_config(model)?;
     // The recorder goes in before the stack registers its metrics.
@@ -294,6 +304,7 @@ async fn serve(args: Args) -> Result<(), BoxError> {
     }
     let app = app
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(api::MAX_BODY_BYTES))
         .with_state(state);
     let limits = edge::Limits {
@@ -338,17 +349,23 @@ async fn serve(args: Args) -> Result<(), BoxError> {
 
 /// Completes once a SIGTERM or SIGINT has been handled: readiness off at once,
 /// accepted work finished (or answered) within the drain timeout. The HTTP
-/// server then stops accepting and closes its connections.
+/// server then stops accepting and closes its connections. A second signal
+/// while draining exits at once, with status 130, as a second Ctrl-C should.
 async fn drain_on_signal(serving: Serving<Vec<u32>, Vec<f32>>) {
     let signal = wait_for_signal().await;
     tracing::info!(signal, "shutting down: draining");
-    let report = serving.shutdown_within().await;
-    tracing::info!(
-        completed = report.completed,
-        rejected = report.rejected,
-        aborted = report.aborted,
-        "drained"
-    );
+    tokio::select! {
+        report = serving.shutdown_within() => tracing::info!(
+            completed = report.completed,
+            rejected = report.rejected,
+            aborted = report.aborted,
+            "drained"
+        ),
+        signal = wait_for_signal() => {
+            tracing::warn!(signal, "a second signal: exiting without finishing the drain");
+            std::process::exit(130);
+        }
+    }
 }
 
 async fn wait_for_signal() -> &'static str {
