@@ -71,6 +71,10 @@ struct Args {
     /// `Health::startup_time`).
     #[arg(long, default_value_t = 40)]
     load_secs: u64,
+    /// A namespace whose pods (Prometheus) may reach the admin port; the
+    /// NetworkPolicy keeps every other pod off it. Repeat for several.
+    #[arg(long = "metrics-namespace", default_value = "monitoring")]
+    metrics_namespaces: Vec<String>,
 }
 
 /// The builder for a layout: the same `ServingConfig` the server runs with.
@@ -92,7 +96,8 @@ fn builder(args: &Args) -> ManifestBuilder {
     // The server labels its metrics with the version each track's
     // Deployment sets in its environment (`ModelInfo::VERSION_ENV`).
     let mut server_args = Vec::new();
-    let mut builder = ManifestBuilder::new(&config, "embedder", args.image.clone());
+    let mut builder = ManifestBuilder::new(&config, "embedder", args.image.clone())
+        .with_metrics_namespaces(args.metrics_namespaces.clone());
     if let Some(claim) = &args.model_claim {
         // The server names the model after its directory.
         let dir = format!("/models/{}", args.model);

@@ -106,7 +106,11 @@ fn layouts() -> Vec<(&'static str, Manifests)> {
         ("cpu-hpa", autoscaled().build().unwrap()),
         (
             "cpu-admin-port",
-            autoscaled().with_admin_port(Some(8081)).build().unwrap(),
+            autoscaled()
+                .with_admin_port(Some(8081))
+                .with_metrics_namespaces(["monitoring"])
+                .build()
+                .unwrap(),
         ),
         ("gpu", autoscaled().with_gpu(gpu()).build().unwrap()),
         (
@@ -378,6 +382,42 @@ fn with_an_admin_listener_probes_and_scrapes_go_to_the_admin_port() {
         .map(|p| &p["port"])
         .collect();
     assert_eq!(ports, [&json!("http"), &json!("admin")]);
+}
+
+#[test]
+fn named_metrics_namespaces_alone_may_reach_the_admin_port() {
+    let manifests = ManifestBuilder::new(&config().with_admin_port(Some(8081)), "embedder", IMAGE)
+        .with_metrics_namespaces(["monitoring"])
+        .with_load_time(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    let policy = &of_kind(&manifests, "NetworkPolicy")[0];
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([
+            {"ports": [{"port": "http", "protocol": "TCP"}]},
+            {
+                "ports": [{"port": "admin", "protocol": "TCP"}],
+                "from": [{"namespaceSelector": {"matchExpressions": [{
+                    "key": "kubernetes.io/metadata.name",
+                    "operator": "In",
+                    "values": ["monitoring"],
+                }]}}],
+            },
+        ])
+    );
+    // Without an admin port, probes and metrics share the request port:
+    // nothing to keep apart.
+    let shared = ManifestBuilder::new(&config().with_admin_port(None), "embedder", IMAGE)
+        .with_metrics_namespaces(["monitoring"])
+        .with_load_time(Duration::from_secs(90))
+        .build()
+        .unwrap();
+    let policy = &of_kind(&shared, "NetworkPolicy")[0];
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"port": "http", "protocol": "TCP"}]}])
+    );
 }
 
 #[test]

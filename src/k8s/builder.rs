@@ -48,6 +48,7 @@ impl ManifestBuilder {
             probes: config.probes.clone(),
             port: 8080,
             admin_port: config.admin_port,
+            metrics_namespaces: Vec::new(),
             metrics_path: "/metrics".to_owned(),
             drain_timeout: config.drain_timeout,
             candle_threads: config
@@ -93,6 +94,20 @@ impl ManifestBuilder {
     /// [`admin_port`](ServingConfig::admin_port).
     pub fn with_admin_port(mut self, port: Option<u16>) -> Self {
         self.plan.admin_port = port;
+        self
+    }
+
+    /// Lets only pods in `namespaces` (where Prometheus runs) reach the
+    /// admin port, in the NetworkPolicy; the kubelet's probes come from
+    /// the node, which a NetworkPolicy always lets through. Without it,
+    /// any pod in the cluster could hold the admin port's connections and
+    /// keep the probes waiting. Applies with an admin port only (see
+    /// [`with_admin_port`](Self::with_admin_port)). Default: any source.
+    pub fn with_metrics_namespaces<S: Into<String>>(
+        mut self,
+        namespaces: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.plan.metrics_namespaces = namespaces.into_iter().map(Into::into).collect();
         self
     }
 

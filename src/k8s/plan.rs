@@ -47,6 +47,8 @@ pub(crate) struct Plan {
     pub(crate) port: u16,
     /// The admin listener's port, where probes and metrics are served.
     pub(crate) admin_port: Option<u16>,
+    /// The namespaces whose pods may reach the admin port; empty: any.
+    pub(crate) metrics_namespaces: Vec<String>,
     pub(crate) metrics_path: String,
     pub(crate) drain_timeout: Duration,
     /// The thread count candle must compute at: the CPU replicas' own pools.

@@ -4,18 +4,19 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
+    Affinity, ContainerPort, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm,
     PodAffinityTerm, PodAntiAffinity, TopologySpreadConstraint, WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::compat;
-use super::plan::{Plan, Track};
+use super::plan::{ADMIN_PORT_NAME, Plan, Track};
 use super::settings::Disruption;
 
 const ZONE: &str = "topology.kubernetes.io/zone";
@@ -50,27 +51,47 @@ pub(crate) fn pdb(plan: &Plan, track: &Track) -> PodDisruptionBudget {
 }
 
 /// The NetworkPolicy of one track: ingress only on the named ports (requests,
-/// and probes and metrics, on the admin port if there is one); egress is
-/// left open.
+/// and probes and metrics, on the admin port if there is one), the admin
+/// port only from the metrics namespaces if any are named; egress is left
+/// open.
 pub(crate) fn network_policy(plan: &Plan, track: &Track) -> NetworkPolicy {
+    let port = |name: Option<String>| NetworkPolicyPort {
+        port: name.map(IntOrString::String),
+        protocol: Some("TCP".to_owned()),
+        ..NetworkPolicyPort::default()
+    };
+    let (admin, open): (Vec<_>, Vec<_>) = plan
+        .container_ports()
+        .into_iter()
+        .partition(|p| p.name.as_deref() == Some(ADMIN_PORT_NAME));
+    let rule = |ports: Vec<ContainerPort>, from: Option<Vec<NetworkPolicyPeer>>| {
+        NetworkPolicyIngressRule {
+            ports: Some(ports.into_iter().map(|p| port(p.name)).collect()),
+            from,
+        }
+    };
+    let ingress = if plan.metrics_namespaces.is_empty() || admin.is_empty() {
+        vec![rule([open, admin].concat(), None)]
+    } else {
+        let scrapers = NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: "kubernetes.io/metadata.name".to_owned(),
+                    operator: "In".to_owned(),
+                    values: Some(plan.metrics_namespaces.clone()),
+                }]),
+                ..LabelSelector::default()
+            }),
+            ..NetworkPolicyPeer::default()
+        };
+        vec![rule(open, None), rule(admin, Some(vec![scrapers]))]
+    };
     NetworkPolicy {
         metadata: plan.metadata(track, &track.name),
         spec: compat::wrap(NetworkPolicySpec {
             pod_selector: compat::wrap(selector(&plan.selector_labels(track))),
             policy_types: Some(vec!["Ingress".to_owned()]),
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(
-                    plan.container_ports()
-                        .into_iter()
-                        .map(|port| NetworkPolicyPort {
-                            port: port.name.map(IntOrString::String),
-                            protocol: Some("TCP".to_owned()),
-                            ..NetworkPolicyPort::default()
-                        })
-                        .collect(),
-                ),
-                ..NetworkPolicyIngressRule::default()
-            }]),
+            ingress: Some(ingress),
             ..NetworkPolicySpec::default()
         }),
     }
