@@ -454,11 +454,25 @@ fn gated_loader() -> (
     impl candlewick::Loader<u32, Model: candlewick::Model<u32, Output = u32>>,
     Gated,
 ) {
+    gated_loader_loading(usize::MAX)
+}
+
+/// [`gated_loader`], whose loads after the first `loads` fail.
+fn gated_loader_loading(
+    loads: usize,
+) -> (
+    impl candlewick::Loader<u32, Model: candlewick::Model<u32, Output = u32>>,
+    Gated,
+) {
     let (release, gate) = std::sync::mpsc::channel::<()>();
     let gate = Arc::new(Mutex::new(gate));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let log = seen.clone();
+    let loaded = AtomicUsize::new(0);
     let loader = move |_: &Device| -> Result<_, BoxError> {
+        if loaded.fetch_add(1, Ordering::SeqCst) >= loads {
+            return Err("the device is gone".into());
+        }
         let (gate, log) = (gate.clone(), log.clone());
         Ok(move |batch: &[u32]| -> Result<Vec<u32>, BoxError> {
             log.lock().unwrap().push(batch.to_vec());
@@ -593,6 +607,30 @@ async fn a_staged_batch_runs_after_its_replica_reloads_even_once_the_pool_is_dro
             .unwrap(),
         [Ok(10)]
     );
+}
+
+#[tokio::test]
+async fn a_staged_batch_is_closed_when_its_replica_cannot_reload_once_the_pool_is_dropped() {
+    let (loader, gated) = gated_loader_loading(1);
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let staging = pool.staging();
+    good_batch(&mut pool, vec![1]).await;
+    let crashing = start(&mut pool, vec![3000]);
+    until_seen(&gated, 2).await;
+    staging.offer_full_batch(true);
+    let staged = start(&mut pool, vec![5]);
+    drop((pool, staging));
+    gated.release.send(()).unwrap();
+    let outcomes = crashing.await.unwrap().unwrap();
+    assert_eq!(outcomes[0].clone().unwrap_err().kind(), FailureKind::Panic);
+    // One load is tried for it, and fails: the batch is closed, not kept
+    // waiting by a thread that retries for good.
+    let answer = tokio::time::timeout(Duration::from_secs(10), staged).await;
+    let err = answer
+        .expect("the staged batch is answered")
+        .unwrap()
+        .unwrap_err();
+    assert!(err.is::<candlewick::error::Closed>(), "{err}");
 }
 
 #[tokio::test]

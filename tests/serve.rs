@@ -345,8 +345,8 @@ fn bad_input_gets_a_4xx_with_a_json_error() {
         assert!(error["error"].is_string(), "{what}: {}", response.body);
         assert!(error["error_type"].is_string(), "{what}: {}", response.body);
     }
-    // Each refused after its room in the queue was reserved (the seven
-    // /embed cases but the oversized body) counts as an invalid request.
+    // Each refused after its room in the queue was reserved (the /embed
+    // cases other than the oversized body: seven) counts as invalid.
     let metrics = get(server.addr, "/metrics").body;
     let invalid: f64 = metrics
         .lines()
@@ -503,33 +503,67 @@ fn read_response(stream: &mut TcpStream) -> Response {
     }
 }
 
-/// One replica running one input of 512 tokens at a time: a drain that
-/// lasts (about 2 s an input in a debug build).
-const ONE_LONG_INPUT_AT_A_TIME: [&str; 6] = [
+/// One replica running one input of 512 tokens at a time, with time
+/// enough for a drain of many of them.
+const ONE_LONG_INPUT_AT_A_TIME: [&str; 14] = [
     "--replicas",
     "1",
     "--max-batch-size",
     "1",
     "--max-batch-tokens",
     "512",
+    "--max-queue-time-ms",
+    "600000",
+    "--request-timeout-ms",
+    "600000",
+    "--http-timeout-ms",
+    "600000",
+    "--drain-timeout-s",
+    "600",
 ];
+
+/// Sends `server` (running [`ONE_LONG_INPUT_AT_A_TIME`]) inputs of 512
+/// tokens for at least `work` of compute, sized from one timed input (some
+/// 2 s in a debug build, tens of ms in a release one), and returns once they
+/// are queued; each client returns its status, or why it got none.
+fn queue_long_inputs(
+    server: &Server,
+    work: Duration,
+) -> Vec<std::thread::JoinHandle<std::io::Result<u16>>> {
+    let long = "word ".repeat(600);
+    let started = Instant::now();
+    let one = embed(server.addr, &json!({"inputs": long, "truncate": true}));
+    assert_eq!(one.status, 200, "{}", one.body);
+    let each = started.elapsed().max(Duration::from_millis(1));
+    let inputs = (work.as_secs_f64() / each.as_secs_f64()).ceil() as usize;
+    // Within the queue's 512, in requests of at most 64 inputs.
+    let inputs = inputs.clamp(1, 512);
+    let addr = server.addr;
+    let clients = (0..inputs.div_ceil(64))
+        .map(|i| {
+            let n = (inputs - i * 64).min(64);
+            let body = json!({"inputs": vec![long.clone(); n], "truncate": true});
+            let body = body.to_string();
+            std::thread::spawn(move || {
+                request(addr, "POST", "/embed", Some(body.as_bytes())).map(|r| r.status)
+            })
+        })
+        .collect();
+    server.until_queued();
+    clients
+}
 
 #[test]
 fn a_draining_server_says_retry_after_and_closes_kept_alive_connections() {
     let mut server = Server::start(&ONE_LONG_INPUT_AT_A_TIME);
-    let addr = server.addr;
-    let queued = std::thread::spawn(move || {
-        let long = "word ".repeat(600);
-        embed(addr, &json!({"inputs": vec![long; 6], "truncate": true})).status
-    });
     // A client on a kept-alive connection, as pooled clients are.
-    let mut kept = TcpStream::connect(addr).unwrap();
+    let mut kept = TcpStream::connect(server.addr).unwrap();
     kept.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
     let info = b"GET /info HTTP/1.1\r\nHost: x\r\n\r\n";
     kept.write_all(info).unwrap();
     assert_eq!(read_response(&mut kept).status, 200);
-    server.until_queued();
+    let queued = queue_long_inputs(&server, Duration::from_secs(3));
     server.signal("-TERM");
     // Draining: readiness is off at once, and new work is refused.
     server.until_draining();
@@ -546,41 +580,25 @@ fn a_draining_server_says_retry_after_and_closes_kept_alive_connections() {
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert_eq!(refused.header("connection"), Some("close"));
     assert!(closed_by_server(&mut kept), "the connection is closed");
-    // The work accepted before the signal is finished, and the server exits.
-    assert_eq!(queued.join().unwrap(), 200);
+    // The work accepted before the signal is finished (a client still on
+    // its way to admission then was refused: 503), and the server exits.
+    let statuses: Vec<u16> = queued
+        .into_iter()
+        .map(|c| c.join().unwrap().unwrap())
+        .collect();
+    assert!(statuses.contains(&200), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| matches!(s, 200 | 503)),
+        "{statuses:?}"
+    );
     assert!(server.wait(Duration::from_secs(120)).success());
 }
 
 #[test]
 fn a_second_signal_while_draining_exits_at_once() {
-    // A drain of 48 inputs of 512 tokens, far longer than the test waits,
-    // with timeouts that do not cut it short.
-    let mut server = Server::start(
-        &[
-            ONE_LONG_INPUT_AT_A_TIME.as_slice(),
-            &[
-                "--request-timeout-ms",
-                "600000",
-                "--http-timeout-ms",
-                "600000",
-                "--drain-timeout-s",
-                "600",
-            ],
-        ]
-        .concat(),
-    );
-    let addr = server.addr;
-    let clients: Vec<_> = (0..3)
-        .map(|_| {
-            std::thread::spawn(move || {
-                let long = "word ".repeat(600);
-                let body = json!({"inputs": vec![long; 16], "truncate": true});
-                request(addr, "POST", "/embed", Some(body.to_string().as_bytes()))
-                    .map(|response| response.status)
-            })
-        })
-        .collect();
-    server.until_queued();
+    // A drain far longer than the test waits.
+    let mut server = Server::start(&ONE_LONG_INPUT_AT_A_TIME);
+    let clients = queue_long_inputs(&server, Duration::from_secs(30));
     server.signal("-INT");
     server.until_draining();
     server.signal("-INT");

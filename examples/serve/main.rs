@@ -350,7 +350,8 @@ async fn serve(args: Args) -> Result<(), BoxError> {
 /// Completes once a SIGTERM or SIGINT has been handled: readiness off at once,
 /// accepted work finished (or answered) within the drain timeout. The HTTP
 /// server then stops accepting and closes its connections. A second signal
-/// while draining exits at once, with status 130, as a second Ctrl-C should.
+/// while draining exits at once (status 130 for SIGINT, 143 for SIGTERM), as
+/// a second Ctrl-C should.
 async fn drain_on_signal(serving: Serving<Vec<u32>, Vec<f32>>) {
     let signal = wait_for_signal().await;
     tracing::info!(signal, "shutting down: draining");
@@ -363,7 +364,8 @@ async fn drain_on_signal(serving: Serving<Vec<u32>, Vec<f32>>) {
         ),
         signal = wait_for_signal() => {
             tracing::warn!(signal, "a second signal: exiting without finishing the drain");
-            std::process::exit(130);
+            // 128 + the signal's number, as a shell reports a process it ended.
+            std::process::exit(if signal == "SIGINT" { 130 } else { 143 });
         }
     }
 }

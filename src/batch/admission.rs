@@ -152,7 +152,10 @@ impl<I, O> Shared<I, O> {
         match (estimate, floor) {
             (Some(estimate), _) if estimate <= budget => Ok(()),
             (Some(estimate), Some(floor)) if floor <= budget => {
-                if self.queue.is_idle() && lock(&self.rate).probe(now) {
+                if self.fits_one_batch(items, cost)
+                    && self.queue.is_idle()
+                    && lock(&self.rate).probe(now)
+                {
                     Ok(())
                 } else {
                     Err(TooLarge::slower_than(estimate, budget).into())

@@ -120,8 +120,8 @@ impl<O> PinnedDrop for ResponseFuture<O> {
         if let Some(abandoned) = this.abandoned.take() {
             // Closed before counted: a scan the count sets off must find
             // this request cancelled.
-            if let StateProj::Queued { rx, .. } = this.state.project() {
-                rx.get_mut().close();
+            if let StateProj::Queued { mut rx, .. } = this.state.project() {
+                rx.close();
             }
             abandoned.fetch_add(1, Ordering::Release);
         }

@@ -372,10 +372,15 @@ impl<I, O> Board<I, O> {
         if lock(&self.status).all_failed_for_good() {
             self.semaphore.close();
             self.stage.close();
-            // Nothing will run what is staged: its callers hear `Closed`.
-            let staged = std::mem::take(&mut lock(&self.places).staged);
-            drop_contained(staged, "the inputs of staged batches");
+            self.close_stage();
         }
+    }
+
+    /// Drops every staged batch, contained: nothing will run them, and
+    /// their callers hear `Closed`.
+    pub(super) fn close_stage(&self) {
+        let staged = std::mem::take(&mut lock(&self.places).staged);
+        drop_contained(staged, "the inputs of staged batches");
     }
 
     /// Why no replica can serve, once every one failed for good; `None`

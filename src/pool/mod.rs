@@ -311,7 +311,8 @@ pub enum ReplicaState {
     Busy,
     /// The last load failed; it will be retried.
     Failed,
-    /// Waiting out the back-off before reloading.
+    /// Dropping its model after a failure, or waiting out the back-off
+    /// before reloading.
     Restarting,
     /// Its batch outran the stall timeout; a replacement is starting (or,
     /// past [`max_stuck_threads`](PoolConfig::max_stuck_threads), it failed

@@ -172,8 +172,8 @@ impl<L, I, O> Replica<L, I, O> {
             }
             // Restarting before the model's `Drop` (user code) runs: a hang
             // there must not look like a replica serving.
-            self.board.set_state(self.index, ReplicaState::Restarting);
             self.board.update(self.index, |status| {
+                status.state = ReplicaState::Restarting;
                 status.restarts = status.restarts.saturating_add(1);
             });
             drop_contained(model, "the model");
@@ -262,8 +262,9 @@ impl<L, I, O> Replica<L, I, O> {
     }
 
     /// Loads and warms up the model, retrying with back-off until it works.
-    /// Returns `None` once the pool is dropped, or when the loader said no
-    /// retry can help ([`Unrecoverable`]): the replica then failed for good.
+    /// Returns `None` once the pool is dropped (after one more try if a
+    /// batch is staged, to run it), or when the loader said no retry can
+    /// help ([`Unrecoverable`]): the replica then failed for good.
     fn load_until_ready(
         &self,
         runtime: &tokio::runtime::Runtime,
@@ -282,17 +283,19 @@ impl<L, I, O> Replica<L, I, O> {
             // No job is sent to a replica that is not idle, so the channel
             // can only be empty, or closed because every handle is gone; a
             // job that came anyway is answered, never dropped. Batches staged
-            // before the handles went are still run: this load is for them.
-            match jobs.try_recv() {
+            // before the handles went get one load to run them.
+            let gone = match jobs.try_recv() {
                 Err(mpsc::TryRecvError::Disconnected) if !self.board.has_staged() => return None,
-                Err(mpsc::TryRecvError::Empty | mpsc::TryRecvError::Disconnected) => {}
+                Err(mpsc::TryRecvError::Disconnected) => true,
+                Err(mpsc::TryRecvError::Empty) => false,
                 Ok(job) => {
                     let err = ModelFailed::new(FailureKind::Error, "the replica was reloading");
                     let Batch { inputs, reply, .. } = job.batch;
                     answer(reply, self::failures(err, inputs.len()).collect());
                     drop_contained(inputs, "a batch's inputs");
+                    false
                 }
-            }
+            };
             match self.load_once(runtime) {
                 Ok(model) => return Some(model),
                 Err(err) if Unrecoverable::is_in(&*err) => {
@@ -311,6 +314,11 @@ impl<L, I, O> Replica<L, I, O> {
                         status.load_failures = status.load_failures.saturating_add(1);
                         status.last_error = Some(err.to_string());
                     });
+                    if gone {
+                        // No handle will ever come back for them.
+                        self.board.close_stage();
+                        return None;
+                    }
                 }
             }
         }
