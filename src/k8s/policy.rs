@@ -55,18 +55,18 @@ pub(crate) fn pdb(plan: &Plan, track: &Track) -> PodDisruptionBudget {
 /// port only from the metrics namespaces if any are named; egress is left
 /// open.
 pub(crate) fn network_policy(plan: &Plan, track: &Track) -> NetworkPolicy {
-    let port = |name: Option<String>| NetworkPolicyPort {
-        port: name.map(IntOrString::String),
-        protocol: Some("TCP".to_owned()),
-        ..NetworkPolicyPort::default()
-    };
     let (admin, open): (Vec<_>, Vec<_>) = plan
         .container_ports()
         .into_iter()
         .partition(|p| p.name.as_deref() == Some(ADMIN_PORT_NAME));
     let rule = |ports: Vec<ContainerPort>, from: Option<Vec<NetworkPolicyPeer>>| {
+        let ports = ports.into_iter().map(|p| NetworkPolicyPort {
+            port: p.name.map(IntOrString::String),
+            protocol: Some("TCP".to_owned()),
+            ..NetworkPolicyPort::default()
+        });
         NetworkPolicyIngressRule {
-            ports: Some(ports.into_iter().map(|p| port(p.name)).collect()),
+            ports: Some(ports.collect()),
             from,
         }
     };
