@@ -602,14 +602,19 @@ async fn staged_after_the_pool_is_dropped(
     until_seen(&gated, 2).await;
     staging.offer_full_batch(true);
     let staged = start(&mut pool, vec![5]);
+    // A status view (as `Health` holds) keeps the pool's board alive: the
+    // staged batch must be answered by the replica, not by the board's drop.
+    let status = pool.status();
     drop((pool, staging));
     gated.release.send(()).unwrap();
     let outcomes = crashing.await.unwrap().unwrap();
     assert_eq!(outcomes[0].clone().unwrap_err().kind(), FailureKind::Panic);
-    tokio::time::timeout(Duration::from_secs(10), staged)
+    let answer = tokio::time::timeout(Duration::from_secs(10), staged)
         .await
         .expect("the staged batch is answered")
-        .unwrap()
+        .unwrap();
+    drop(status);
+    answer
 }
 
 #[tokio::test]

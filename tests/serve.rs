@@ -505,7 +505,9 @@ fn read_response(stream: &mut TcpStream) -> Response {
 
 /// One replica running one input of 512 tokens at a time, with time
 /// enough for a drain of many of them.
-const ONE_LONG_INPUT_AT_A_TIME: [&str; 14] = [
+const ONE_LONG_INPUT_AT_A_TIME: [&str; 16] = [
+    "--header-timeout-ms",
+    "600000",
     "--replicas",
     "1",
     "--max-batch-size",

@@ -126,8 +126,8 @@ impl<I, O> Shared<I, O> {
     /// a passing slowness on the books, and every such request refused, for
     /// good. So an idle service that measured nothing for
     /// [`CostModel::PROBE_AFTER`](super::rate::CostModel::PROBE_AFTER) also
-    /// lets one request it would refuse as too large through, to measure
-    /// again.
+    /// lets one request it would refuse as too large through, if it fits
+    /// one batch, to measure again.
     pub(super) fn check_budget(
         &self,
         items: usize,

@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -153,6 +153,9 @@ pub(super) struct Board<I, O> {
     pub(super) changes: watch::Sender<u64>,
     /// The slot of each replica's current thread.
     pub(super) running: Vec<Mutex<Slot<O>>>,
+    /// Replica threads started and not yet ended (stuck ones included):
+    /// the last to end closes the stage, since nothing else will run it.
+    threads: AtomicUsize,
 }
 
 /// The replicas' statuses, and since when none of them could serve.
@@ -307,6 +310,7 @@ impl<I, O> Board<I, O> {
             }),
             changes: watch::channel(0).0,
             running: (0..count).map(|_| Mutex::default()).collect(),
+            threads: AtomicUsize::new(0),
         }
     }
 
@@ -376,9 +380,22 @@ impl<I, O> Board<I, O> {
         }
     }
 
+    /// Counts a replica thread about to start; see [`thread_ended`](Self::thread_ended).
+    pub(super) fn thread_starting(&self) {
+        self.threads.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Counts a replica thread ended (or never started); the last one
+    /// closes the stage.
+    pub(super) fn thread_ended(&self) {
+        if self.threads.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.close_stage();
+        }
+    }
+
     /// Drops every staged batch, contained: nothing will run them, and
     /// their callers hear `Closed`.
-    pub(super) fn close_stage(&self) {
+    fn close_stage(&self) {
         let staged = std::mem::take(&mut lock(&self.places).staged);
         drop_contained(staged, "the inputs of staged batches");
     }

@@ -36,7 +36,10 @@ where
     let name = format!("candlewick-replica-{index}");
     let location = board.device(index);
     let slot = board.slot(index).clone();
+    board.thread_starting();
+    let ended = ThreadEnded(board.clone());
     std::thread::Builder::new().name(name).spawn(move || {
+        let _ended = ended;
         let replica = Replica {
             index,
             slot,
@@ -60,6 +63,16 @@ where
         }
     })?;
     Ok(())
+}
+
+/// Counts its replica thread ended when dropped: when the thread ends, or
+/// if it could not start.
+struct ThreadEnded<I, O>(Arc<Board<I, O>>);
+
+impl<I, O> Drop for ThreadEnded<I, O> {
+    fn drop(&mut self) {
+        self.0.thread_ended();
+    }
 }
 
 struct Replica<L, I, O> {
@@ -281,11 +294,16 @@ impl<L, I, O> Replica<L, I, O> {
                 std::thread::sleep(delay);
             }
             // No job is sent to a replica that is not idle, so the channel
-            // can only be empty, or closed because every handle is gone; a
-            // job that came anyway is answered, never dropped. Batches staged
-            // before the handles went get one load to run them.
+            // can only be empty, or closed because every handle is gone (or
+            // the watchdog replaced this thread); a job that came anyway is
+            // answered, never dropped. Batches staged before the handles
+            // went get one load to run them.
             let gone = match jobs.try_recv() {
-                Err(mpsc::TryRecvError::Disconnected) if !self.board.has_staged() => return None,
+                Err(mpsc::TryRecvError::Disconnected)
+                    if !self.board.has_staged() || self.replaced() =>
+                {
+                    return None;
+                }
                 Err(mpsc::TryRecvError::Disconnected) => true,
                 Err(mpsc::TryRecvError::Empty) => false,
                 Ok(job) => {
@@ -315,13 +333,17 @@ impl<L, I, O> Replica<L, I, O> {
                         status.last_error = Some(err.to_string());
                     });
                     if gone {
-                        // No handle will ever come back for them.
-                        self.board.close_stage();
+                        // The last replica thread to end closes the stage.
                         return None;
                     }
                 }
             }
         }
+    }
+
+    /// Whether the watchdog gave this replica a new thread (and slot).
+    fn replaced(&self) -> bool {
+        !Arc::ptr_eq(&self.slot, &self.board.slot(self.index))
     }
 
     fn load_once(&self, runtime: &tokio::runtime::Runtime) -> Result<(L::Model, Loaded), BoxError>
