@@ -321,17 +321,18 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 fn medians(reps: &[Vec<f64>]) -> Vec<f64> {
     let columns = reps.first().map_or(0, Vec::len);
     (0..columns)
-        .map(|column| {
-            let mut values: Vec<f64> = reps.iter().map(|rep| rep[column]).collect();
-            values.sort_by(f64::total_cmp);
-            let mid = values.len() / 2;
-            if values.len() % 2 == 1 {
-                values[mid]
-            } else {
-                (values[mid - 1] + values[mid]) / 2.0
-            }
-        })
+        .map(|column| median(reps.iter().map(|rep| rep[column]).collect()))
         .collect()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
 }
 
 /// Sends one request through `svc`.
@@ -773,12 +774,12 @@ fn main() {
             // The median of each repetition's throughput over the limit
             // measured just before or after it.
             let of_measured = limit.as_ref().map(|limit| {
-                let ratios: Vec<Vec<f64>> = reps
-                    .iter()
-                    .zip(limit)
-                    .map(|(rep, limit)| vec![rep[0] / limit[0]])
-                    .collect();
-                medians(&ratios)[0]
+                median(
+                    reps.iter()
+                        .zip(limit)
+                        .map(|(rep, limit)| rep[0] / limit[0])
+                        .collect(),
+                )
             });
             let kind = std::mem::discriminant(scenario);
             if header != Some(kind) {

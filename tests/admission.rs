@@ -111,6 +111,28 @@ async fn measure(service: &Batch<u32, u32>, handle: &mut Handle, n: u32, batch_t
     }
 }
 
+/// Sends `request` (of input `x`) and waits, at most 1 s, for it to reach
+/// the model as a batch of its own: its answer's task, and the model's
+/// reply.
+async fn reaches_the_model(
+    service: &Batch<u32, u32>,
+    handle: &mut Handle,
+    x: u32,
+    request: Request<u32>,
+) -> (
+    tokio::task::JoinHandle<Result<u32, BoxError>>,
+    mock::SendResponse<Vec<u32>>,
+) {
+    handle.allow(1);
+    let answer = send(service, request);
+    let (batch, reply) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
+        .await
+        .expect("admitted and dispatched")
+        .unwrap();
+    assert_eq!(batch, [x]);
+    (answer, reply)
+}
+
 #[tokio::test(start_paused = true)]
 async fn predictive_shedding_rejects_what_would_wait_too_long() {
     // A batch of up to 4 takes 100 ms.
@@ -334,13 +356,7 @@ async fn a_deadline_no_batch_can_meet_is_retryable_and_an_idle_service_still_tri
     let hurried = |x| Request::new(x).with_timeout(Duration::from_millis(100));
     // Idle, it admits the request anyway: only a batch that runs can show
     // the slowness has passed.
-    handle.allow(1);
-    let tried = send(&service, hurried(5));
-    let (batch, reply) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-        .await
-        .expect("admitted and dispatched")
-        .unwrap();
-    assert_eq!(batch, [5]);
+    let (tried, reply) = reaches_the_model(&service, &mut handle, 5, hurried(5)).await;
     // Busy, it refuses the next such request at once, as retryable.
     let start = Instant::now();
     let err = service.infer(hurried(6)).await.unwrap_err();
@@ -353,10 +369,7 @@ async fn a_deadline_no_batch_can_meet_is_retryable_and_an_idle_service_still_tri
     reply.send_response(vec![50]);
     assert_eq!(tried.await.unwrap().unwrap(), 50);
     // Idle again, the next one is tried too, and served.
-    handle.allow(1);
-    let again = send(&service, hurried(7));
-    let (batch, reply) = handle.next_request().await.unwrap();
-    assert_eq!(batch, [7]);
+    let (again, reply) = reaches_the_model(&service, &mut handle, 7, hurried(7)).await;
     reply.send_response(vec![70]);
     assert_eq!(again.await.unwrap().unwrap(), 70);
 }
@@ -377,13 +390,7 @@ async fn an_idle_service_lets_one_request_judged_too_large_through_every_5_s() {
     // Refused so, no batch runs to show the slowness has passed. After 5 s
     // without one, an idle service lets one such request through.
     tokio::time::advance(Duration::from_secs(5)).await;
-    handle.allow(1);
-    let probe = send(&service, hurried(2));
-    let (batch, reply) = tokio::time::timeout(Duration::from_secs(1), handle.next_request())
-        .await
-        .expect("the probe is let through")
-        .unwrap();
-    assert_eq!(batch, [2]);
+    let (probe, reply) = reaches_the_model(&service, &mut handle, 2, hurried(2)).await;
     // One: the next is refused while the probe runs.
     let err = service.infer(hurried(3)).await.unwrap_err();
     assert!(err.is::<TooLarge>(), "{err}");
@@ -400,10 +407,7 @@ async fn an_idle_service_lets_one_request_judged_too_large_through_every_5_s() {
     let err = service.infer(hurried(4)).await.unwrap_err();
     assert!(err.is::<TooLarge>(), "{err}");
     tokio::time::advance(Duration::from_millis(100)).await;
-    handle.allow(1);
-    let probe = send(&service, hurried(5));
-    let (batch, reply) = handle.next_request().await.unwrap();
-    assert_eq!(batch, [5]);
+    let (probe, reply) = reaches_the_model(&service, &mut handle, 5, hurried(5)).await;
     reply.send_response(vec![50]);
     assert_eq!(probe.await.unwrap().unwrap(), 50);
 }

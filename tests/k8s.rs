@@ -386,14 +386,17 @@ fn with_an_admin_listener_probes_and_scrapes_go_to_the_admin_port() {
 
 #[test]
 fn named_metrics_namespaces_alone_may_reach_the_admin_port() {
-    let manifests = ManifestBuilder::new(&config().with_admin_port(Some(8081)), "embedder", IMAGE)
-        .with_metrics_namespaces(["monitoring"])
-        .with_load_time(Duration::from_secs(90))
-        .build()
-        .unwrap();
-    let policy = &of_kind(&manifests, "NetworkPolicy")[0];
+    let ingress = |admin_port| {
+        let manifests =
+            ManifestBuilder::new(&config().with_admin_port(admin_port), "embedder", IMAGE)
+                .with_metrics_namespaces(["monitoring"])
+                .with_load_time(Duration::from_secs(90))
+                .build()
+                .unwrap();
+        of_kind(&manifests, "NetworkPolicy")[0]["spec"]["ingress"].clone()
+    };
     assert_eq!(
-        policy["spec"]["ingress"],
+        ingress(Some(8081)),
         json!([
             {"ports": [{"port": "http", "protocol": "TCP"}]},
             {
@@ -408,14 +411,8 @@ fn named_metrics_namespaces_alone_may_reach_the_admin_port() {
     );
     // Without an admin port, probes and metrics share the request port:
     // nothing to keep apart.
-    let shared = ManifestBuilder::new(&config().with_admin_port(None), "embedder", IMAGE)
-        .with_metrics_namespaces(["monitoring"])
-        .with_load_time(Duration::from_secs(90))
-        .build()
-        .unwrap();
-    let policy = &of_kind(&shared, "NetworkPolicy")[0];
     assert_eq!(
-        policy["spec"]["ingress"],
+        ingress(None),
         json!([{"ports": [{"port": "http", "protocol": "TCP"}]}])
     );
 }

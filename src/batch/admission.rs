@@ -149,21 +149,21 @@ impl<I, O> Shared<I, O> {
                 rate.lone_batch_time(),
             )
         };
-        match (estimate, floor) {
-            (Some(estimate), _) if estimate <= budget => Ok(()),
-            (Some(estimate), Some(floor)) if floor <= budget => {
-                if self.fits_one_batch(items, cost)
-                    && self.queue.is_idle()
-                    && lock(&self.rate).probe(now)
-                {
-                    Ok(())
-                } else {
-                    Err(TooLarge::slower_than(estimate, budget).into())
-                }
-            }
-            (Some(_), _) if self.fits_one_batch(items, cost) && self.queue.is_idle() => Ok(()),
-            (Some(_), _) => Err(DeadlineExceeded::new().into()),
-            (None, _) => Ok(()),
+        let Some(estimate) = estimate.filter(|estimate| *estimate > budget) else {
+            return Ok(());
+        };
+        // Too large if even the smallest batch would meet the deadline, or
+        // else the service is slow now. An idle service tries a request that
+        // fits one batch either way: always when slow, as a probe when too
+        // large.
+        let too_large = floor.is_some_and(|floor| floor <= budget);
+        let tried = self.fits_one_batch(items, cost)
+            && self.queue.is_idle()
+            && (!too_large || lock(&self.rate).probe(now));
+        match (tried, too_large) {
+            (true, _) => Ok(()),
+            (false, true) => Err(TooLarge::slower_than(estimate, budget).into()),
+            (false, false) => Err(DeadlineExceeded::new().into()),
         }
     }
 

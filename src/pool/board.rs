@@ -127,12 +127,16 @@ pub(super) struct Places<I, O> {
 impl<I, O> Places<I, O> {
     /// Gives a place in the stage back, or forgets it if one is owed.
     pub(super) fn free(&mut self, place: OwnedSemaphorePermit) {
-        if self.owed > 0 {
-            self.owed = self.owed.saturating_sub(1);
+        if self.pay_owed() {
             place.forget();
-        } else {
-            drop(place);
         }
+    }
+
+    /// Settles one owed place, if any is owed.
+    fn pay_owed(&mut self) -> bool {
+        let owed = self.owed > 0;
+        self.owed = self.owed.saturating_sub(1);
+        owed
     }
 }
 
@@ -438,9 +442,7 @@ impl<I, O> Board<I, O> {
             let mut places = lock(&self.places);
             if !std::mem::replace(&mut places.served[index], true) {
                 // Its place, unless it pays one owed.
-                if places.owed > 0 {
-                    places.owed = places.owed.saturating_sub(1);
-                } else {
+                if !places.pay_owed() {
                     self.stage.add_permits(1);
                 }
             }
