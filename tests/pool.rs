@@ -99,6 +99,41 @@ async fn a_panic_in_forward_reloads_the_replica_and_later_requests_succeed() {
 }
 
 #[tokio::test]
+async fn a_model_whose_drop_hangs_after_a_panic_shows_restarting_not_busy() {
+    /// Held by the model: its `Drop` waits until the gate opens.
+    struct HangingDrop(Arc<Mutex<std::sync::mpsc::Receiver<()>>>);
+    impl Drop for HangingDrop {
+        fn drop(&mut self) {
+            let _ = self.0.lock().unwrap().recv();
+        }
+    }
+    let (open, gate) = std::sync::mpsc::channel::<()>();
+    let gate = Arc::new(Mutex::new(gate));
+    let loader = move |device: &Device| {
+        let held = HangingDrop(gate.clone());
+        let model = troubled(device)?;
+        Ok::<_, BoxError>(move |batch: &[u32]| {
+            let _held = &held;
+            model(batch)
+        })
+    };
+    let mut pool = Pool::new(loader, quick_restarts(1)).unwrap();
+    let err = failed_batch(&mut pool, vec![3000]).await;
+    assert_eq!(err.kind(), FailureKind::Panic);
+    // The panicked model's `Drop` hangs: the replica says it is
+    // restarting, so health does not count it as serving.
+    until("the replica shows Restarting", || {
+        pool.replicas()[0].state == ReplicaState::Restarting
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(pool.replicas()[0].state, ReplicaState::Restarting);
+    // Open for good (every later `recv` fails at once): it reloads and serves.
+    drop(open);
+    assert_eq!(good_batch(&mut pool, vec![21]).await, [42]);
+}
+
+#[tokio::test]
 async fn a_failing_load_is_retried_with_backoff() {
     let attempts = Arc::new(AtomicUsize::new(0));
     let counted = attempts.clone();

@@ -598,18 +598,20 @@ fn a_draining_server_says_retry_after_and_closes_kept_alive_connections() {
 
 #[test]
 fn a_second_signal_while_draining_exits_at_once() {
-    // A drain far longer than the test waits.
-    let mut server = Server::start(&ONE_LONG_INPUT_AT_A_TIME);
-    let clients = queue_long_inputs(&server, Duration::from_secs(30));
-    server.signal("-INT");
-    server.until_draining();
-    server.signal("-INT");
-    let status = server.wait(Duration::from_secs(5));
-    assert_eq!(status.code(), Some(130), "{status:?}");
-    for client in clients {
-        // Cut off with the process: no answer, rather than a wrong one.
-        if let Ok(status) = client.join().unwrap() {
-            assert!(matches!(status, 200 | 503), "{status}");
+    for (signal, code) in [("-INT", 130), ("-TERM", 143)] {
+        // A drain far longer than the test waits.
+        let mut server = Server::start(&ONE_LONG_INPUT_AT_A_TIME);
+        let clients = queue_long_inputs(&server, Duration::from_secs(30));
+        server.signal(signal);
+        server.until_draining();
+        server.signal(signal);
+        let status = server.wait(Duration::from_secs(5));
+        assert_eq!(status.code(), Some(code), "{signal}: {status:?}");
+        for client in clients {
+            // Cut off with the process: no answer, rather than a wrong one.
+            if let Ok(status) = client.join().unwrap() {
+                assert!(matches!(status, 200 | 503), "{status}");
+            }
         }
     }
 }
